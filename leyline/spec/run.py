@@ -1,0 +1,83 @@
+"""The `TolariaRun` document: `apiVersion`, `kind`, `metadata` and the root `spec`.
+
+`TolariaRunSpec` composes the section models; it is the one description of a
+run, validated by `tolaria run` and published as the CRD schema, so a manifest
+means the same thing in both places.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from leyline.spec.base import Rule, SpecModel
+from leyline.spec.control import RebuildSpec, TamiyoSpec
+from leyline.spec.guards import BreakerSpec, BudgetsSpec, ConservativeSpec
+from leyline.spec.observe import ProfilerSpec, TelemetrySpec
+from leyline.spec.training import TrainingSpec
+
+API_GROUP = "tolaria.dev"
+API_VERSION = "v1alpha1"
+KIND = "TolariaRun"
+
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+NAME_MAX_LENGTH = 52
+"""Leaves room for the `-a<attempt>` and container suffixes within the 63-character label limit."""
+
+
+class TolariaRunSpec(SpecModel):
+    """`spec`: everything that defines one training run."""
+
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    """What to train and how."""
+    budgets: BudgetsSpec = Field(default_factory=BudgetsSpec)
+    """Time budgets of the epoch boundary and the LR controller."""
+    breakers: BreakerSpec = Field(default_factory=BreakerSpec)
+    """Circuit-breaker policy shared by every guarded operation."""
+    conservative: ConservativeSpec = Field(default_factory=ConservativeSpec)
+    """When conservative mode ends and what it sheds."""
+    tamiyo: TamiyoSpec = Field(default_factory=TamiyoSpec)
+    """The built-in heuristic policy."""
+    optimizer_rebuild: RebuildSpec = Field(default_factory=RebuildSpec)
+    """Momentum-preserving optimizer rebuilds."""
+    telemetry: TelemetrySpec = Field(default_factory=TelemetrySpec)
+    """Telemetry queues and the Prometheus endpoint."""
+    profiler: ProfilerSpec = Field(default_factory=ProfilerSpec)
+    """Chrome traces of chosen epochs."""
+
+
+class ObjectMeta(BaseModel):
+    """The parts of Kubernetes `metadata` a run uses; server-set fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str = Field(pattern=NAME_PATTERN, min_length=1, max_length=NAME_MAX_LENGTH)
+    """Run name: the run directory locally, the owner of pods and services in a cluster."""
+    namespace: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=63)
+    """Namespace in a cluster; ignored by `tolaria run`."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Labels; `kueue.x-k8s.io/queue-name` is copied to the run's pods."""
+    annotations: dict[str, str] = Field(default_factory=dict)
+    """Annotations."""
+
+
+class TolariaRun(BaseModel):
+    """A whole `TolariaRun` manifest as `kubectl apply` and `tolaria run` read it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    api_version: Literal["tolaria.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["TolariaRun"]
+    metadata: ObjectMeta
+    spec: TolariaRunSpec = Field(default_factory=TolariaRunSpec)
+    status: dict[str, Any] | None = None
+    """Written by the operator; ignored on input."""
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+ROOT_RULES: tuple[Rule, ...] = ()
+"""Rules on the whole object (CEL at the CRD root); none yet."""
