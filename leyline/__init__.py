@@ -73,7 +73,14 @@ from leyline.v1.resilience_pb2 import (
     TensorDtype,
     TensorEntry,
 )
-from leyline.v1.runtime_pb2 import BreakerId, DeviceKind, LrShape, OptimizerKind, Precision
+from leyline.v1.runtime_pb2 import (
+    BreakerId,
+    DeviceKind,
+    HookPhase,
+    LrShape,
+    OptimizerKind,
+    Precision,
+)
 
 SCHEMA_VERSION = 1
 """Value of every top-level message's `version` field (Esper: strict ==1)."""
@@ -106,6 +113,7 @@ __all__ = [
     "EventEnvelope",
     "HardwareContext",
     "HealthStatus",
+    "HookPhase",
     "LatencySummary",
     "LossSummary",
     "LrChange",

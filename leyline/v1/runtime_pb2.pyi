@@ -152,3 +152,27 @@ BREAKER_OPTIMIZER_REBUILD: BreakerId.ValueType  # 6
 BREAKER_SNAPSHOT_COMMIT: BreakerId.ValueType  # 7
 BREAKER_SERIALIZATION: BreakerId.ValueType  # 8
 Global___BreakerId: _TypeAlias = BreakerId  # noqa: Y015
+
+class _HookPhase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HookPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HookPhase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HOOK_PHASE_UNSPECIFIED: _HookPhase.ValueType  # 0
+    HOOK_PHASE_ASSEMBLY: _HookPhase.ValueType  # 1
+    HOOK_PHASE_TAMIYO: _HookPhase.ValueType  # 2
+    HOOK_PHASE_COMMAND: _HookPhase.ValueType  # 3
+    HOOK_PHASE_GUARD: _HookPhase.ValueType  # 4
+
+class HookPhase(_HookPhase, metaclass=_HookPhaseEnumTypeWrapper):
+    """The four slices of the end-of-epoch hook budget (R1.2); the `phase` label
+    of tolaria_hook_phase_duration_seconds.
+    """
+
+HOOK_PHASE_UNSPECIFIED: HookPhase.ValueType  # 0
+HOOK_PHASE_ASSEMBLY: HookPhase.ValueType  # 1
+HOOK_PHASE_TAMIYO: HookPhase.ValueType  # 2
+HOOK_PHASE_COMMAND: HookPhase.ValueType  # 3
+HOOK_PHASE_GUARD: HookPhase.ValueType  # 4
+Global___HookPhase: _TypeAlias = HookPhase  # noqa: Y015

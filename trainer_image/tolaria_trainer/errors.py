@@ -51,3 +51,11 @@ class RebuildFailed(TrainerError):
 
 class StateMismatch(TrainerError):
     """Saved state does not fit the live objects (names, shapes, groups): refuse to restore it."""
+
+
+class OptimizerInvalid(TrainerError):
+    """The optimizer cannot be built from what it was given: fix the caller (R4).
+
+    Unknown kind, clashing group ids or parameter names, a parameter whose rank
+    changed. A rebuild reports it as FAILED_RESTORED and keeps the old optimizer.
+    """

@@ -1,6 +1,7 @@
 """Regenerates the Python bindings and mypy stubs from the `.proto` sources.
 
-Run as `python -m leyline.codegen` after editing a `.proto` file; the drift test
+Run as `python leyline/run_codegen.py` (a script: it must work while the package's
+imports are stale) after editing a `.proto` file; the drift test
 (`tests/leyline/test_codegen_drift.py`) runs the same function into a temporary
 directory and fails when the committed files differ. Never edit the generated
 `*_pb2*.py(i)` files by hand.
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                     target.write_bytes(fresh)
     if args.check and drift:
         print("generated Leyline code drifted from the .proto sources:", *drift, sep="\n  ")
-        print("run: python -m leyline.codegen")
+        print("run: python leyline/run_codegen.py")
         return 1
     print(f"{len(generated)} generated files {'checked' if args.check else 'up to date'}")
     return 0

@@ -1,0 +1,47 @@
+# Two commands on a fresh machine (Python 3.11+ and make):
+#   make quickstart   # creates .venv, installs the trainer, runs examples/quickstart.yaml
+#   make test         # creates .venv, installs everything for tests, runs ruff and the suite
+# torch is pinned to the 2.13.0 CPU wheel here; the package itself accepts torch>=2.4.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+TORCH_PIN ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: quickstart test lint codegen crds bench images clean-venv system-deps
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.trainer-installed: pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet $(TORCH_PIN)
+	$(PIP) install --quiet -e '.[trainer]'
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml $(VENV)/.trainer-installed
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+quickstart: $(VENV)/.trainer-installed
+	$(BIN)/tolaria run examples/quickstart.yaml
+
+system-deps:
+	@./scripts/system-deps.sh
+
+test: $(VENV)/.dev-installed system-deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
+
+codegen: $(VENV)/.dev-installed
+	$(BIN)/python leyline/run_codegen.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,65 @@
+"""The run report: `<workdir>/<run>/report.json`, the JSON form of Leyline `RunReport`.
+
+Written once at the end of a run however it ends (the CLI writes it in a
+`finally`), with proto field names and zero values spelled out, so a reader
+sees `"rollbacks": []` rather than a missing key. Written to a temporary file
+and renamed, so a reader never sees half a report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from leyline import LossSummary, RunReport
+
+
+def loss_summary(values: list[float]) -> LossSummary:
+    """First, last and best (lowest) of a series; `has_value` false when empty."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not values:
+        return LossSummary()
+    return LossSummary(
+        first=values[0], last=values[-1], best=min(finite) if finite else math.nan, has_value=True
+    )
+
+
+def accuracy_summary(values: list[float]) -> LossSummary:
+    """As `loss_summary`, but best is the highest."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return LossSummary()
+    return LossSummary(first=values[0], last=values[-1], best=max(finite), has_value=True)
+
+
+def report_json(report: RunReport) -> str:
+    return json_format.MessageToJson(
+        report,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+        indent=2,
+    )
+
+
+def write_report(report: RunReport, path: Path) -> None:
+    """Atomically writes the report JSON to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(report_json(report) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_report(path: Path) -> RunReport:
+    """Parses a report written by `write_report` (strict: unknown fields are refused)."""
+    report = RunReport()
+    json_format.Parse(path.read_text(encoding="utf-8"), report)
+    return report
+
+
+def report_dict(report: RunReport) -> dict[str, object]:
+    loaded: dict[str, object] = json.loads(report_json(report))
+    return loaded
