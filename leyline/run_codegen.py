@@ -31,8 +31,8 @@ def proto_sources() -> list[Path]:
 
 
 def _protoc(args: list[str]) -> None:
-    from grpc_tools import protoc  # dev-only dependency: imported lazily
-    import grpc_tools
+    import grpc_tools  # type: ignore[import-untyped]  # dev-only, imported lazily
+    from grpc_tools import protoc
 
     well_known = Path(grpc_tools.__file__).resolve().parent / "_proto"
     argv = ["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", *args]

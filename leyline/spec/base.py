@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
-from pydantic import BaseModel, ConfigDict, GetCoreSchemaHandler, GetJsonSchemaHandler, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
@@ -32,7 +38,6 @@ class SpecModel(BaseModel):
         validate_by_name=True,
         validate_by_alias=True,
         serialize_by_alias=True,
-        validate_default=True,
     )
 
     rules: ClassVar[tuple[Rule, ...]] = ()

@@ -28,6 +28,6 @@ class RebuildSpec(SpecModel):
     min_steps_between: int = Field(default=50, ge=0, le=10_000_000)
     """Storm guard: optimizer steps required between two rebuilds."""
     budget_ms: float = Field(default=100.0, gt=0.0, le=600_000.0)
-    """A rebuild slower than this counts as a breaker failure (state preservation is off the hot path)."""
+    """A rebuild slower than this is a breaker failure (state preservation is off the hot path)."""
     momentum_fill_scale: float = Field(default=0.1, ge=0.0, le=1.0)
     """Plain momentum of new slices = this x the per-dim mean of the old buffer (R4.1)."""

@@ -73,7 +73,7 @@ def _rule_text(err: ErrorDetails) -> str:
     if kind == "literal_error":
         return f"must be {ctx['expected']}"
     if kind == "value_error" and isinstance(ctx.get("error"), RuleViolation):
-        return ctx["error"].rule.message
+        return str(ctx["error"].rule.message)
     message = err["msg"]
     return message.removeprefix("Value error, ")
 

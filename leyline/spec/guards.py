@@ -38,8 +38,9 @@ class BudgetsSpec(SpecModel):
             field="hookMs",
             message="must be >= assemblyMs + tamiyoMs + commandMs + guardMs",
             cel="self.hookMs >= self.assemblyMs + self.tamiyoMs + self.commandMs + self.guardMs",
-            holds=lambda s: s.hook_ms + 1e-9
-            >= s.assembly_ms + s.tamiyo_ms + s.command_ms + s.guard_ms,
+            holds=lambda s: (
+                s.hook_ms + 1e-9 >= s.assembly_ms + s.tamiyo_ms + s.command_ms + s.guard_ms
+            ),
         ),
         Rule(
             field="lrGuardMs",
@@ -56,7 +57,7 @@ class BreakerSpec(SpecModel):
     failure_threshold: int = Field(default=3, ge=1, le=1000)
     """Consecutive failures that open a breaker."""
     cooldown_seconds: float = Field(default=30.0, gt=0.0, le=86_400.0)
-    """Time OPEN before one HALF_OPEN trial; outlasts a slow checkpoint write, so it does not flap."""
+    """Time OPEN before one HALF_OPEN trial; outlasts a slow checkpoint write, so no flapping."""
     half_open_trials: int = Field(default=1, ge=1, le=100)
     """Trials admitted while HALF_OPEN; all must succeed to close, one failure reopens at once."""
 

@@ -11,7 +11,7 @@ class TelemetrySpec(SpecModel):
     """`spec.telemetry`: Leyline telemetry packets and the Prometheus endpoint (R8)."""
 
     queue_capacity: int = Field(default=10_000, ge=1, le=10_000_000)
-    """Packets queued before LOW, then NORMAL, packets are dropped (counted); CRITICAL never waits."""
+    """Packets queued before LOW, then NORMAL, ones are dropped (counted); CRITICAL never waits."""
     metrics_port: int = Field(default=0, ge=0, le=65535)
     """Serve Prometheus metrics on this port (0: off; `tolaria run --metrics-port` overrides)."""
     metrics_address: str = Field(default="127.0.0.1", min_length=1, max_length=253)

@@ -47,7 +47,7 @@ class DataSpec(SpecModel):
 class OptimizerSpec(SpecModel):
     """`spec.training.optimizer`: the host optimizer (R4 rebuilds it when seeds add parameters)."""
 
-    kind: Annotated[int, ProtoEnum(OptimizerKind)] = OptimizerKind.Name(OptimizerKind.adamw)
+    kind: Annotated[int, ProtoEnum(OptimizerKind)] = OptimizerKind.adamw
     """Optimizer family; every one listed keeps its moments across rebuilds (R4.1)."""
     lr: float = Field(default=3e-3, gt=0.0, le=10.0)
     """Base learning rate of the host groups; seed groups start from 0.1x this (R3.3)."""
@@ -75,7 +75,7 @@ class GroupScheduleSpec(SpecModel):
 class ScheduleSpec(SpecModel):
     """`spec.training.schedule`: the LR schedule the LR controller owns (R3)."""
 
-    shape: Annotated[int, ProtoEnum(LrShape)] = LrShape.Name(LrShape.cosine)
+    shape: Annotated[int, ProtoEnum(LrShape)] = LrShape.cosine
     """Shape for the host groups: constant, step, cosine, linear (decay to minLrRatio) or frozen."""
     warmup_epochs: float = Field(default=0.0, ge=0.0, le=1000.0)
     """Linear warmup from warmupStartRatio x LR, in epochs (fractions allowed)."""
@@ -117,9 +117,9 @@ class TrainingSpec(SpecModel):
     """Seeds python, numpy and torch (CPU and CUDA) so reruns see the same samples."""
     deterministic: bool = False
     """Ask torch for deterministic kernels (slower on CUDA; CPU is deterministic already)."""
-    device: Annotated[int, ProtoEnum(DeviceKind)] = DeviceKind.Name(DeviceKind.auto)
+    device: Annotated[int, ProtoEnum(DeviceKind)] = DeviceKind.auto
     """Where to train: auto picks cuda when torch sees a GPU."""
-    precision: Annotated[int, ProtoEnum(Precision)] = Precision.Name(Precision.fp32)
+    precision: Annotated[int, ProtoEnum(Precision)] = Precision.fp32
     """bf16/fp16 autocast on CUDA; the CPU path always runs fp32."""
     compile: bool = True
     """torch.compile the model on CUDA (falls back to eager on failure); CPU runs eager."""

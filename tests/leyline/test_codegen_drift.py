@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _codegen() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("run_codegen", ROOT / "leyline" / "run_codegen.py")
+    spec = importlib.util.spec_from_file_location(
+        "run_codegen", ROOT / "leyline" / "run_codegen.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -40,6 +42,8 @@ def test_no_stale_generated_file_outlives_its_proto(tmp_path: Path) -> None:
     assert committed == generated
 
 
-@pytest.mark.parametrize("proto", sorted((ROOT / "leyline" / "v1").glob("*.proto")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "proto", sorted((ROOT / "leyline" / "v1").glob("*.proto")), ids=lambda p: p.name
+)
 def test_every_proto_is_in_the_leyline_package(proto: Path) -> None:
     assert "package esper.leyline.v1;" in proto.read_text()

@@ -30,39 +30,54 @@ def _leyline_enums() -> dict[str, EnumDescriptor]:
 
 
 def _short_names(enum: EnumDescriptor) -> set[str]:
+    """Value names with and without the enum's common prefix, as spelled in the proto."""
     names = [v.name for v in enum.values if v.number != 0]
     prefix = os.path.commonprefix(names)
     prefix = prefix[: prefix.rfind("_") + 1] if "_" in prefix else ""
-    return {n.removeprefix(prefix).lower() for n in names} | {n.lower() for n in names}
+    return {n.removeprefix(prefix) for n in names} | set(names)
 
 
 ENUMS = _leyline_enums()
 SHORT = {name: _short_names(e) for name, e in ENUMS.items()}
+SHORT_FOLDED = {name: {n.lower() for n in short} for name, short in SHORT.items()}
 FULL_PREFIXED = {
     v.name for e in ENUMS.values() for v in e.values if "_" in v.name and v.name.isupper()
 }
 
 
-def mirrors_in(source: str) -> Iterator[str]:
-    """Yields a description of every mirror in one Python source."""
+def mirrors_in(source: str, *, literals: bool = True) -> Iterator[str]:
+    """Yields a description of every mirror in one Python source.
+
+    Enum classes are compared case-insensitively (a mirror may spell `SGD`
+    for `sgd`); dict keys exactly as the proto spells them, so manifest-like
+    dicts with keys such as "model" are not mistaken for `StateComponent`.
+    `literals=False` skips the string-literal rule (tests compare report
+    JSON, where the enum name is the serialised form).
+    """
     tree = ast.parse(source)
     for node in ast.walk(tree):
         names: set[str] = set()
         what = ""
+        table = SHORT
         if isinstance(node, ast.ClassDef) and any(
             isinstance(b, ast.Name | ast.Attribute) and "Enum" in ast.unparse(b) for b in node.bases
         ):
             what = f"enum class {node.name}"
+            table = SHORT_FOLDED
             for stmt in node.body:
                 if isinstance(stmt, ast.Assign):
                     names |= {t.id.lower() for t in stmt.targets if isinstance(t, ast.Name)}
         elif isinstance(node, ast.Dict):
             what = f"dict at line {node.lineno}"
-            names = {k.value.lower() for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in FULL_PREFIXED:
+            names = {
+                k.value
+                for k in node.keys
+                if isinstance(k, ast.Constant) and isinstance(k.value, str)
+            }
+        elif literals and isinstance(node, ast.Constant) and node.value in FULL_PREFIXED:
             yield f"string literal {node.value!r} at line {node.lineno}"
             continue
-        for enum_name, short in SHORT.items():
+        for enum_name, short in table.items():
             overlap = names & short
             if len(overlap) >= 2:
                 yield f"{what} mirrors {enum_name}: {sorted(overlap)}"
@@ -76,7 +91,11 @@ def _python_files() -> Iterator[Path]:
 
 
 def test_no_code_outside_leyline_mirrors_a_leyline_enum() -> None:
-    found = [f"{p.relative_to(ROOT)}: {m}" for p in _python_files() for m in mirrors_in(p.read_text())]
+    found = [
+        f"{p.relative_to(ROOT)}: {m}"
+        for p in _python_files()
+        for m in mirrors_in(p.read_text(), literals=p.parts[len(ROOT.parts)] != "tests")
+    ]
     assert found == []
 
 

@@ -46,7 +46,13 @@ def refusal(doc: dict[str, Any]) -> list[str]:
 @pytest.mark.req("R12")
 def test_hook_budget_defaults_are_the_design_numbers() -> None:
     b = BudgetsSpec()
-    assert (b.hook_ms, b.assembly_ms, b.tamiyo_ms, b.command_ms, b.guard_ms) == (18.0, 3.5, 12.0, 1.5, 1.0)
+    assert (b.hook_ms, b.assembly_ms, b.tamiyo_ms, b.command_ms, b.guard_ms) == (
+        18.0,
+        3.5,
+        12.0,
+        1.5,
+        1.0,
+    )
     assert b.tamiyo_ceiling_seconds == 2.0
     assert (b.lr_step_ms, b.lr_guard_ms) == (5.0, 2.0)
 
@@ -92,19 +98,32 @@ def test_spec_keys_are_camel_case() -> None:
         ({"training": {"epochs": 0}}, "spec.training.epochs: must be >= 1"),
         ({"training": {"batchSize": -3}}, "spec.training.batchSize: must be >= 1"),
         ({"training": {"epochs": "ten"}}, "spec.training.epochs: must be an integer"),
-        ({"training": {"optimizer": {"kind": "lion"}}}, "spec.training.optimizer.kind: must be one of: sgd, adam, adamw, rmsprop"),
+        (
+            {"training": {"optimizer": {"kind": "lion"}}},
+            "spec.training.optimizer.kind: must be one of: sgd, adam, adamw, rmsprop",
+        ),
         ({"training": {"optimizer": {"lr": 0}}}, "spec.training.optimizer.lr: must be > 0.0"),
         ({"training": {"task": "not a task"}}, "spec.training.task: must match"),
         ({"trainnig": {}}, "spec.trainnig: unknown field"),
-        ({"budgets": {"tamiyoMs": 30}}, "spec.budgets.hookMs: must be >= assemblyMs + tamiyoMs + commandMs + guardMs"),
+        (
+            {"budgets": {"tamiyoMs": 30}},
+            "spec.budgets.hookMs: must be >= assemblyMs + tamiyoMs + commandMs + guardMs",
+        ),
         ({"budgets": {"lrGuardMs": 9}}, "spec.budgets.lrGuardMs: must be <= lrStepMs"),
         ({"breakers": {"failureThreshold": 0}}, "spec.breakers.failureThreshold: must be >= 1"),
-        ({"training": {"schedule": {"shape": "seed_warmup"}}}, "spec.training.schedule.shape: seed_warmup is reserved for seed groups"),
+        (
+            {"training": {"schedule": {"shape": "seed_warmup"}}},
+            "spec.training.schedule.shape: seed_warmup is reserved for seed groups",
+        ),
         ({"profiler": {"epochs": [1, -2]}}, "spec.profiler.epochs: must be >= 0"),
     ],
 )
-def test_invalid_field_is_refused_naming_field_and_rule(spec: dict[str, Any], expected: str) -> None:
-    assert any(line.startswith(expected) for line in refusal(manifest(spec))), refusal(manifest(spec))
+def test_invalid_field_is_refused_naming_field_and_rule(
+    spec: dict[str, Any], expected: str
+) -> None:
+    assert any(line.startswith(expected) for line in refusal(manifest(spec))), refusal(
+        manifest(spec)
+    )
 
 
 def test_wrong_kind_is_refused() -> None:
@@ -172,3 +191,10 @@ def test_valid_manifests_round_trip_through_their_dump(epochs: int, batch: int, 
     run = validate_manifest(manifest(spec))
     again = validate_manifest(manifest(run.spec.model_dump()))
     assert again == run
+
+
+def test_readme_manifest_reference_matches_the_model() -> None:
+    from leyline.spec.reference import splice
+
+    readme = (ROOT / "README.md").read_text()
+    assert splice(readme) == readme, "run: python -m leyline.spec.reference --write README.md"

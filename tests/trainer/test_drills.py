@@ -41,7 +41,11 @@ def test_a_drill_the_run_never_reaches_is_refused() -> None:
         check_reachable([parse_drill("slow-tamiyo@epoch=10")], epochs=10, total_steps=100)
     with pytest.raises(DrillInvalid, match="never reached"):
         check_reachable([parse_drill("lr-tamper@step=101")], epochs=10, total_steps=100)
-    check_reachable([parse_drill("slow-tamiyo@epoch=9"), parse_drill("lr-tamper@step=100")], epochs=10, total_steps=100)
+    check_reachable(
+        [parse_drill("slow-tamiyo@epoch=9"), parse_drill("lr-tamper@step=100")],
+        epochs=10,
+        total_steps=100,
+    )
 
 
 def test_lr_tamper_writes_the_lr_behind_the_controller_once() -> None:

@@ -20,10 +20,16 @@ CRITICAL = MessagePriority.MESSAGE_PRIORITY_CRITICAL
 INFO = TelemetryLevel.TELEMETRY_LEVEL_INFO
 
 
-def hub(sink: ListSink, capacity: int = 100, conservative: bool = False, thread: bool = False) -> TelemetryHub:
+def hub(
+    sink: ListSink, capacity: int = 100, conservative: bool = False, thread: bool = False
+) -> TelemetryHub:
     return TelemetryHub(
-        TelemetrySpec(queue_capacity=capacity), ConservativeSpec(telemetry_sample_every=3), "r", [sink],
-        is_conservative=lambda: conservative, start_thread=thread,
+        TelemetrySpec(queue_capacity=capacity),
+        ConservativeSpec(telemetry_sample_every=3),
+        "r",
+        [sink],
+        is_conservative=lambda: conservative,
+        start_thread=thread,
     )
 
 
@@ -113,7 +119,7 @@ def test_the_drain_thread_delivers_without_an_explicit_flush() -> None:
         def deliver(self, packet: TelemetryPacket) -> None:
             done.set()
 
-    h._sinks.append(Signal())  # noqa: SLF001 - test-only observation of delivery
+    h._sinks.append(Signal())
     h.event("x", INFO, NORMAL)
     assert done.wait(5)
     h.close()

@@ -74,7 +74,7 @@ class CircuitBreaker:
         return self.state == CLOSED
 
     def allow(self) -> bool:
-        """Whether the guarded operation may run now; HALF_OPEN admits a bounded number of trials."""
+        """Whether the operation may run now; HALF_OPEN admits a bounded number of trials."""
         self._refresh()
         if self._state == CLOSED:
             return True

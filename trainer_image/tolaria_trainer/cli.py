@@ -63,16 +63,39 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a TolariaRun manifest on this machine")
     run.add_argument("manifest", type=Path, help="TolariaRun YAML file")
-    run.add_argument("--workdir", type=Path, default=Path("runs"),
-                     help="where runs keep their files (default: ./runs); the run uses WORKDIR/<name>")
-    run.add_argument("--inject", type=_drill, action="append", default=[], metavar="DRILL",
-                     help="fire drill NAME@TRIGGER=N[,KEY=VALUE]; repeatable; see `tolaria drills`")
-    run.add_argument("--log-format", choices=("rich", "json"), default="rich",
-                     help="rich progress for people, or one JSON object per line for machines")
-    run.add_argument("--metrics-port", type=_port, default=None,
-                     help="serve Prometheus metrics on this port (0 picks a free one)")
-    run.add_argument("--profile", type=_epochs, default=None, metavar="EPOCHS",
-                     help="write Chrome traces of these epochs, e.g. 0,3")
+    run.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("runs"),
+        help="where runs keep their files (default: ./runs); the run uses WORKDIR/<name>",
+    )
+    run.add_argument(
+        "--inject",
+        type=_drill,
+        action="append",
+        default=[],
+        metavar="DRILL",
+        help="fire drill NAME@TRIGGER=N[,KEY=VALUE]; repeatable; see `tolaria drills`",
+    )
+    run.add_argument(
+        "--log-format",
+        choices=("rich", "json"),
+        default="rich",
+        help="rich progress for people, or one JSON object per line for machines",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        help="serve Prometheus metrics on this port (0 picks a free one)",
+    )
+    run.add_argument(
+        "--profile",
+        type=_epochs,
+        default=None,
+        metavar="EPOCHS",
+        help="write Chrome traces of these epochs, e.g. 0,3",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="log INFO to stderr")
     validate = sub.add_parser("validate", help="check a manifest without running it")
     validate.add_argument("manifest", type=Path)
@@ -101,7 +124,9 @@ def _install_stop(stop: threading.Event) -> None:
 
 
 def _failed_report(name: str, reason: str) -> RunReport:
-    return RunReport(version=1, run_id=name, status=RunPhase.Failed, reason=reason, exit_code=EXIT_FAILED)
+    return RunReport(
+        version=1, run_id=name, status=RunPhase.Failed, reason=reason, exit_code=EXIT_FAILED
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -141,7 +166,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_drills() -> int:
     for kind in sorted(KINDS.values(), key=lambda k: k.name):
         params = ",".join(f"{k}={v:g}" for k, v in kind.params.items())
-        print(f"{kind.name}@{kind.trigger}=N" + (f"[,{params}]" if params else "") + f"  {kind.summary}")
+        print(
+            f"{kind.name}@{kind.trigger}=N"
+            + (f"[,{params}]" if params else "")
+            + f"  {kind.summary}"
+        )
     return 0
 
 

@@ -109,7 +109,7 @@ class DeadlineCaller:
         return sum(1 for j in self._late if not j.done.is_set())
 
     def close(self) -> None:
-        """Retires the worker; abandoned ones already exit when their call returns (daemon threads)."""
+        """Retires the worker; abandoned ones exit when their call returns (daemon threads)."""
         self._worker.jobs.put(None)
 
     def _spawn(self) -> _Worker:

@@ -40,7 +40,8 @@ class ExecutionPlan:
 
     def describe(self) -> str:
         amp = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32"
-        return f"{self.device} {amp}{' compiled' if self.compile else ''}{' tf32' if self.tf32 else ''}"
+        extras = (" compiled" if self.compile else "") + (" tf32" if self.tf32 else "")
+        return f"{self.device} {amp}{extras}"
 
 
 class DeviceUnavailable(RuntimeError):
@@ -51,7 +52,9 @@ def plan_execution(spec: TrainingSpec) -> ExecutionPlan:
     """Resolves device and precision; refuses cuda without a GPU instead of silently using CPU."""
     has_cuda = torch.cuda.is_available()
     if spec.device == DeviceKind.cuda and not has_cuda:
-        raise DeviceUnavailable("spec.training.device: cuda requested but torch sees no CUDA device")
+        raise DeviceUnavailable(
+            "spec.training.device: cuda requested but torch sees no CUDA device"
+        )
     on_cuda = spec.device == DeviceKind.cuda or (spec.device == DeviceKind.auto and has_cuda)
     device = torch.device("cuda") if on_cuda else torch.device("cpu")
     amp: torch.dtype | None = None

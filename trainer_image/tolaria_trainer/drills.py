@@ -133,7 +133,9 @@ class Drills:
     def __post_init__(self) -> None:
         self.records = [DrillRecord(spec=d.raw) for d in self.specs]
         self._tamper = [
-            (d, r) for d, r in zip(self.specs, self.records, strict=True) if d.kind.name == LR_TAMPER
+            (d, r)
+            for d, r in zip(self.specs, self.records, strict=True)
+            if d.kind.name == LR_TAMPER
         ]
 
     def record_for(self, name: str) -> list[DrillRecord]:
@@ -145,7 +147,9 @@ class Drills:
                 policy = _SlowPolicy(policy, d, r)
         return policy
 
-    def before_lr_step(self, epoch: int, global_step: int, optimizer: torch.optim.Optimizer) -> None:
+    def before_lr_step(
+        self, epoch: int, global_step: int, optimizer: torch.optim.Optimizer
+    ) -> None:
         """The lr-tamper point: after `optimizer.step()`, before the LR controller's step."""
         for d, r in self._tamper:
             if global_step == d.at and not r.fired:

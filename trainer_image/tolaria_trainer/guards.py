@@ -147,9 +147,7 @@ class Guards:
         """Closes the epoch's books; returns True when conservative mode was left (R2.3)."""
         clean = self._failures_this_epoch == 0
         self._failures_this_epoch = 0
-        exited = self.conservative.end_epoch(
-            epoch, step, clean=clean, all_closed=self.all_closed()
-        )
+        exited = self.conservative.end_epoch(epoch, step, clean=clean, all_closed=self.all_closed())
         if exited:
             reason = self.conservative.intervals[-1].exit_reason
             logger.info("conservative mode left at epoch %d: %s", epoch, reason)
@@ -174,8 +172,12 @@ class Guards:
         opened = t.new == CircuitBreakerState.CIRCUIT_STATE_OPEN
         self._events.event(
             EVENT_BREAKER_TRANSITION,
-            TelemetryLevel.TELEMETRY_LEVEL_WARNING if opened else TelemetryLevel.TELEMETRY_LEVEL_INFO,
-            MessagePriority.MESSAGE_PRIORITY_HIGH if opened else MessagePriority.MESSAGE_PRIORITY_NORMAL,
+            TelemetryLevel.TELEMETRY_LEVEL_WARNING
+            if opened
+            else TelemetryLevel.TELEMETRY_LEVEL_INFO,
+            MessagePriority.MESSAGE_PRIORITY_HIGH
+            if opened
+            else MessagePriority.MESSAGE_PRIORITY_NORMAL,
             breaker=BreakerId.Name(t.breaker),
             old=CircuitBreakerState.Name(t.old),
             new=CircuitBreakerState.Name(t.new),

@@ -19,8 +19,10 @@ def _meminfo_gb() -> tuple[float, float]:
             fields = dict(line.split(":", 1) for line in f)
     except OSError:
         return 0.0, 0.0
+
     def kb(key: str) -> float:
         return float(fields.get(key, "0 kB").split()[0]) * 1024 / _GB
+
     return kb("MemTotal"), kb("MemAvailable")
 
 

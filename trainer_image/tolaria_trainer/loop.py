@@ -151,9 +151,14 @@ class EpochLoop:
         train_ns = self._clock.now_ns() - started
         val_loss, val_acc, val_ns = self.validator.run(epoch)  # timed outside the hook budget
         result = EpochResult(
-            epoch, self.state.global_step, self.steps.losses.mean(), val_loss, val_acc,
+            epoch,
+            self.state.global_step,
+            self.steps.losses.mean(),
+            val_loss,
+            val_acc,
             {"train_seconds": train_ns / 1e9, "steps": float(self.state.global_step)},
         )
+        self.telemetry.flush()  # the drain thread must not hold the GIL during the hook
         outcome = self.hook.end_of_epoch(result)  # Tamiyo, Kasmina, breakers (R1, R2)
         return self._close_epoch(result, outcome, train_ns, val_ns)
 
@@ -177,8 +182,11 @@ class EpochLoop:
         loss = self.steps.losses.mean()
         self.metrics.last_progress.set(time.time())
         self.telemetry.metrics(
-            {"tolaria.training.loss": loss, "tolaria.step": float(self.state.global_step),
-             "tolaria.epoch": float(epoch)},
+            {
+                "tolaria.training.loss": loss,
+                "tolaria.step": float(self.state.global_step),
+                "tolaria.epoch": float(epoch),
+            },
             MessagePriority.MESSAGE_PRIORITY_LOW,
         )
 

@@ -71,16 +71,26 @@ class TrainerMetrics:
             registry=r,
         )
         self.breaker_failures = Counter(
-            "tolaria_breaker_failures_total", "Failures recorded per breaker.", ["breaker"], registry=r
+            "tolaria_breaker_failures_total",
+            "Failures recorded per breaker.",
+            ["breaker"],
+            registry=r,
         )
         self.breaker_trips = Counter(
-            "tolaria_breaker_trips_total", "Transitions to OPEN per breaker.", ["breaker"], registry=r
+            "tolaria_breaker_trips_total",
+            "Transitions to OPEN per breaker.",
+            ["breaker"],
+            registry=r,
         )
         self.conservative = Gauge(
-            "tolaria_conservative_mode", "1 while the run is in conservative mode (R2.2).", registry=r
+            "tolaria_conservative_mode",
+            "1 while the run is in conservative mode (R2.2).",
+            registry=r,
         )
         self.conservative_entries = Counter(
-            "tolaria_conservative_mode_entries_total", "Times conservative mode was entered.", registry=r
+            "tolaria_conservative_mode_entries_total",
+            "Times conservative mode was entered.",
+            registry=r,
         )
         self.tamiyo_fallbacks = Counter(
             "tolaria_tamiyo_fallbacks_total",
@@ -96,7 +106,10 @@ class TrainerMetrics:
             "tolaria_learning_rate", "Current LR per parameter group.", ["group"], registry=r
         )
         self.rebuilds = Counter(
-            "tolaria_optimizer_rebuilds_total", "Optimizer rebuilds by outcome (R4.2).", ["outcome"], registry=r
+            "tolaria_optimizer_rebuilds_total",
+            "Optimizer rebuilds by outcome (R4.2).",
+            ["outcome"],
+            registry=r,
         )
         self.rebuild_seconds = Histogram(
             "tolaria_optimizer_rebuild_duration_seconds",
@@ -105,19 +118,33 @@ class TrainerMetrics:
             registry=r,
         )
         self.telemetry_packets = Counter(
-            "tolaria_telemetry_packets_total", "Telemetry packets emitted by priority.", ["priority"], registry=r
+            "tolaria_telemetry_packets_total",
+            "Telemetry packets emitted by priority.",
+            ["priority"],
+            registry=r,
         )
         self.telemetry_dropped = Counter(
-            "tolaria_telemetry_dropped_total", "Telemetry packets dropped by priority (R8.1).", ["priority"], registry=r
+            "tolaria_telemetry_dropped_total",
+            "Telemetry packets dropped by priority (R8.1).",
+            ["priority"],
+            registry=r,
         )
-        self.training_loss = Gauge("tolaria_training_loss", "Mean training loss of the last epoch.", registry=r)
-        self.validation_loss = Gauge("tolaria_validation_loss", "Validation loss of the last epoch.", registry=r)
+        self.training_loss = Gauge(
+            "tolaria_training_loss", "Mean training loss of the last epoch.", registry=r
+        )
+        self.validation_loss = Gauge(
+            "tolaria_validation_loss", "Validation loss of the last epoch.", registry=r
+        )
         self.validation_accuracy = Gauge(
-            "tolaria_validation_accuracy_ratio", "Validation accuracy of the last epoch.", registry=r
+            "tolaria_validation_accuracy_ratio",
+            "Validation accuracy of the last epoch.",
+            registry=r,
         )
         self.epoch = Gauge("tolaria_epoch", "Epochs completed.", registry=r)
         self.steps = Counter("tolaria_steps_total", "Optimizer steps taken.", registry=r)
-        self.health = Gauge("tolaria_health_status", "HealthStatus value (1 healthy .. 4 critical).", registry=r)
+        self.health = Gauge(
+            "tolaria_health_status", "HealthStatus value (1 healthy .. 4 critical).", registry=r
+        )
         self.last_progress = Gauge(
             "tolaria_last_progress_timestamp_seconds",
             "Unix time of the last completed optimizer step (no-progress alerts).",
@@ -141,7 +168,9 @@ class TrainerMetrics:
             self.telemetry_packets.labels(name)
             self.telemetry_dropped.labels(name)
 
-    def observe_hook(self, total_ns: int, phases_ns: Mapping[int, int], *, breached: bool) -> None:
+    def observe_hook(
+        self, total_ns: int, phases_ns: Mapping[HookPhase.ValueType, int], *, breached: bool
+    ) -> None:
         self.hook_seconds.observe(total_ns / 1e9)
         for phase, ns in phases_ns.items():
             self.hook_phase_seconds.labels(HookPhase.Name(phase)).observe(ns / 1e9)
@@ -153,7 +182,9 @@ class TrainerMetrics:
         for b in breakers:
             name = BreakerId.Name(b.breaker)
             self.breaker_state.labels(name).set(b.state)
-            self.breaker_failures.labels(name).inc(b.failures - self._seen_failures.get(b.breaker, 0))
+            self.breaker_failures.labels(name).inc(
+                b.failures - self._seen_failures.get(b.breaker, 0)
+            )
             self.breaker_trips.labels(name).inc(b.trips - self._seen_trips.get(b.breaker, 0))
             self._seen_failures[b.breaker] = b.failures
             self._seen_trips[b.breaker] = b.trips
@@ -170,7 +201,7 @@ class TrainerMetrics:
                     counter.labels(name).inc(value - seen)
                     self._seen_telemetry[(c.priority, dropped)] = value
 
-    def observe_rebuild(self, outcome: int, elapsed_ms: float) -> None:
+    def observe_rebuild(self, outcome: RebuildOutcome.ValueType, elapsed_ms: float) -> None:
         self.rebuilds.labels(RebuildOutcome.Name(outcome)).inc()
         self.rebuild_seconds.observe(elapsed_ms / 1e3)
 

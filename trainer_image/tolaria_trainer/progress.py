@@ -15,7 +15,6 @@ from typing import IO, Protocol
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from leyline import EpochRecord, HealthStatus, RunPhase, RunReport
 
@@ -32,7 +31,7 @@ def _fmt(v: float) -> str:
     return "nan" if not math.isfinite(v) else f"{v:.4f}"
 
 
-def _health(h: int) -> str:
+def _health(h: HealthStatus.ValueType) -> str:
     return HealthStatus.Name(h).removeprefix("HEALTH_STATUS_")
 
 
@@ -48,7 +47,8 @@ class RichView:
     def start(self, run_id: str, epochs: int, steps_per_epoch: int, device: str) -> None:
         self._steps = steps_per_epoch
         self._console.print(
-            f"[bold]tolaria[/] run [cyan]{run_id}[/]: {epochs} epochs x {steps_per_epoch} steps on {device}"
+            f"[bold]tolaria[/] run [cyan]{run_id}[/]: "
+            f"{epochs} epochs x {steps_per_epoch} steps on {device}"
         )
         self._progress = Progress(
             TextColumn("epoch {task.fields[epoch]}"),
@@ -71,18 +71,14 @@ class RichView:
         if self._progress is not None and self._task is not None:
             self._progress.remove_task(self._task)  # type: ignore[arg-type]
             self._task = None
-        lr = ", ".join(f"{k}={v:.2e}" for k, v in sorted(record.learning_rates.items()))
-        table = Table.grid(padding=(0, 2))
-        table.add_row(
-            f"epoch {record.epoch}",
-            f"loss {_fmt(record.training_loss)}",
-            f"val {_fmt(record.validation_loss)}",
-            f"acc {_fmt(record.validation_accuracy)}",
-            f"hook p95 {hook_p95_ms:.2f} ms",
-            f"lr {lr}",
-            f"{_health(record.health)}{' conservative' if record.conservative else ''}",
+        lr = " ".join(f"{k}={v:.2e}" for k, v in sorted(record.learning_rates.items()))
+        mode = " conservative" if record.conservative else ""
+        self._console.print(
+            f"epoch {record.epoch:>3}  loss {_fmt(record.training_loss)}  "
+            f"val {_fmt(record.validation_loss)}  acc {_fmt(record.validation_accuracy)}  "
+            f"hook p95 {hook_p95_ms:5.2f} ms  lr {lr}  {_health(record.health)}{mode}",
+            highlight=False,
         )
-        self._console.print(table)
 
     def notice(self, message: str, **fields: str) -> None:
         extra = " ".join(f"{k}={v}" for k, v in fields.items())
@@ -95,8 +91,10 @@ class RichView:
         color = "green" if report.exit_code == 0 else "red"
         hook = report.hook_latency
         self._console.print(
-            f"[{color}]{status}[/] after {report.epochs_completed} epochs, {report.global_step} steps; "
-            f"val loss {_fmt(report.validation_loss.first)} -> {_fmt(report.validation_loss.last)}; "
+            f"[{color}]{status}[/] after {report.epochs_completed} epochs, "
+            f"{report.global_step} steps; "
+            f"val loss {_fmt(report.validation_loss.first)} -> "
+            f"{_fmt(report.validation_loss.last)}; "
             f"hook p50/p99/max {hook.p50_ms:.2f}/{hook.p99_ms:.2f}/{hook.max_ms:.2f} ms"
         )
         if report.reason:
@@ -116,7 +114,13 @@ class JsonView:
 
     def start(self, run_id: str, epochs: int, steps_per_epoch: int, device: str) -> None:
         self._write(
-            {"event": "start", "run": run_id, "epochs": epochs, "steps_per_epoch": steps_per_epoch, "device": device}
+            {
+                "event": "start",
+                "run": run_id,
+                "epochs": epochs,
+                "steps_per_epoch": steps_per_epoch,
+                "device": device,
+            }
         )
 
     def step(self, epoch: int, step_in_epoch: int) -> None:

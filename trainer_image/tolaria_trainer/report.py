@@ -12,8 +12,11 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from leyline import LossSummary, RunReport
 
@@ -36,13 +39,49 @@ def accuracy_summary(values: list[float]) -> LossSummary:
     return LossSummary(first=values[0], last=values[-1], best=max(finite), has_value=True)
 
 
+_INT64 = frozenset(
+    (
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    )
+)
+
+
+def _numbers(message: Message, data: dict[str, Any]) -> dict[str, Any]:
+    """Canonical proto JSON writes 64-bit integers as strings; the report writes numbers.
+
+    `json_format.Parse` accepts either, so the file stays a valid RunReport.
+    """
+    for field in message.DESCRIPTOR.fields:
+        if field.name not in data:
+            continue
+        value = data[field.name]
+        if field.type in _INT64:
+            data[field.name] = [int(v) for v in value] if field.is_repeated else int(value)
+            continue
+        nested = field.message_type
+        if nested is None or nested.GetOptions().map_entry:
+            continue
+        if nested.full_name.startswith("google.protobuf."):
+            continue
+        sub = getattr(message, field.name)
+        if field.is_repeated:
+            data[field.name] = [_numbers(m, d) for m, d in zip(sub, value, strict=True)]
+        else:
+            data[field.name] = _numbers(sub, value)
+    return data
+
+
 def report_json(report: RunReport) -> str:
-    return json_format.MessageToJson(
+    data = json_format.MessageToDict(
         report,
         preserving_proto_field_name=True,
         always_print_fields_with_no_presence=True,
-        indent=2,
     )
+    return json.dumps(_numbers(report, data), indent=2)
 
 
 def write_report(report: RunReport, path: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from leyline import (
+    HealthStatus,
     MessagePriority,
     RunPhase,
     RunReport,
@@ -79,10 +80,10 @@ class RunOptions:
 def param_groups(task: Task) -> list[ParamGroup]:
     """The task's groups with stable parameter names (the optimizer manager maps state by name)."""
     names = {id(p): n for n, p in task.model.named_parameters()}
-    groups = task.param_groups or [("host", [p for p in task.model.parameters() if p.requires_grad])]
-    return [
-        ParamGroup(gid, tuple((names[id(p)], p) for p in params)) for gid, params in groups
+    groups = task.param_groups or [
+        ("host", [p for p in task.model.parameters() if p.requires_grad])
     ]
+    return [ParamGroup(gid, tuple((names[id(p)], p) for p in params)) for gid, params in groups]
 
 
 def steps_per_epoch(run: TolariaRun, batches: int) -> int:
@@ -109,8 +110,12 @@ def run_training(run: TolariaRun, options: RunOptions) -> RunReport:
     apply_process_settings(plan)
     task = load_task(t)
     task.model.to(plan.device)
-    train = BatchPlan(task.train_set, t.batch_size, seed=t.seed, shuffle=t.data.shuffle, device=plan.device)
-    validation = BatchPlan(task.validation_set, t.batch_size, seed=t.seed, shuffle=False, device=plan.device)
+    train = BatchPlan(
+        task.train_set, t.batch_size, seed=t.seed, shuffle=t.data.shuffle, device=plan.device
+    )
+    validation = BatchPlan(
+        task.validation_set, t.batch_size, seed=t.seed, shuffle=False, device=plan.device
+    )
     per_epoch = steps_per_epoch(run, train.num_batches())
     check_reachable(options.drills, epochs=t.epochs, total_steps=per_epoch * t.epochs)
     drills = Drills(options.drills)
@@ -120,7 +125,10 @@ def run_training(run: TolariaRun, options: RunOptions) -> RunReport:
     sink = JsonLinesSink(run_dir / "telemetry.jsonl")
     guards_ref: list[Guards] = []
     hub = TelemetryHub(
-        spec.telemetry, spec.conservative, run.name, [sink],
+        spec.telemetry,
+        spec.conservative,
+        run.name,
+        [sink],
         is_conservative=lambda: bool(guards_ref) and guards_ref[0].conservative.active,
     )
     guards = Guards(spec.breakers, spec.conservative, clock, hub)
@@ -131,20 +139,38 @@ def run_training(run: TolariaRun, options: RunOptions) -> RunReport:
     server = None
     if port:
         server, bound = serve(registry, port, spec.telemetry.metrics_address)
-        options.view.notice("metrics served", url=f"http://{spec.telemetry.metrics_address}:{bound}/metrics")
+        options.view.notice(
+            "metrics served", url=f"http://{spec.telemetry.metrics_address}:{bound}/metrics"
+        )
 
     def compile_fallback(why: str) -> None:
-        hub.event("tolaria.compile_fallback", TelemetryLevel.TELEMETRY_LEVEL_WARNING,
-                  MessagePriority.MESSAGE_PRIORITY_HIGH, error=why)
+        hub.event(
+            "tolaria.compile_fallback",
+            TelemetryLevel.TELEMETRY_LEVEL_WARNING,
+            MessagePriority.MESSAGE_PRIORITY_HIGH,
+            error=why,
+        )
 
     model = maybe_compile(task.model, plan, compile_fallback)
-    lr = LRController(spec.training.schedule, spec.budgets, guards, clock,
-                      steps_per_epoch=per_epoch, total_epochs=t.epochs)
+    lr = LRController(
+        spec.training.schedule,
+        spec.budgets,
+        guards,
+        clock,
+        steps_per_epoch=per_epoch,
+        total_epochs=t.epochs,
+    )
     optim = OptimizerManager(t.optimizer, spec.optimizer_rebuild, guards, clock, hub)
     optimizer = optim.build(param_groups(task))
     lr.register_optimizer("host", optimizer)
-    steps = StepRunner(model, task.loss_fn, lambda: optim.optimizer, plan,
-                       t.gradient_accumulation_steps, compile_fallback)
+    steps = StepRunner(
+        model,
+        task.loss_fn,
+        lambda: optim.optimizer,
+        plan,
+        t.gradient_accumulation_steps,
+        compile_fallback,
+    )
     hook = EndOfEpochHook(
         budgets=spec.budgets,
         tamiyo_spec=spec.tamiyo,
@@ -158,7 +184,11 @@ def run_training(run: TolariaRun, options: RunOptions) -> RunReport:
         clock=clock,
         events=hub,
     )
-    profile_epochs = options.profile_epochs if options.profile_epochs is not None else frozenset(spec.profiler.epochs)
+    profile_epochs = (
+        options.profile_epochs
+        if options.profile_epochs is not None
+        else frozenset(spec.profiler.epochs)
+    )
     profiler = EpochProfiler(spec.profiler, profile_epochs, run_dir / "traces")
     loop = EpochLoop(
         epochs=t.epochs,
@@ -193,7 +223,9 @@ def run_training(run: TolariaRun, options: RunOptions) -> RunReport:
     report = build_report(run, state, loop, profiler, drills, hub, started, plan.describe())
     hub.event(
         "tolaria.run_finished",
-        TelemetryLevel.TELEMETRY_LEVEL_INFO if report.exit_code == 0 else TelemetryLevel.TELEMETRY_LEVEL_ERROR,
+        TelemetryLevel.TELEMETRY_LEVEL_INFO
+        if report.exit_code == 0
+        else TelemetryLevel.TELEMETRY_LEVEL_ERROR,
         MessagePriority.MESSAGE_PRIORITY_HIGH,
         status=RunPhase.Name(report.status),
         reason=report.reason,
@@ -234,6 +266,7 @@ def build_report(
         hook_latency=loop.hook.latency.summary(),
         validation_time=loop.validator.latency.summary(),
         tamiyo_latency=loop.hook.tamiyo_latency.summary(),
+        lr_step_latency=loop.lr.step_latency.summary(),
         breaker_trips=guards.trips(),
         breakers=[b.summary() for b in guards.breakers.values()],
         conservative_intervals=guards.conservative.intervals,
@@ -244,7 +277,7 @@ def build_report(
         trace_paths=[str(p) for p in profiler.traces],
         fallback_commands=loop.hook.fallbacks,
         epochs=records,
-        final_health=records[-1].health if records else 0,
+        final_health=records[-1].health if records else HealthStatus.HEALTH_STATUS_UNKNOWN,
         drills=drills.records,
         task=run.spec.training.task,
         device=device,
@@ -266,13 +299,19 @@ def _describe_drills(report: RunReport) -> None:
         if drill.spec.startswith("slow-tamiyo"):
             fallback = [e for e in report.epochs if e.epoch == drill.epoch and e.fallback_command]
             if fallback:
-                notes.append(f"fallback command at epoch {drill.epoch} ({fallback[0].fallback_reason})")
+                notes.append(
+                    f"fallback command at epoch {drill.epoch} ({fallback[0].fallback_reason})"
+                )
             for interval in report.conservative_intervals:
                 if interval.entered_epoch == drill.epoch:
                     left = (
-                        f"left at epoch {interval.exited_epoch}" if interval.exited else "still active"
+                        f"left at epoch {interval.exited_epoch}"
+                        if interval.exited
+                        else "still active"
                     )
                     notes.append(f"conservative mode entered at epoch {drill.epoch}, {left}")
         if drill.spec.startswith("lr-tamper"):
-            notes.append(f"{report.lr_integrity_breaches} LR integrity breach(es) detected, LR restored")
+            notes.append(
+                f"{report.lr_integrity_breaches} LR integrity breach(es) detected, LR restored"
+            )
         drill.observed = "; ".join(notes) or "fired; no reaction recorded"

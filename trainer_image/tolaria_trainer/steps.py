@@ -72,9 +72,9 @@ class StepRunner:
         scaled = loss / self._accumulation
         with record_function("tolaria/backward"):
             if self.scaler is not None:
-                self.scaler.scale(scaled).backward()
+                self.scaler.scale(scaled).backward()  # type: ignore[no-untyped-call]
             else:
-                scaled.backward()
+                scaled.backward()  # type: ignore[no-untyped-call]
         detached = loss.detach()
         self.losses.total += detached.float()
         self.losses.count += 1

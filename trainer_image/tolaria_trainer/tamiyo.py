@@ -106,7 +106,10 @@ class HeuristicTamiyo:
         self._best = min(self._best, loss)
         self._stale_epochs += 1
         next_scale = self._lr_scale * self._spec.lr_cut_factor
-        if self._stale_epochs >= self._spec.plateau_epochs and next_scale >= self._spec.min_lr_scale:
+        if (
+            self._stale_epochs >= self._spec.plateau_epochs
+            and next_scale >= self._spec.min_lr_scale
+        ):
             self._stale_epochs = 0
             self._lr_scale = next_scale
             return ACTION_LR_CUT, {HYPER_LR_SCALE: self._spec.lr_cut_factor}

@@ -45,7 +45,9 @@ PRIORITIES = tuple(
 )
 _DRAIN_ORDER = sorted(PRIORITIES, reverse=True)  # CRITICAL is never queued; HIGH first
 _EVICT_ORDER = sorted(p for p in PRIORITIES if p != MessagePriority.MESSAGE_PRIORITY_CRITICAL)
-_SAMPLED = frozenset((MessagePriority.MESSAGE_PRIORITY_LOW, MessagePriority.MESSAGE_PRIORITY_NORMAL))
+_SAMPLED = frozenset(
+    (MessagePriority.MESSAGE_PRIORITY_LOW, MessagePriority.MESSAGE_PRIORITY_NORMAL)
+)
 
 
 @dataclass
@@ -119,7 +121,9 @@ class TelemetryHub:
         self._delivering = 0
         self._thread: threading.Thread | None = None
         if start_thread:
-            self._thread = threading.Thread(target=self._drain_forever, name="telemetry", daemon=True)
+            self._thread = threading.Thread(
+                target=self._drain_forever, name="telemetry", daemon=True
+            )
             self._thread.start()
 
     # -- building ---------------------------------------------------------------------------
