@@ -49,6 +49,7 @@ from leyline.v1.report_pb2 import (
 )
 from leyline.v1.resilience_pb2 import (
     AnomalyKind,
+    CheckpointFailure,
     CheckpointRecord,
     ChecksumAlgorithm,
     EmergencyAck,
@@ -68,6 +69,7 @@ from leyline.v1.resilience_pb2 import (
     RollbackTier,
     SkippedWindow,
     SnapshotManifest,
+    SnapshotRejection,
     StateComponent,
     StateDocument,
     TensorDtype,
@@ -91,6 +93,7 @@ __all__ = [
     "AnomalyKind",
     "BreakerId",
     "BreakerSummary",
+    "CheckpointFailure",
     "CheckpointRecord",
     "ChecksumAlgorithm",
     "CircuitBreakerState",
@@ -144,6 +147,7 @@ __all__ = [
     "SeedState",
     "SkippedWindow",
     "SnapshotManifest",
+    "SnapshotRejection",
     "StateComponent",
     "StateDocument",
     "SystemHealth",

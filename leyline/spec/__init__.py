@@ -11,6 +11,14 @@ from leyline.spec.errors import FieldError, field_errors
 from leyline.spec.guards import BreakerSpec, BudgetsSpec, ConservativeSpec
 from leyline.spec.loader import ManifestInvalid, load_manifest, parse_document, validate_manifest
 from leyline.spec.observe import ProfilerSpec, TelemetrySpec
+from leyline.spec.resilience import (
+    CheckpointSpec,
+    DetectionSpec,
+    EmergencySpec,
+    RestartSpec,
+    RollbackSpec,
+    SnapshotSpec,
+)
 from leyline.spec.run import (
     API_GROUP,
     API_VERSION,
@@ -36,8 +44,11 @@ __all__ = [
     "KIND",
     "BreakerSpec",
     "BudgetsSpec",
+    "CheckpointSpec",
     "ConservativeSpec",
     "DataSpec",
+    "DetectionSpec",
+    "EmergencySpec",
     "FieldError",
     "GroupScheduleSpec",
     "ManifestInvalid",
@@ -47,9 +58,12 @@ __all__ = [
     "ProfilerSpec",
     "ProtoEnum",
     "RebuildSpec",
+    "RestartSpec",
+    "RollbackSpec",
     "Rule",
     "RuleViolation",
     "ScheduleSpec",
+    "SnapshotSpec",
     "SpecModel",
     "TamiyoSpec",
     "TelemetrySpec",

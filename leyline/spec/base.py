@@ -87,17 +87,27 @@ class ProtoEnum:
     names as the JSON-schema (and so the CRD) enum list.
     """
 
-    wrapper: EnumTypeWrapper
+    wrapper: Any  # a generated enum (EnumTypeWrapper at run time)
+    strip: str = ""
+    """For conventional proto enums: the value prefix dropped (and the rest lower-cased) in
+    manifests, e.g. `EMERGENCY_LEVEL_MAJOR` is written `major`. Derived, never a table."""
+
+    def names(self) -> list[str]:
+        return [self.spell(n) for n in enum_names(self.wrapper)]
+
+    def spell(self, proto_name: str) -> str:
+        return proto_name.removeprefix(self.strip).lower() if self.strip else proto_name
 
     def __get_pydantic_core_schema__(
         self, source: Any, handler: GetCoreSchemaHandler
     ) -> core_schema.CoreSchema:
-        names = enum_names(self.wrapper)
-        wrapper = self.wrapper
+        names = self.names()
+        numbers = {self.spell(n): int(self.wrapper.Value(n)) for n in enum_names(self.wrapper)}
+        wrapper, spell = self.wrapper, self.spell
 
         def validate(value: object) -> int:
-            if isinstance(value, str) and value in names:
-                return int(wrapper.Value(value))
+            if isinstance(value, str) and value in numbers:
+                return numbers[value]
             raise PydanticCustomError(
                 "leyline_enum", "must be one of: {expected}", {"expected": ", ".join(names)}
             )
@@ -105,11 +115,12 @@ class ProtoEnum:
         return core_schema.no_info_plain_validator_function(
             validate,
             serialization=core_schema.plain_serializer_function_ser_schema(
-                lambda value: str(wrapper.Name(value)), return_schema=core_schema.str_schema()
+                lambda value: spell(str(wrapper.Name(value))),
+                return_schema=core_schema.str_schema(),
             ),
         )
 
     def __get_pydantic_json_schema__(
         self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
-        return {"type": "string", "enum": enum_names(self.wrapper)}
+        return {"type": "string", "enum": self.names()}

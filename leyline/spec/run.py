@@ -15,6 +15,14 @@ from leyline.spec.base import Rule, SpecModel
 from leyline.spec.control import RebuildSpec, TamiyoSpec
 from leyline.spec.guards import BreakerSpec, BudgetsSpec, ConservativeSpec
 from leyline.spec.observe import ProfilerSpec, TelemetrySpec
+from leyline.spec.resilience import (
+    CheckpointSpec,
+    DetectionSpec,
+    EmergencySpec,
+    RestartSpec,
+    RollbackSpec,
+    SnapshotSpec,
+)
 from leyline.spec.training import TrainingSpec
 
 API_GROUP = "tolaria.dev"
@@ -45,6 +53,18 @@ class TolariaRunSpec(SpecModel):
     """Telemetry queues and the Prometheus endpoint."""
     profiler: ProfilerSpec = Field(default_factory=ProfilerSpec)
     """Chrome traces of chosen epochs."""
+    snapshots: SnapshotSpec = Field(default_factory=SnapshotSpec)
+    """Shared-memory snapshots for the fast rollback tier."""
+    rollback: RollbackSpec = Field(default_factory=RollbackSpec)
+    """Budgets and policy of the fast and full rollback tiers."""
+    detection: DetectionSpec = Field(default_factory=DetectionSpec)
+    """When an anomaly becomes an emergency."""
+    emergency: EmergencySpec = Field(default_factory=EmergencySpec)
+    """Response budgets of the four emergency levels and the halt."""
+    checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    """Durable, WAL-protected checkpoints."""
+    restarts: RestartSpec = Field(default_factory=RestartSpec)
+    """Trainer restarts after a crash."""
 
 
 class ObjectMeta(BaseModel):

@@ -566,6 +566,11 @@ class RunReport(_message.Message):
     TAMIYO_LATENCY_FIELD_NUMBER: _builtins.int
     LR_STEP_LATENCY_FIELD_NUMBER: _builtins.int
     EXPERIMENT_NAME_FIELD_NUMBER: _builtins.int
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_REJECTIONS_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FAILURES_FIELD_NUMBER: _builtins.int
+    SNAPSHOTS_COMMITTED_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_STALL_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     run_id: _builtins.str
     status: Global___RunPhase.ValueType
@@ -583,6 +588,7 @@ class RunReport(_message.Message):
     task: _builtins.str
     device: _builtins.str
     experiment_name: _builtins.str
+    snapshots_committed: _builtins.int
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -625,6 +631,16 @@ class RunReport(_message.Message):
     def tamiyo_latency(self) -> Global___LatencySummary: ...
     @_builtins.property
     def lr_step_latency(self) -> Global___LatencySummary: ...
+    @_builtins.property
+    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[_resilience_pb2.CheckpointRecord]: ...
+    @_builtins.property
+    def snapshot_rejections(self) -> _containers.RepeatedCompositeFieldContainer[_resilience_pb2.SnapshotRejection]: ...
+    @_builtins.property
+    def checkpoint_failures(self) -> _containers.RepeatedCompositeFieldContainer[_resilience_pb2.CheckpointFailure]: ...
+    @_builtins.property
+    def snapshot_stall(self) -> Global___LatencySummary:
+        """time the loop waited on snapshot copies"""
+
     def __init__(
         self,
         *,
@@ -666,10 +682,15 @@ class RunReport(_message.Message):
         tamiyo_latency: Global___LatencySummary | None = ...,
         lr_step_latency: Global___LatencySummary | None = ...,
         experiment_name: _builtins.str = ...,
+        checkpoints: _abc.Iterable[_resilience_pb2.CheckpointRecord] | None = ...,
+        snapshot_rejections: _abc.Iterable[_resilience_pb2.SnapshotRejection] | None = ...,
+        checkpoint_failures: _abc.Iterable[_resilience_pb2.CheckpointFailure] | None = ...,
+        snapshots_committed: _builtins.int = ...,
+        snapshot_stall: Global___LatencySummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "hook_latency", b"hook_latency", "lr_step_latency", b"lr_step_latency", "started_at", b"started_at", "tamiyo_latency", b"tamiyo_latency", "training_loss", b"training_loss", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss", "validation_time", b"validation_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "hook_latency", b"hook_latency", "lr_step_latency", b"lr_step_latency", "snapshot_stall", b"snapshot_stall", "started_at", b"started_at", "tamiyo_latency", b"tamiyo_latency", "training_loss", b"training_loss", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss", "validation_time", b"validation_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker_trips", b"breaker_trips", "breakers", b"breakers", "conservative_intervals", b"conservative_intervals", "device", b"device", "drills", b"drills", "emergencies", b"emergencies", "epochs", b"epochs", "epochs_completed", b"epochs_completed", "epochs_planned", b"epochs_planned", "exit_code", b"exit_code", "experiment_name", b"experiment_name", "fallback_commands", b"fallback_commands", "final_health", b"final_health", "finished_at", b"finished_at", "global_step", b"global_step", "hook_latency", b"hook_latency", "lr_changes", b"lr_changes", "lr_integrity_breaches", b"lr_integrity_breaches", "lr_step_latency", b"lr_step_latency", "optimizer_rebuilds", b"optimizer_rebuilds", "reason", b"reason", "restarts", b"restarts", "resumes", b"resumes", "rollbacks", b"rollbacks", "run_id", b"run_id", "skipped_batches", b"skipped_batches", "started_at", b"started_at", "status", b"status", "tamiyo_latency", b"tamiyo_latency", "task", b"task", "telemetry", b"telemetry", "trace_paths", b"trace_paths", "training_loss", b"training_loss", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss", "validation_time", b"validation_time", "version", b"version", "wall_seconds", b"wall_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker_trips", b"breaker_trips", "breakers", b"breakers", "checkpoint_failures", b"checkpoint_failures", "checkpoints", b"checkpoints", "conservative_intervals", b"conservative_intervals", "device", b"device", "drills", b"drills", "emergencies", b"emergencies", "epochs", b"epochs", "epochs_completed", b"epochs_completed", "epochs_planned", b"epochs_planned", "exit_code", b"exit_code", "experiment_name", b"experiment_name", "fallback_commands", b"fallback_commands", "final_health", b"final_health", "finished_at", b"finished_at", "global_step", b"global_step", "hook_latency", b"hook_latency", "lr_changes", b"lr_changes", "lr_integrity_breaches", b"lr_integrity_breaches", "lr_step_latency", b"lr_step_latency", "optimizer_rebuilds", b"optimizer_rebuilds", "reason", b"reason", "restarts", b"restarts", "resumes", b"resumes", "rollbacks", b"rollbacks", "run_id", b"run_id", "skipped_batches", b"skipped_batches", "snapshot_rejections", b"snapshot_rejections", "snapshot_stall", b"snapshot_stall", "snapshots_committed", b"snapshots_committed", "started_at", b"started_at", "status", b"status", "tamiyo_latency", b"tamiyo_latency", "task", b"task", "telemetry", b"telemetry", "trace_paths", b"trace_paths", "training_loss", b"training_loss", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss", "validation_time", b"validation_time", "version", b"version", "wall_seconds", b"wall_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -963,3 +963,76 @@ class CheckpointRecord(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CheckpointRecord: _TypeAlias = CheckpointRecord  # noqa: Y015
+
+@_typing.final
+class SnapshotRejection(_message.Message):
+    """A snapshot found unusable (bad checksum, torn header, wrong layout)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOT_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETECTED_BY_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    GLOBAL_STEP_FIELD_NUMBER: _builtins.int
+    slot: _builtins.int
+    generation: _builtins.int
+    reason: _builtins.str
+    detected_by: Global___Participant.ValueType
+    global_step: _builtins.int
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        slot: _builtins.int = ...,
+        generation: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        detected_by: Global___Participant.ValueType = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        global_step: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "detected_by", b"detected_by", "generation", b"generation", "global_step", b"global_step", "reason", b"reason", "slot", b"slot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotRejection: _TypeAlias = SnapshotRejection  # noqa: Y015
+
+@_typing.final
+class CheckpointFailure(_message.Message):
+    """A durable checkpoint that could not be written; the previous one stays the
+    last committed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    GLOBAL_STEP_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_GENERATION_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    global_step: _builtins.int
+    error: _builtins.str
+    snapshot_generation: _builtins.int
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        global_step: _builtins.int = ...,
+        error: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        snapshot_generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "epoch", b"epoch", "error", b"error", "global_step", b"global_step", "snapshot_generation", b"snapshot_generation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointFailure: _TypeAlias = CheckpointFailure  # noqa: Y015

@@ -86,6 +86,7 @@ class AttachRequest(_message.Message):
     LAYOUT_FINGERPRINT_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    MANIFEST_BYTES_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     run_id: _builtins.str
     state_bytes: _builtins.int
@@ -93,6 +94,8 @@ class AttachRequest(_message.Message):
     layout_fingerprint: _builtins.str
     pid: _builtins.int
     attempt: _builtins.int
+    manifest_bytes: _builtins.int
+    """estimate of one serialized SnapshotManifest"""
     def __init__(
         self,
         *,
@@ -102,10 +105,11 @@ class AttachRequest(_message.Message):
         layout_fingerprint: _builtins.str = ...,
         pid: _builtins.int = ...,
         attempt: _builtins.int = ...,
+        manifest_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "layout_fingerprint", b"layout_fingerprint", "pid", b"pid", "run_id", b"run_id", "state_bytes", b"state_bytes", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "layout_fingerprint", b"layout_fingerprint", "manifest_bytes", b"manifest_bytes", "pid", b"pid", "run_id", b"run_id", "state_bytes", b"state_bytes", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -602,6 +606,8 @@ class SidecarEvent(_message.Message):
     EMERGENCY_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     RESOLUTION_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_REJECTED_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FAILED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     run_id: _builtins.str
     @_builtins.property
@@ -622,6 +628,10 @@ class SidecarEvent(_message.Message):
     def ack(self) -> _resilience_pb2.EmergencyAck: ...
     @_builtins.property
     def resolution(self) -> _resilience_pb2.EmergencyResolution: ...
+    @_builtins.property
+    def snapshot_rejected(self) -> _resilience_pb2.SnapshotRejection: ...
+    @_builtins.property
+    def checkpoint_failed(self) -> _resilience_pb2.CheckpointFailure: ...
     def __init__(
         self,
         *,
@@ -636,12 +646,14 @@ class SidecarEvent(_message.Message):
         emergency: _resilience_pb2.EmergencySignal | None = ...,
         ack: _resilience_pb2.EmergencyAck | None = ...,
         resolution: _resilience_pb2.EmergencyResolution | None = ...,
+        snapshot_rejected: _resilience_pb2.SnapshotRejection | None = ...,
+        checkpoint_failed: _resilience_pb2.CheckpointFailure | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "at", b"at", "checkpoint", b"checkpoint", "emergency", b"emergency", "event", b"event", "progress", b"progress", "resolution", b"resolution", "rollback_finished", b"rollback_finished", "rollback_started", b"rollback_started", "snapshot", b"snapshot"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "at", b"at", "checkpoint", b"checkpoint", "checkpoint_failed", b"checkpoint_failed", "emergency", b"emergency", "event", b"event", "progress", b"progress", "resolution", b"resolution", "rollback_finished", b"rollback_finished", "rollback_started", b"rollback_started", "snapshot", b"snapshot", "snapshot_rejected", b"snapshot_rejected"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "at", b"at", "checkpoint", b"checkpoint", "emergency", b"emergency", "event", b"event", "progress", b"progress", "resolution", b"resolution", "rollback_finished", b"rollback_finished", "rollback_started", b"rollback_started", "run_id", b"run_id", "sequence", b"sequence", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "at", b"at", "checkpoint", b"checkpoint", "checkpoint_failed", b"checkpoint_failed", "emergency", b"emergency", "event", b"event", "progress", b"progress", "resolution", b"resolution", "rollback_finished", b"rollback_finished", "rollback_started", b"rollback_started", "run_id", b"run_id", "sequence", b"sequence", "snapshot", b"snapshot", "snapshot_rejected", b"snapshot_rejected"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "snapshot", "checkpoint", "rollback_started", "rollback_finished", "emergency", "ack", "resolution"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "snapshot", "checkpoint", "rollback_started", "rollback_finished", "emergency", "ack", "resolution", "snapshot_rejected", "checkpoint_failed"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

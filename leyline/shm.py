@@ -1,0 +1,659 @@
+"""The shared-memory layout shared by the trainer and the sidecar (layout version 1).
+
+Two kinds of segment live in `/dev/shm` (a memory-backed emptyDir in a pod),
+named from the run: one control block, `tolaria-<run>-ctl`, and N snapshot
+slots, `tolaria-<run>-slot-<i>`. The sidecar creates and owns them, so they
+outlive a trainer crash; the trainer maps them. All integers are
+little-endian; every multi-field record that another process reads while it
+may change is written under a seqlock (sequence odd while writing) AND carries
+an xxh3 checksum, so a torn read is detected on any memory model. Single
+8-byte words (acks, heartbeats, slot states) are written with one aligned
+store by their single owner.
+
+Control block (4096 bytes)::
+
+    0     magic "TOLCTL01" | u32 layout version | u32 size | u32 participants
+          | u32 slot count | u64 created ns | u64 xxh3 of bytes 0..32
+    64    emergency record (writer: sidecar): u64 seq | u64 generation | u32 level
+          | u32 action | u32 kind | u32 state | u64 raised ns | u64 step | u32 source
+          | u32 reason length | 120 B reason | u64 xxh3 of 72..240
+    256   8 participant lines x 64 B (writer: that participant): u64 ack generation
+          | u64 acked ns | u32 acked level | u32 flags | u64 heartbeat ns
+          | u64 heartbeat step | u32 pid | u32 attempt | u64 heartbeat epoch
+    1024  32 slot-state lines x 32 B (writer: sidecar): u64 verified generation
+          | u64 rejected generation | u64 pinned generation | u64 durable generation
+    2048  rollback record (writer: trainer): u64 seq | u64 rollback id | u32 tier
+          | u32 phase | u64 started ns | u64 deadline ns | u64 from step | u64 to step
+          | u64 xxh3 of 2056..2104
+
+Slot (header 4096 bytes, then the manifest region, then the data region)::
+
+    0     magic "TOLSLOT1" | u32 layout version | u32 index | u64 data capacity
+          | u64 manifest capacity | u64 manifest offset | u64 data offset
+          | u64 xxh3 of 0..48
+    64    dynamic header (writer: trainer, or the sidecar loading a checkpoint):
+          u64 seq | u64 generation | u32 committed | u32 checksum algorithm
+          | u64 manifest length | u64 data length | u64 step | u32 epoch | u32 flags
+          | u64 manifest xxh3 | u64 data xxh3 | u64 committed ns | u64 xxh3 of 72..144
+
+A slot is visible only when committed with a non-zero generation and its
+manifest and data checksums are written. A reader refuses an unknown magic or
+layout version (`LayoutMismatch`) and a header it cannot read consistently
+(`TornHeader`); both name the segment and what was found. Times are
+`time.monotonic_ns()` (CLOCK_MONOTONIC: one clock for every process on a host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from leyline.checksum import xxh3
+
+LAYOUT_VERSION = 1
+CONTROL_MAGIC = b"TOLCTL01"
+SLOT_MAGIC = b"TOLSLOT1"
+PAGE = 4096
+CONTROL_SIZE = 4096
+SLOT_HEADER_SIZE = 4096
+MAX_PARTICIPANTS = 8
+MAX_SLOTS = 32
+REASON_BYTES = 120
+SEQLOCK_RETRIES = 1000
+
+SLOT_FLAG_EPOCH_BOUNDARY = 1
+SLOT_FLAG_FROM_CHECKPOINT = 2
+PARTICIPANT_FLAG_FROZEN = 1
+PARTICIPANT_FLAG_ATTACHED = 2
+
+_STATIC = struct.Struct("<8sIIIIQ")  # magic, version, size, participants, slots, created
+_EMERGENCY = struct.Struct(f"<QIIIIQQII{REASON_BYTES}s")  # after seq: generation..reason
+_PARTICIPANT = struct.Struct("<QQIIQQIIQ")
+_SLOT_STATE = struct.Struct("<QQQQ")
+_ROLLBACK = struct.Struct("<QIIQQQQ")  # after seq: id, tier, phase, started, deadline, from, to
+_SLOT_STATIC = struct.Struct("<8sIIQQQQ")
+_SLOT_DYNAMIC = struct.Struct("<QIIQQQIIQQQ")  # after seq: generation..committed ns
+
+_EMERGENCY_AT = 64
+_PARTICIPANTS_AT = 256
+_PARTICIPANT_STRIDE = 64
+_SLOT_STATES_AT = 1024
+_SLOT_STATE_STRIDE = 32
+_ROLLBACK_AT = 2048
+_SLOT_DYNAMIC_AT = 64
+
+
+class ShmError(RuntimeError):
+    """Base of shared-memory layout errors."""
+
+
+class LayoutMismatch(ShmError):
+    """The segment is not ours or was written by another layout version: never read it."""
+
+
+class TornHeader(ShmError):
+    """A header could not be read consistently (checksum or seqlock): treat it as absent."""
+
+
+def shm_dir() -> Path:
+    """Where segments live: `$TOLARIA_SHM_DIR` or /dev/shm."""
+    return Path(os.environ.get("TOLARIA_SHM_DIR", "/dev/shm"))  # noqa: S108 - the shared tmpfs  # noqa: S108 - the shared tmpfs
+
+
+def control_name(run_id: str) -> str:
+    return f"tolaria-{run_id}-ctl"
+
+
+def slot_name(run_id: str, index: int) -> str:
+    return f"tolaria-{run_id}-slot-{index}"
+
+
+def run_segments(run_id: str, directory: Path | None = None) -> list[Path]:
+    """Every segment of a run that exists now (for cleanup and re-attach)."""
+    base = directory or shm_dir()
+    return sorted(base.glob(f"tolaria-{run_id}-*"))
+
+
+def monotonic_ns() -> int:
+    return time.monotonic_ns()
+
+
+class Segment:
+    """One mapped file in the shared-memory directory."""
+
+    def __init__(self, path: Path, mm: mmap.mmap) -> None:
+        self.path = path
+        self.mm = mm
+        self.buf = memoryview(mm)
+
+    @classmethod
+    def create(cls, path: Path, size: int, *, prefault: bool) -> Segment:
+        """Creates (or truncates) a segment of `size` bytes, pages allocated up front if asked."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            if prefault:
+                os.posix_fallocate(fd, 0, size)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        seg = cls(path, mm)
+        if prefault:
+            seg.prefault()
+        return seg
+
+    @classmethod
+    def attach(cls, path: Path) -> Segment:
+        """Maps an existing segment read-write; raises `FileNotFoundError` if absent."""
+        fd = os.open(path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                raise LayoutMismatch(f"{path}: empty segment")
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        return cls(path, mm)
+
+    def prefault(self) -> None:
+        """Touches every page now, so no page fault lands in a snapshot or a rollback.
+
+        MADV_POPULATE_WRITE (Linux 5.14+) when available, else one write per page.
+        """
+        populate_write = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+        try:
+            self.mm.madvise(populate_write)
+            return
+        except (OSError, ValueError, AttributeError):
+            pass
+        for offset in range(0, len(self.mm), PAGE):
+            self.buf[offset] = self.buf[offset]
+
+    def u64(self, offset: int) -> ctypes.c_uint64:
+        """An aligned 8-byte word: one store, one load (single-writer words)."""
+        return ctypes.c_uint64.from_buffer(self.mm, offset)
+
+    def close(self) -> None:
+        self.buf.release()
+        # Views (e.g. torch tensors over the slot) may still exist: the mapping
+        # then stays until they are garbage collected, which is harmless.
+        with contextlib.suppress(BufferError):
+            self.mm.close()
+
+    def unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+_T = TypeVar("_T")
+
+
+class _Seqlock:
+    """Seqlock over `[at, at+8)` (sequence) protecting a record that follows it."""
+
+    def __init__(self, seg: Segment, at: int) -> None:
+        self._seg = seg
+        self._word = seg.u64(at)
+
+    def write(self, fill: Callable[[], None]) -> None:
+        self._word.value += 1  # odd: writing
+        try:
+            fill()
+        finally:
+            self._word.value += 1  # even: stable
+
+    def read(self, fetch: Callable[[], _T]) -> _T:
+        for _ in range(SEQLOCK_RETRIES):
+            before = self._word.value
+            if before & 1:
+                continue
+            value = fetch()
+            if self._word.value == before:
+                return value
+        raise TornHeader(f"{self._seg.path}: record kept changing during {SEQLOCK_RETRIES} reads")
+
+
+def _check_static(seg: Segment, magic: bytes, fields: tuple[Any, ...]) -> None:
+    found = fields[0]
+    if found != magic:
+        raise LayoutMismatch(f"{seg.path}: magic {found!r} != {magic!r}: not a Tolaria segment")
+    if fields[1] != LAYOUT_VERSION:
+        raise LayoutMismatch(
+            f"{seg.path}: layout version {fields[1]} != {LAYOUT_VERSION} (this build reads only "
+            f"version {LAYOUT_VERSION})"
+        )
+
+
+# -- control block -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmergencyRecord:
+    generation: int = 0
+    level: int = 0
+    action: int = 0
+    kind: int = 0
+    state: int = 0
+    raised_ns: int = 0
+    global_step: int = 0
+    source: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ParticipantRecord:
+    ack_generation: int
+    acked_ns: int
+    acked_level: int
+    flags: int
+    heartbeat_ns: int
+    heartbeat_step: int
+    pid: int
+    attempt: int
+    heartbeat_epoch: int
+
+    @property
+    def frozen(self) -> bool:
+        return bool(self.flags & PARTICIPANT_FLAG_FROZEN)
+
+
+@dataclass(frozen=True)
+class SlotState:
+    verified_generation: int
+    rejected_generation: int
+    pinned_generation: int
+    durable_generation: int
+
+
+@dataclass(frozen=True)
+class RollbackRecord:
+    rollback_id: int = 0
+    tier: int = 0
+    phase: int = 0
+    started_ns: int = 0
+    deadline_ns: int = 0
+    from_step: int = 0
+    to_step: int = 0
+
+
+class ControlBlock:
+    """The run's control block; see the module docstring for the layout."""
+
+    def __init__(self, seg: Segment) -> None:
+        self.seg = seg
+        fields = _STATIC.unpack_from(seg.buf, 0)
+        stored = struct.unpack_from("<Q", seg.buf, 32)[0]
+        _check_static(seg, CONTROL_MAGIC, fields)
+        if xxh3(seg.buf[0:32]) != stored:
+            raise TornHeader(f"{seg.path}: control block header checksum mismatch")
+        self.slot_count = int(fields[4])
+        self._emergency = _Seqlock(seg, _EMERGENCY_AT)
+        self._rollback = _Seqlock(seg, _ROLLBACK_AT)
+
+    @classmethod
+    def create(cls, path: Path, slot_count: int) -> ControlBlock:
+        if not 0 < slot_count <= MAX_SLOTS:
+            raise ValueError(f"slot count must be 1..{MAX_SLOTS}, got {slot_count}")
+        seg = Segment.create(path, CONTROL_SIZE, prefault=True)
+        seg.buf[:CONTROL_SIZE] = bytes(CONTROL_SIZE)
+        _STATIC.pack_into(
+            seg.buf,
+            0,
+            CONTROL_MAGIC,
+            LAYOUT_VERSION,
+            CONTROL_SIZE,
+            MAX_PARTICIPANTS,
+            slot_count,
+            monotonic_ns(),
+        )
+        struct.pack_into("<Q", seg.buf, 32, xxh3(seg.buf[0:32]))
+        return cls(seg)
+
+    @classmethod
+    def attach(cls, path: Path) -> ControlBlock:
+        seg = Segment.attach(path)
+        try:
+            return cls(seg)
+        except ShmError:
+            seg.close()
+            raise
+
+    # emergency record (single writer: the sidecar)
+    def write_emergency(self, record: EmergencyRecord) -> None:
+        reason = record.reason.encode("utf-8")[:REASON_BYTES]
+
+        def fill() -> None:
+            _EMERGENCY.pack_into(
+                self.seg.buf,
+                _EMERGENCY_AT + 8,
+                record.generation,
+                record.level,
+                record.action,
+                record.kind,
+                record.state,
+                record.raised_ns,
+                record.global_step,
+                record.source,
+                len(reason),
+                reason,
+            )
+            body = self.seg.buf[_EMERGENCY_AT + 8 : _EMERGENCY_AT + 8 + _EMERGENCY.size]
+            struct.pack_into("<Q", self.seg.buf, _EMERGENCY_AT + 8 + _EMERGENCY.size, xxh3(body))
+
+        self._emergency.write(fill)
+
+    def read_emergency(self) -> EmergencyRecord:
+        def fetch() -> tuple[tuple[Any, ...], int, int]:
+            fields = _EMERGENCY.unpack_from(self.seg.buf, _EMERGENCY_AT + 8)
+            body = self.seg.buf[_EMERGENCY_AT + 8 : _EMERGENCY_AT + 8 + _EMERGENCY.size]
+            stored = struct.unpack_from("<Q", self.seg.buf, _EMERGENCY_AT + 8 + _EMERGENCY.size)[0]
+            return fields, xxh3(body), stored
+
+        for _ in range(SEQLOCK_RETRIES):
+            fields, computed, stored = self._emergency.read(fetch)
+            if fields[0] == 0 and stored == 0:
+                return EmergencyRecord()
+            if computed == stored:
+                gen, level, action, kind, state, raised, step, source, n, reason = fields
+                return EmergencyRecord(
+                    gen,
+                    level,
+                    action,
+                    kind,
+                    state,
+                    raised,
+                    step,
+                    source,
+                    bytes(reason[:n]).decode("utf-8", errors="replace"),
+                )
+        raise TornHeader(f"{self.seg.path}: emergency record checksum never matched")
+
+    def emergency_generation(self) -> int:
+        """The generation word alone: a cheap poll for "something changed"."""
+        return int(self.seg.u64(_EMERGENCY_AT + 8).value)
+
+    # participants (each writes only its own line)
+    def _participant_at(self, participant: int) -> int:
+        if not 0 < participant < MAX_PARTICIPANTS:
+            raise ValueError(f"participant must be 1..{MAX_PARTICIPANTS - 1}, got {participant}")
+        return _PARTICIPANTS_AT + participant * _PARTICIPANT_STRIDE
+
+    def ack(self, participant: int, generation: int, level: int, *, frozen: bool) -> int:
+        """Acknowledges `generation`; returns the ack time (monotonic ns)."""
+        at = self._participant_at(participant)
+        now = monotonic_ns()
+        flags = self.seg.u64(at + 16)
+        attached = flags.value & (PARTICIPANT_FLAG_ATTACHED << 32)
+        frozen_bits = (PARTICIPANT_FLAG_FROZEN << 32) if frozen else 0
+        flags.value = (level & 0xFFFFFFFF) | attached | frozen_bits
+        self.seg.u64(at + 8).value = now
+        self.seg.u64(at).value = generation  # last: the generation word publishes the ack
+        return now
+
+    def heartbeat(self, participant: int, step: int, epoch: int) -> None:
+        at = self._participant_at(participant)
+        self.seg.u64(at + 32).value = step
+        self.seg.u64(at + 48).value = epoch
+        self.seg.u64(at + 24).value = monotonic_ns()
+
+    def register(self, participant: int, pid: int, attempt: int) -> None:
+        at = self._participant_at(participant)
+        self.seg.u64(at + 40).value = (attempt << 32) | pid
+        flags = self.seg.u64(at + 16)
+        flags.value = flags.value | (PARTICIPANT_FLAG_ATTACHED << 32)
+
+    def participant(self, participant: int) -> ParticipantRecord:
+        return ParticipantRecord(
+            *_PARTICIPANT.unpack_from(self.seg.buf, self._participant_at(participant))
+        )
+
+    # slot states (single writer: the sidecar)
+    def _slot_at(self, index: int) -> int:
+        if not 0 <= index < self.slot_count:
+            raise ValueError(f"slot index must be 0..{self.slot_count - 1}, got {index}")
+        return _SLOT_STATES_AT + index * _SLOT_STATE_STRIDE
+
+    def slot_state(self, index: int) -> SlotState:
+        return SlotState(*_SLOT_STATE.unpack_from(self.seg.buf, self._slot_at(index)))
+
+    def set_verified(self, index: int, generation: int) -> None:
+        self.seg.u64(self._slot_at(index)).value = generation
+
+    def set_rejected(self, index: int, generation: int) -> None:
+        self.seg.u64(self._slot_at(index) + 8).value = generation
+
+    def set_pinned(self, index: int, generation: int) -> None:
+        self.seg.u64(self._slot_at(index) + 16).value = generation
+
+    def set_durable(self, index: int, generation: int) -> None:
+        self.seg.u64(self._slot_at(index) + 24).value = generation
+
+    # rollback record (single writer: the trainer)
+    def write_rollback(self, record: RollbackRecord) -> None:
+        def fill() -> None:
+            _ROLLBACK.pack_into(
+                self.seg.buf,
+                _ROLLBACK_AT + 8,
+                record.rollback_id,
+                record.tier,
+                record.phase,
+                record.started_ns,
+                record.deadline_ns,
+                record.from_step,
+                record.to_step,
+            )
+            body = self.seg.buf[_ROLLBACK_AT + 8 : _ROLLBACK_AT + 8 + _ROLLBACK.size]
+            struct.pack_into("<Q", self.seg.buf, _ROLLBACK_AT + 8 + _ROLLBACK.size, xxh3(body))
+
+        self._rollback.write(fill)
+
+    def read_rollback(self) -> RollbackRecord:
+        def fetch() -> tuple[tuple[Any, ...], int, int]:
+            body = self.seg.buf[_ROLLBACK_AT + 8 : _ROLLBACK_AT + 8 + _ROLLBACK.size]
+            stored = struct.unpack_from("<Q", self.seg.buf, _ROLLBACK_AT + 8 + _ROLLBACK.size)[0]
+            return _ROLLBACK.unpack_from(body, 0), xxh3(body), stored
+
+        for _ in range(SEQLOCK_RETRIES):
+            fields, computed, stored = self._rollback.read(fetch)
+            if stored == 0 and not any(fields):
+                return RollbackRecord()
+            if computed == stored:
+                return RollbackRecord(*fields)
+        raise TornHeader(f"{self.seg.path}: rollback record checksum never matched")
+
+    def close(self) -> None:
+        self.seg.close()
+
+
+# -- snapshot slots ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlotHeader:
+    """The dynamic header of a slot, as last published."""
+
+    index: int
+    generation: int
+    committed: bool
+    checksum_algorithm: int
+    manifest_length: int
+    data_length: int
+    global_step: int
+    epoch: int
+    flags: int
+    manifest_checksum: int
+    data_checksum: int
+    committed_ns: int
+
+    @property
+    def visible(self) -> bool:
+        return self.committed and self.generation > 0
+
+
+class Slot:
+    """One snapshot slot: header, manifest region, data region."""
+
+    def __init__(self, seg: Segment) -> None:
+        self.seg = seg
+        fields = _SLOT_STATIC.unpack_from(seg.buf, 0)
+        stored = struct.unpack_from("<Q", seg.buf, 48)[0]
+        _check_static(seg, SLOT_MAGIC, fields)
+        if xxh3(seg.buf[0:48]) != stored:
+            raise TornHeader(f"{seg.path}: slot static header checksum mismatch")
+        self.index = int(fields[2])
+        self.capacity = int(fields[3])
+        self.manifest_capacity = int(fields[4])
+        self.manifest_offset = int(fields[5])
+        self.data_offset = int(fields[6])
+        if self.data_offset + self.capacity > len(seg.mm):
+            raise LayoutMismatch(
+                f"{seg.path}: data region {self.data_offset}+{self.capacity} beyond the "
+                f"{len(seg.mm)}-byte segment"
+            )
+        self._lock = _Seqlock(seg, _SLOT_DYNAMIC_AT)
+
+    @staticmethod
+    def size_for(capacity: int, manifest_capacity: int) -> int:
+        manifest = -(-manifest_capacity // PAGE) * PAGE
+        return SLOT_HEADER_SIZE + manifest + -(-capacity // PAGE) * PAGE
+
+    @classmethod
+    def create(
+        cls, path: Path, index: int, capacity: int, manifest_capacity: int, *, prefault: bool
+    ) -> Slot:
+        manifest = -(-manifest_capacity // PAGE) * PAGE
+        seg = Segment.create(path, cls.size_for(capacity, manifest), prefault=prefault)
+        seg.buf[:SLOT_HEADER_SIZE] = bytes(SLOT_HEADER_SIZE)
+        _SLOT_STATIC.pack_into(
+            seg.buf,
+            0,
+            SLOT_MAGIC,
+            LAYOUT_VERSION,
+            index,
+            capacity,
+            manifest,
+            SLOT_HEADER_SIZE,
+            SLOT_HEADER_SIZE + manifest,
+        )
+        struct.pack_into("<Q", seg.buf, 48, xxh3(seg.buf[0:48]))
+        return cls(seg)
+
+    @classmethod
+    def attach(cls, path: Path) -> Slot:
+        seg = Segment.attach(path)
+        try:
+            return cls(seg)
+        except ShmError:
+            seg.close()
+            raise
+
+    @property
+    def data(self) -> memoryview:
+        return self.seg.buf[self.data_offset : self.data_offset + self.capacity]
+
+    @property
+    def manifest_region(self) -> memoryview:
+        return self.seg.buf[self.manifest_offset : self.manifest_offset + self.manifest_capacity]
+
+    def invalidate(self) -> None:
+        """Hides the slot before its bytes are overwritten (generation 0, not committed)."""
+
+        def fill() -> None:
+            _SLOT_DYNAMIC.pack_into(
+                self.seg.buf, _SLOT_DYNAMIC_AT + 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+            )
+            struct.pack_into("<Q", self.seg.buf, _SLOT_DYNAMIC_AT + 8 + _SLOT_DYNAMIC.size, 0)
+
+        self._lock.write(fill)
+
+    def publish(
+        self,
+        *,
+        generation: int,
+        manifest: bytes,
+        data_length: int,
+        data_checksum: int,
+        checksum_algorithm: int,
+        global_step: int,
+        epoch: int,
+        flags: int,
+    ) -> None:
+        """Writes the manifest, then commits the header: the slot becomes visible last."""
+        if generation <= 0:
+            raise ValueError("a published slot needs a generation > 0")
+        if len(manifest) > self.manifest_capacity:
+            raise ValueError(
+                f"slot {self.index}: manifest of {len(manifest)} B exceeds "
+                f"{self.manifest_capacity} B"
+            )
+        if data_length > self.capacity:
+            raise ValueError(
+                f"slot {self.index}: {data_length} B exceeds capacity {self.capacity} B"
+            )
+        self.manifest_region[: len(manifest)] = manifest
+        manifest_checksum = xxh3(manifest)
+
+        def fill() -> None:
+            _SLOT_DYNAMIC.pack_into(
+                self.seg.buf,
+                _SLOT_DYNAMIC_AT + 8,
+                generation,
+                1,
+                checksum_algorithm,
+                len(manifest),
+                data_length,
+                global_step,
+                epoch,
+                flags,
+                manifest_checksum,
+                data_checksum,
+                monotonic_ns(),
+            )
+            body = self.seg.buf[_SLOT_DYNAMIC_AT + 8 : _SLOT_DYNAMIC_AT + 8 + _SLOT_DYNAMIC.size]
+            struct.pack_into(
+                "<Q", self.seg.buf, _SLOT_DYNAMIC_AT + 8 + _SLOT_DYNAMIC.size, xxh3(body)
+            )
+
+        self._lock.write(fill)
+
+    def header(self) -> SlotHeader:
+        """The current header; raises `TornHeader` when it cannot be read consistently."""
+
+        def fetch() -> tuple[tuple[Any, ...], int, int]:
+            body = self.seg.buf[_SLOT_DYNAMIC_AT + 8 : _SLOT_DYNAMIC_AT + 8 + _SLOT_DYNAMIC.size]
+            stored = struct.unpack_from(
+                "<Q", self.seg.buf, _SLOT_DYNAMIC_AT + 8 + _SLOT_DYNAMIC.size
+            )[0]
+            return _SLOT_DYNAMIC.unpack_from(body, 0), xxh3(body), stored
+
+        fields, computed, stored = self._lock.read(fetch)
+        if stored == 0 and not any(fields):
+            return SlotHeader(self.index, 0, False, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        if computed != stored:
+            raise TornHeader(f"{self.seg.path}: slot header checksum {computed:#x} != {stored:#x}")
+        (gen, committed, algo, mlen, dlen, step, epoch, flags, mck, dck, at) = fields
+        if mlen > self.manifest_capacity or dlen > self.capacity:
+            raise TornHeader(f"{self.seg.path}: header lengths exceed the slot's regions")
+        return SlotHeader(
+            self.index, gen, bool(committed), algo, mlen, dlen, step, epoch, flags, mck, dck, at
+        )
+
+    def manifest_bytes(self, header: SlotHeader) -> bytes:
+        """The manifest of `header`, verified against its checksum."""
+        data = bytes(self.manifest_region[: header.manifest_length])
+        if xxh3(data) != header.manifest_checksum:
+            raise TornHeader(
+                f"{self.seg.path}: manifest checksum mismatch (generation {header.generation})"
+            )
+        return data
+
+    def close(self) -> None:
+        self.seg.close()
