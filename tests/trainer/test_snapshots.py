@@ -1,0 +1,252 @@
+"""Snapshots into real shared-memory slots and restores from them (R6.1, R6.2)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from leyline import StateComponent
+from leyline.shm import ControlBlock, Slot
+from leyline.spec import SnapshotSpec
+from tolaria_trainer.restore import NothingToRestore, Restorer
+from tolaria_trainer.snapshots import SnapshotWriter
+from tolaria_trainer.state import TrainingState
+
+
+class Counter:
+    """A JSON document source: one number that training changes."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def save(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load(self, doc: Mapping[str, Any]) -> None:
+        self.value = int(doc["value"])
+
+
+@pytest.fixture
+def shm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("TOLARIA_SHM_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def rig(shm: Path) -> Iterator[dict[str, Any]]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    names = dict(model.named_parameters())
+    counter = Counter()
+    state = TrainingState(
+        model=model,
+        optimizer=lambda: opt,
+        parameter_names=lambda: names,
+        documents={"loop": (StateComponent.STATE_COMPONENT_DATA, (counter.save, counter.load))},
+    )
+    control = ControlBlock.create(shm / "tolaria-t-ctl", 3)
+    slots = [
+        Slot.create(shm / f"tolaria-t-slot-{i}", i, 1 << 20, 1 << 16, prefault=True)
+        for i in range(3)
+    ]
+    commits: list[tuple[int, int]] = []
+
+    def commit(slot: int, generation: int) -> str:
+        commits.append((slot, generation))
+        return ""
+
+    writer = SnapshotWriter(
+        state=state,
+        slots=slots,
+        control=control,
+        spec=SnapshotSpec(),
+        commit=commit,
+        run_id="t",
+        window=10,
+    )
+    yield {
+        "model": model,
+        "opt": opt,
+        "state": state,
+        "writer": writer,
+        "slots": slots,
+        "control": control,
+        "counter": counter,
+        "commits": commits,
+    }
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    x = torch.randn(4, 8)
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def snapshot_of(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {f"m/{k}": v.clone() for k, v in model.state_dict().items()}
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            out[f"o/{id(p)}/{k}"] = v.clone()
+    return out
+
+
+@pytest.mark.req("R6.1")
+def test_a_restore_brings_back_model_optimizer_documents_and_rng_bit_for_bit(
+    rig: dict[str, Any],
+) -> None:
+    model, opt, writer, counter = rig["model"], rig["opt"], rig["writer"], rig["counter"]
+    train_step(model, opt)
+    counter.value = 7
+    before = snapshot_of(model, opt)
+    rng = torch.get_rng_state()
+    writer.capture(global_step=1, epoch=0, batch_index=1, epoch_end=False)
+    writer.fence()
+    for _ in range(3):
+        train_step(model, opt)
+    counter.value = 99
+    random.random()
+    restored = Restorer(state=rig["state"], control=rig["control"]).restore(
+        rig["slots"], before_step=5, budgets_ms=(150, 250, 100)
+    )
+    after = snapshot_of(model, opt)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert counter.value == 7 and restored.global_step == 1 and restored.batch_index == 1
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [p.phase for p in restored.phases] == [1, 2, 3]
+
+
+@pytest.mark.req("R6.2")
+def test_python_and_numpy_rng_continue_as_if_nothing_happened(rig: dict[str, Any]) -> None:
+    model, opt, writer = rig["model"], rig["opt"], rig["writer"]
+    train_step(model, opt)
+    writer.capture(global_step=1, epoch=0, batch_index=1, epoch_end=False)
+    writer.fence()
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    Restorer(state=rig["state"], control=rig["control"]).restore(
+        rig["slots"], before_step=2, budgets_ms=(150, 250, 100)
+    )
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+@pytest.mark.req("R6.1")
+def test_the_newest_snapshot_older_than_the_anomaly_is_restored(rig: dict[str, Any]) -> None:
+    model, opt, writer, counter = rig["model"], rig["opt"], rig["writer"], rig["counter"]
+    for step in (1, 2, 3):
+        train_step(model, opt)
+        counter.value = step
+        writer.capture(global_step=step, epoch=0, batch_index=step, epoch_end=False)
+    writer.fence()
+    restored = Restorer(state=rig["state"], control=rig["control"]).restore(
+        rig["slots"], before_step=3, budgets_ms=(150, 250, 100)
+    )
+    assert restored.global_step == 2 and counter.value == 2
+
+
+@pytest.mark.req("R6.2")
+def test_a_corrupted_slot_is_rejected_and_the_next_older_restored(rig: dict[str, Any]) -> None:
+    model, opt, writer, counter, slots = (
+        rig["model"],
+        rig["opt"],
+        rig["writer"],
+        rig["counter"],
+        rig["slots"],
+    )
+    for step in (1, 2):
+        train_step(model, opt)
+        counter.value = step
+        writer.capture(global_step=step, epoch=0, batch_index=step, epoch_end=False)
+    writer.fence()
+    newest = max(slots, key=lambda s: s.header().generation)
+    newest.data[100] ^= 0xFF
+    restored = Restorer(state=rig["state"], control=rig["control"]).restore(
+        slots, before_step=10, budgets_ms=(150, 250, 100)
+    )
+    assert restored.global_step == 1 and counter.value == 1
+    assert [r.slot for r in restored.rejected] == [newest.index]
+    assert "checksum" in restored.rejected[0].reason
+
+
+@pytest.mark.req("R6.2")
+def test_a_torn_header_is_never_restored(rig: dict[str, Any]) -> None:
+    model, opt, writer, slots = rig["model"], rig["opt"], rig["writer"], rig["slots"]
+    train_step(model, opt)
+    writer.capture(global_step=1, epoch=0, batch_index=1, epoch_end=False)
+    writer.fence()
+    (slot,) = [s for s in slots if s.header().visible]
+    slot.seg.buf[64 + 8 + 30] ^= 0x01  # inside the dynamic header
+    with pytest.raises(NothingToRestore):
+        Restorer(state=rig["state"], control=rig["control"]).restore(
+            slots, before_step=10, budgets_ms=(150, 250, 100)
+        )
+
+
+def test_a_slot_rejected_by_the_sidecar_is_skipped(rig: dict[str, Any]) -> None:
+    model, opt, writer, slots, control = (
+        rig["model"],
+        rig["opt"],
+        rig["writer"],
+        rig["slots"],
+        rig["control"],
+    )
+    for step in (1, 2):
+        train_step(model, opt)
+        writer.capture(global_step=step, epoch=0, batch_index=step, epoch_end=False)
+    writer.fence()
+    newest = max(slots, key=lambda s: s.header().generation)
+    control.set_rejected(newest.index, newest.header().generation)
+    restored = Restorer(state=rig["state"], control=control).restore(
+        slots, before_step=10, budgets_ms=(150, 250, 100)
+    )
+    assert restored.global_step == 1
+
+
+def test_the_writer_never_overwrites_a_pinned_generation(rig: dict[str, Any]) -> None:
+    model, opt, writer, slots, control = (
+        rig["model"],
+        rig["opt"],
+        rig["writer"],
+        rig["slots"],
+        rig["control"],
+    )
+    train_step(model, opt)
+    writer.capture(global_step=1, epoch=0, batch_index=1, epoch_end=False)
+    writer.fence()
+    (first,) = [s for s in slots if s.header().visible]
+    control.set_pinned(first.index, first.header().generation)
+    for step in range(2, 8):
+        writer.capture(global_step=step, epoch=0, batch_index=step, epoch_end=False)
+        writer.fence()
+    assert first.header().global_step == 1
+
+
+def test_every_capture_is_committed_to_the_sidecar(rig: dict[str, Any]) -> None:
+    model, opt, writer = rig["model"], rig["opt"], rig["writer"]
+    train_step(model, opt)
+    for step in (1, 2):
+        writer.capture(global_step=step, epoch=0, batch_index=step, epoch_end=False)
+    writer.fence()
+    assert [g for _, g in rig["commits"]] == [1, 2]
+    assert all(r.committed for r in writer.results)
+
+
+def test_a_fresh_optimizer_gets_its_state_created_on_restore(rig: dict[str, Any]) -> None:
+    model, opt, writer = rig["model"], rig["opt"], rig["writer"]
+    train_step(model, opt)
+    writer.capture(global_step=1, epoch=0, batch_index=1, epoch_end=False)
+    writer.fence()
+    moments = {k: v.clone() for k, v in opt.state[next(iter(model.parameters()))].items()}
+    opt.state.clear()
+    Restorer(state=rig["state"], control=rig["control"]).restore(
+        rig["slots"], before_step=10, budgets_ms=(150, 250, 100)
+    )
+    restored = opt.state[next(iter(model.parameters()))]
+    assert all(torch.equal(moments[k], restored[k]) for k in moments)
