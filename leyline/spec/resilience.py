@@ -77,6 +77,8 @@ class DetectionSpec(SpecModel):
     """CRITICAL when this many breakers trip within one epoch."""
     sustained_breach_epochs: int = Field(default=3, ge=1, le=10_000)
     """MINOR when the hook breaches its budget this many epochs in a row."""
+    check_gradients: bool = True
+    """Also check every step's gradients for inf/NaN (one fused norm pass over the gradients)."""
 
 
 class EmergencySpec(SpecModel):

@@ -366,6 +366,64 @@ CHECKSUM_ALGORITHM_XXH3_64: ChecksumAlgorithm.ValueType  # 1
 CHECKSUM_ALGORITHM_CRC32C: ChecksumAlgorithm.ValueType  # 2
 Global___ChecksumAlgorithm: _TypeAlias = ChecksumAlgorithm  # noqa: Y015
 
+class _SlotCondition:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SlotConditionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SlotCondition.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SLOT_CONDITION_UNSPECIFIED: _SlotCondition.ValueType  # 0
+    SLOT_CONDITION_EMPTY: _SlotCondition.ValueType  # 1
+    """never written, or hidden while being written"""
+    SLOT_CONDITION_COMMITTED: _SlotCondition.ValueType  # 2
+    """committed, background verification pending"""
+    SLOT_CONDITION_VERIFIED: _SlotCondition.ValueType  # 3
+    """data checksum verified by the sidecar"""
+    SLOT_CONDITION_REJECTED: _SlotCondition.ValueType  # 4
+    """failed verification: never restored or persisted"""
+    SLOT_CONDITION_PINNED: _SlotCondition.ValueType  # 5
+    """being persisted: the trainer must not overwrite it"""
+
+class SlotCondition(_SlotCondition, metaclass=_SlotConditionEnumTypeWrapper):
+    """Condition of one snapshot slot as the sidecar sees it (SlotInfo, metrics label)."""
+
+SLOT_CONDITION_UNSPECIFIED: SlotCondition.ValueType  # 0
+SLOT_CONDITION_EMPTY: SlotCondition.ValueType  # 1
+"""never written, or hidden while being written"""
+SLOT_CONDITION_COMMITTED: SlotCondition.ValueType  # 2
+"""committed, background verification pending"""
+SLOT_CONDITION_VERIFIED: SlotCondition.ValueType  # 3
+"""data checksum verified by the sidecar"""
+SLOT_CONDITION_REJECTED: SlotCondition.ValueType  # 4
+"""failed verification: never restored or persisted"""
+SLOT_CONDITION_PINNED: SlotCondition.ValueType  # 5
+"""being persisted: the trainer must not overwrite it"""
+Global___SlotCondition: _TypeAlias = SlotCondition  # noqa: Y015
+
+class _CheckpointOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CheckpointOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CheckpointOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHECKPOINT_OUTCOME_UNSPECIFIED: _CheckpointOutcome.ValueType  # 0
+    CHECKPOINT_OUTCOME_COMMITTED: _CheckpointOutcome.ValueType  # 1
+    CHECKPOINT_OUTCOME_FAILED: _CheckpointOutcome.ValueType  # 2
+    """I/O error or refused slot; the previous one stays latest"""
+    CHECKPOINT_OUTCOME_DISCARDED: _CheckpointOutcome.ValueType  # 3
+    """the slot changed during the copy"""
+
+class CheckpointOutcome(_CheckpointOutcome, metaclass=_CheckpointOutcomeEnumTypeWrapper):
+    """Outcome of one durable checkpoint write (metrics label)."""
+
+CHECKPOINT_OUTCOME_UNSPECIFIED: CheckpointOutcome.ValueType  # 0
+CHECKPOINT_OUTCOME_COMMITTED: CheckpointOutcome.ValueType  # 1
+CHECKPOINT_OUTCOME_FAILED: CheckpointOutcome.ValueType  # 2
+"""I/O error or refused slot; the previous one stays latest"""
+CHECKPOINT_OUTCOME_DISCARDED: CheckpointOutcome.ValueType  # 3
+"""the slot changed during the copy"""
+Global___CheckpointOutcome: _TypeAlias = CheckpointOutcome  # noqa: Y015
+
 @_typing.final
 class EmergencySignal(_message.Message):
     """Fields 1-9 follow the Esper prototype's EmergencySignal."""

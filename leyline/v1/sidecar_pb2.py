@@ -28,7 +28,7 @@ from leyline.v1 import report_pb2 as leyline_dot_v1_dot_report__pb2
 from leyline.v1 import resilience_pb2 as leyline_dot_v1_dot_resilience__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18leyline/v1/sidecar.proto\x12\x10\x65sper.leyline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18leyline/v1/leyline.proto\x1a\x17leyline/v1/report.proto\x1a\x1bleyline/v1/resilience.proto\"\x9f\x01\n\x08SlotInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08shm_name\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x13\n\x0bglobal_step\x18\x05 \x01(\x04\x12\r\n\x05\x65poch\x18\x06 \x01(\r\x12\x11\n\tcommitted\x18\x07 \x01(\x08\x12\x0f\n\x07\x64urable\x18\x08 \x01(\x08\"\x97\x01\n\rAttachRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x13\n\x0bstate_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12layout_fingerprint\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\r\x12\x16\n\x0emanifest_bytes\x18\x07 \x01(\x04\"\xfc\x02\n\x0e\x41ttachResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x16\n\x0elayout_version\x18\x02 \x01(\r\x12\x1a\n\x12\x63ontrol_block_name\x18\x03 \x01(\t\x12)\n\x05slots\x18\x04 \x03(\x0b\x32\x1a.esper.leyline.v1.SlotInfo\x12\x1a\n\x12\x66\x61st_tier_feasible\x18\x05 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x06 \x01(\t\x12\x1a\n\x12measured_copy_gbps\x18\x07 \x01(\x01\x12/\n\x0bresume_slot\x18\x08 \x01(\x0b\x32\x1a.esper.leyline.v1.SlotInfo\x12;\n\x10\x61\x63tive_emergency\x18\t \x01(\x0b\x32!.esper.leyline.v1.EmergencySignal\x12;\n\x0flast_checkpoint\x18\n \x01(\x0b\x32\".esper.leyline.v1.CheckpointRecord\"9\n\x15\x43ommitSnapshotRequest\x12\x0c\n\x04slot\x18\x01 \x01(\r\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"d\n\x16\x43ommitSnapshotResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12)\n\x05slots\x18\x03 \x03(\x0b\x32\x1a.esper.leyline.v1.SlotInfo\"2\n\x0ePersistRequest\x12\x0c\n\x04slot\x18\x01 \x01(\r\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"3\n\x0fPersistResponse\x12\x11\n\tscheduled\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\xee\x01\n\x1bPrepareFullRollbackResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12(\n\x04slot\x18\x02 \x01(\x0b\x32\x1a.esper.leyline.v1.SlotInfo\x12\x36\n\ncheckpoint\x18\x03 \x01(\x0b\x32\".esper.leyline.v1.CheckpointRecord\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x04 \x01(\x04\x12\x35\n\x06phases\x18\x05 \x03(\x0b\x32%.esper.leyline.v1.RollbackPhaseTiming\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"g\n\x16RaiseEmergencyResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x39\n\x0f\x65\x66\x66\x65\x63tive_level\x18\x02 \x01(\x0e\x32 .esper.leyline.v1.EmergencyLevel\"\xaf\x01\n\x10HeartbeatRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x13\n\x0bglobal_step\x18\x03 \x01(\x04\x12)\n\x05phase\x18\x04 \x01(\x0e\x32\x1a.esper.leyline.v1.RunPhase\x12.\n\x06health\x18\x05 \x01(\x0e\x32\x1e.esper.leyline.v1.HealthStatus\x12\x0c\n\x04loss\x18\x06 \x01(\x01\"P\n\x11HeartbeatResponse\x12;\n\x10\x61\x63tive_emergency\x18\x01 \x01(\x0b\x32!.esper.leyline.v1.EmergencySignal\"`\n\rDetachRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12/\n\x0b\x66inal_phase\x18\x02 \x01(\x0e\x32\x1a.esper.leyline.v1.RunPhase\x12\x0e\n\x06reason\x18\x03 \x01(\t\"$\n\x07LinkAck\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x12\n\x10GetStatusRequest\"\xe9\x03\n\rSidecarStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12)\n\x05phase\x18\x02 \x01(\x0e\x32\x1a.esper.leyline.v1.RunPhase\x12\r\n\x05\x65poch\x18\x03 \x01(\r\x12\x13\n\x0bglobal_step\x18\x04 \x01(\x04\x12\x32\n\x0elast_heartbeat\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05slots\x18\x06 \x03(\x0b\x32\x1a.esper.leyline.v1.SlotInfo\x12;\n\x0flast_checkpoint\x18\x07 \x01(\x0b\x32\".esper.leyline.v1.CheckpointRecord\x12;\n\x10\x61\x63tive_emergency\x18\x08 \x01(\x0b\x32!.esper.leyline.v1.EmergencySignal\x12:\n\x0f\x61\x63tive_rollback\x18\t \x01(\x0b\x32!.esper.leyline.v1.RollbackRequest\x12\x18\n\x10trainer_attached\x18\n \x01(\x08\x12\x1a\n\x12\x66\x61st_tier_feasible\x18\x0b \x01(\x08\x12.\n\x06health\x18\x0c \x01(\x0e\x32\x1e.esper.leyline.v1.HealthStatus\"-\n\x13StreamEventsRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x04\"\xbd\x01\n\rProgressEvent\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\x13\n\x0bglobal_step\x18\x02 \x01(\x04\x12-\n\theartbeat\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x06health\x18\x04 \x01(\x0e\x32\x1e.esper.leyline.v1.HealthStatus\x12)\n\x05phase\x18\x05 \x01(\x0e\x32\x1a.esper.leyline.v1.RunPhase\"9\n\rSnapshotEvent\x12(\n\x04slot\x18\x01 \x01(\x0b\x32\x1a.esper.leyline.v1.SlotInfo\"E\n\x0fRollbackStarted\x12\x32\n\x07request\x18\x01 \x01(\x0b\x32!.esper.leyline.v1.RollbackRequest\"\xab\x05\n\x0cSidecarEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x33\n\x08progress\x18\n \x01(\x0b\x32\x1f.esper.leyline.v1.ProgressEventH\x00\x12\x33\n\x08snapshot\x18\x0b \x01(\x0b\x32\x1f.esper.leyline.v1.SnapshotEventH\x00\x12\x38\n\ncheckpoint\x18\x0c \x01(\x0b\x32\".esper.leyline.v1.CheckpointRecordH\x00\x12=\n\x10rollback_started\x18\r \x01(\x0b\x32!.esper.leyline.v1.RollbackStartedH\x00\x12=\n\x11rollback_finished\x18\x0e \x01(\x0b\x32 .esper.leyline.v1.RollbackReportH\x00\x12\x36\n\temergency\x18\x0f \x01(\x0b\x32!.esper.leyline.v1.EmergencySignalH\x00\x12-\n\x03\x61\x63k\x18\x10 \x01(\x0b\x32\x1e.esper.leyline.v1.EmergencyAckH\x00\x12;\n\nresolution\x18\x11 \x01(\x0b\x32%.esper.leyline.v1.EmergencyResolutionH\x00\x12@\n\x11snapshot_rejected\x18\x12 \x01(\x0b\x32#.esper.leyline.v1.SnapshotRejectionH\x00\x12@\n\x11\x63heckpoint_failed\x18\x13 \x01(\x0b\x32#.esper.leyline.v1.CheckpointFailureH\x00\x42\x07\n\x05\x65vent\";\n\x18ResolveEmergencyResponse\x12\x10\n\x08resolved\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"7\n\x11\x43heckpointRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x12\n\nstop_after\x18\x02 \x01(\x08\"n\n\x12\x43heckpointResponse\x12\x11\n\tscheduled\x18\x01 \x01(\x08\x12\x36\n\ncheckpoint\x18\x02 \x01(\x0b\x32\".esper.leyline.v1.CheckpointRecord\x12\r\n\x05\x65rror\x18\x03 \x01(\t2\xa0\x06\n\x0bTrainerLink\x12K\n\x06\x41ttach\x12\x1f.esper.leyline.v1.AttachRequest\x1a .esper.leyline.v1.AttachResponse\x12\x63\n\x0e\x43ommitSnapshot\x12\'.esper.leyline.v1.CommitSnapshotRequest\x1a(.esper.leyline.v1.CommitSnapshotResponse\x12V\n\x0fPersistSnapshot\x12 .esper.leyline.v1.PersistRequest\x1a!.esper.leyline.v1.PersistResponse\x12g\n\x13PrepareFullRollback\x12!.esper.leyline.v1.RollbackRequest\x1a-.esper.leyline.v1.PrepareFullRollbackResponse\x12M\n\x0eReportRollback\x12 .esper.leyline.v1.RollbackReport\x1a\x19.esper.leyline.v1.LinkAck\x12]\n\x0eRaiseEmergency\x12!.esper.leyline.v1.EmergencySignal\x1a(.esper.leyline.v1.RaiseEmergencyResponse\x12T\n\x10ResolveEmergency\x12%.esper.leyline.v1.EmergencyResolution\x1a\x19.esper.leyline.v1.LinkAck\x12T\n\tHeartbeat\x12\".esper.leyline.v1.HeartbeatRequest\x1a#.esper.leyline.v1.HeartbeatResponse\x12\x44\n\x06\x44\x65tach\x12\x1f.esper.leyline.v1.DetachRequest\x1a\x19.esper.leyline.v1.LinkAck2\xd8\x03\n\x0eSidecarControl\x12P\n\tGetStatus\x12\".esper.leyline.v1.GetStatusRequest\x1a\x1f.esper.leyline.v1.SidecarStatus\x12W\n\x0cStreamEvents\x12%.esper.leyline.v1.StreamEventsRequest\x1a\x1e.esper.leyline.v1.SidecarEvent0\x01\x12T\n\x0fSignalEmergency\x12!.esper.leyline.v1.EmergencySignal\x1a\x1e.esper.leyline.v1.EmergencyAck\x12\x65\n\x10ResolveEmergency\x12%.esper.leyline.v1.EmergencyResolution\x1a*.esper.leyline.v1.ResolveEmergencyResponse\x12^\n\x11RequestCheckpoint\x12#.esper.leyline.v1.CheckpointRequest\x1a$.esper.leyline.v1.CheckpointResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18leyline/v1/sidecar.proto\x12\x10\x65sper.leyline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18leyline/v1/leyline.proto\x1a\x17leyline/v1/report.proto\x1a\x1bleyline/v1/resilience.proto\"\xd3\x01\n\x08SlotInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08shm_name\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x13\n\x0bglobal_step\x18\x05 \x01(\x04\x12\r\n\x05\x65poch\x18\x06 \x01(\r\x12\x11\n\tcommitted\x18\x07 \x01(\x08\x12\x0f\n\x07\x64urable\x18\x08 \x01(\x08\x12\x32\n\tcondition\x18\t \x01(\x0e\x32\x1f.esper.leyline.v1.SlotCondition\"\x97\x01\n\rAttachRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x13\n\x0bstate_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12layout_fingerprint\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\r\x12\x16\n\x0emanifest_bytes\x18\x07 \x01(\x04\"\xfc\x02\n\x0e\x41ttachResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x16\n\x0elayout_version\x18\x02 \x01(\r\x12\x1a\n\x12\x63ontrol_block_name\x18\x03 \x01(\t\x12)\n\x05slots\x18\x04 \x03(\x0b\x32\x1a.esper.leyline.v1.SlotInfo\x12\x1a\n\x12\x66\x61st_tier_feasible\x18\x05 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x06 \x01(\t\x12\x1a\n\x12measured_copy_gbps\x18\x07 \x01(\x01\x12/\n\x0bresume_slot\x18\x08 \x01(\x0b\x32\x1a.esper.leyline.v1.SlotInfo\x12;\n\x10\x61\x63tive_emergency\x18\t \x01(\x0b\x32!.esper.leyline.v1.EmergencySignal\x12;\n\x0flast_checkpoint\x18\n \x01(\x0b\x32\".esper.leyline.v1.CheckpointRecord\"9\n\x15\x43ommitSnapshotRequest\x12\x0c\n\x04slot\x18\x01 \x01(\r\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"d\n\x16\x43ommitSnapshotResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12)\n\x05slots\x18\x03 \x03(\x0b\x32\x1a.esper.leyline.v1.SlotInfo\"2\n\x0ePersistRequest\x12\x0c\n\x04slot\x18\x01 \x01(\r\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"3\n\x0fPersistResponse\x12\x11\n\tscheduled\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\xee\x01\n\x1bPrepareFullRollbackResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12(\n\x04slot\x18\x02 \x01(\x0b\x32\x1a.esper.leyline.v1.SlotInfo\x12\x36\n\ncheckpoint\x18\x03 \x01(\x0b\x32\".esper.leyline.v1.CheckpointRecord\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x04 \x01(\x04\x12\x35\n\x06phases\x18\x05 \x03(\x0b\x32%.esper.leyline.v1.RollbackPhaseTiming\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"g\n\x16RaiseEmergencyResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x39\n\x0f\x65\x66\x66\x65\x63tive_level\x18\x02 \x01(\x0e\x32 .esper.leyline.v1.EmergencyLevel\"\xaf\x01\n\x10HeartbeatRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x13\n\x0bglobal_step\x18\x03 \x01(\x04\x12)\n\x05phase\x18\x04 \x01(\x0e\x32\x1a.esper.leyline.v1.RunPhase\x12.\n\x06health\x18\x05 \x01(\x0e\x32\x1e.esper.leyline.v1.HealthStatus\x12\x0c\n\x04loss\x18\x06 \x01(\x01\"}\n\x11HeartbeatResponse\x12;\n\x10\x61\x63tive_emergency\x18\x01 \x01(\x0b\x32!.esper.leyline.v1.EmergencySignal\x12\x16\n\x0estop_requested\x18\x02 \x01(\x08\x12\x13\n\x0bstop_reason\x18\x03 \x01(\t\"`\n\rDetachRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12/\n\x0b\x66inal_phase\x18\x02 \x01(\x0e\x32\x1a.esper.leyline.v1.RunPhase\x12\x0e\n\x06reason\x18\x03 \x01(\t\"$\n\x07LinkAck\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x12\n\x10GetStatusRequest\"\xb5\x05\n\rSidecarStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12)\n\x05phase\x18\x02 \x01(\x0e\x32\x1a.esper.leyline.v1.RunPhase\x12\r\n\x05\x65poch\x18\x03 \x01(\r\x12\x13\n\x0bglobal_step\x18\x04 \x01(\x04\x12\x32\n\x0elast_heartbeat\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05slots\x18\x06 \x03(\x0b\x32\x1a.esper.leyline.v1.SlotInfo\x12;\n\x0flast_checkpoint\x18\x07 \x01(\x0b\x32\".esper.leyline.v1.CheckpointRecord\x12;\n\x10\x61\x63tive_emergency\x18\x08 \x01(\x0b\x32!.esper.leyline.v1.EmergencySignal\x12:\n\x0f\x61\x63tive_rollback\x18\t \x01(\x0b\x32!.esper.leyline.v1.RollbackRequest\x12\x18\n\x10trainer_attached\x18\n \x01(\x08\x12\x1a\n\x12\x66\x61st_tier_feasible\x18\x0b \x01(\x08\x12.\n\x06health\x18\x0c \x01(\x0e\x32\x1e.esper.leyline.v1.HealthStatus\x12\x36\n\x0b\x65mergencies\x18\r \x03(\x0b\x32!.esper.leyline.v1.EmergencyRecord\x12@\n\x13\x63heckpoint_failures\x18\x0e \x03(\x0b\x32#.esper.leyline.v1.CheckpointFailure\x12\x37\n\x0b\x63heckpoints\x18\x0f \x03(\x0b\x32\".esper.leyline.v1.CheckpointRecord\x12\x17\n\x0f\x64\x65graded_reason\x18\x10 \x01(\t\"-\n\x13StreamEventsRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x04\"\xbd\x01\n\rProgressEvent\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\x13\n\x0bglobal_step\x18\x02 \x01(\x04\x12-\n\theartbeat\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x06health\x18\x04 \x01(\x0e\x32\x1e.esper.leyline.v1.HealthStatus\x12)\n\x05phase\x18\x05 \x01(\x0e\x32\x1a.esper.leyline.v1.RunPhase\"9\n\rSnapshotEvent\x12(\n\x04slot\x18\x01 \x01(\x0b\x32\x1a.esper.leyline.v1.SlotInfo\"E\n\x0fRollbackStarted\x12\x32\n\x07request\x18\x01 \x01(\x0b\x32!.esper.leyline.v1.RollbackRequest\"\xab\x05\n\x0cSidecarEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x33\n\x08progress\x18\n \x01(\x0b\x32\x1f.esper.leyline.v1.ProgressEventH\x00\x12\x33\n\x08snapshot\x18\x0b \x01(\x0b\x32\x1f.esper.leyline.v1.SnapshotEventH\x00\x12\x38\n\ncheckpoint\x18\x0c \x01(\x0b\x32\".esper.leyline.v1.CheckpointRecordH\x00\x12=\n\x10rollback_started\x18\r \x01(\x0b\x32!.esper.leyline.v1.RollbackStartedH\x00\x12=\n\x11rollback_finished\x18\x0e \x01(\x0b\x32 .esper.leyline.v1.RollbackReportH\x00\x12\x36\n\temergency\x18\x0f \x01(\x0b\x32!.esper.leyline.v1.EmergencySignalH\x00\x12-\n\x03\x61\x63k\x18\x10 \x01(\x0b\x32\x1e.esper.leyline.v1.EmergencyAckH\x00\x12;\n\nresolution\x18\x11 \x01(\x0b\x32%.esper.leyline.v1.EmergencyResolutionH\x00\x12@\n\x11snapshot_rejected\x18\x12 \x01(\x0b\x32#.esper.leyline.v1.SnapshotRejectionH\x00\x12@\n\x11\x63heckpoint_failed\x18\x13 \x01(\x0b\x32#.esper.leyline.v1.CheckpointFailureH\x00\x42\x07\n\x05\x65vent\";\n\x18ResolveEmergencyResponse\x12\x10\n\x08resolved\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"7\n\x11\x43heckpointRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x12\n\nstop_after\x18\x02 \x01(\x08\"n\n\x12\x43heckpointResponse\x12\x11\n\tscheduled\x18\x01 \x01(\x08\x12\x36\n\ncheckpoint\x18\x02 \x01(\x0b\x32\".esper.leyline.v1.CheckpointRecord\x12\r\n\x05\x65rror\x18\x03 \x01(\t2\xf2\x06\n\x0bTrainerLink\x12K\n\x06\x41ttach\x12\x1f.esper.leyline.v1.AttachRequest\x1a .esper.leyline.v1.AttachResponse\x12\x63\n\x0e\x43ommitSnapshot\x12\'.esper.leyline.v1.CommitSnapshotRequest\x1a(.esper.leyline.v1.CommitSnapshotResponse\x12V\n\x0fPersistSnapshot\x12 .esper.leyline.v1.PersistRequest\x1a!.esper.leyline.v1.PersistResponse\x12g\n\x13PrepareFullRollback\x12!.esper.leyline.v1.RollbackRequest\x1a-.esper.leyline.v1.PrepareFullRollbackResponse\x12M\n\x0eReportRollback\x12 .esper.leyline.v1.RollbackReport\x1a\x19.esper.leyline.v1.LinkAck\x12]\n\x0eRaiseEmergency\x12!.esper.leyline.v1.EmergencySignal\x1a(.esper.leyline.v1.RaiseEmergencyResponse\x12T\n\x10ResolveEmergency\x12%.esper.leyline.v1.EmergencyResolution\x1a\x19.esper.leyline.v1.LinkAck\x12T\n\tHeartbeat\x12\".esper.leyline.v1.HeartbeatRequest\x1a#.esper.leyline.v1.HeartbeatResponse\x12\x44\n\x06\x44\x65tach\x12\x1f.esper.leyline.v1.DetachRequest\x1a\x19.esper.leyline.v1.LinkAck\x12P\n\tGetStatus\x12\".esper.leyline.v1.GetStatusRequest\x1a\x1f.esper.leyline.v1.SidecarStatus2\xd8\x03\n\x0eSidecarControl\x12P\n\tGetStatus\x12\".esper.leyline.v1.GetStatusRequest\x1a\x1f.esper.leyline.v1.SidecarStatus\x12W\n\x0cStreamEvents\x12%.esper.leyline.v1.StreamEventsRequest\x1a\x1e.esper.leyline.v1.SidecarEvent0\x01\x12T\n\x0fSignalEmergency\x12!.esper.leyline.v1.EmergencySignal\x1a\x1e.esper.leyline.v1.EmergencyAck\x12\x65\n\x10ResolveEmergency\x12%.esper.leyline.v1.EmergencyResolution\x1a*.esper.leyline.v1.ResolveEmergencyResponse\x12^\n\x11RequestCheckpoint\x12#.esper.leyline.v1.CheckpointRequest\x1a$.esper.leyline.v1.CheckpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,53 +36,53 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'leyline.v1.sidecar_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SLOTINFO']._serialized_start=160
-  _globals['_SLOTINFO']._serialized_end=319
-  _globals['_ATTACHREQUEST']._serialized_start=322
-  _globals['_ATTACHREQUEST']._serialized_end=473
-  _globals['_ATTACHRESPONSE']._serialized_start=476
-  _globals['_ATTACHRESPONSE']._serialized_end=856
-  _globals['_COMMITSNAPSHOTREQUEST']._serialized_start=858
-  _globals['_COMMITSNAPSHOTREQUEST']._serialized_end=915
-  _globals['_COMMITSNAPSHOTRESPONSE']._serialized_start=917
-  _globals['_COMMITSNAPSHOTRESPONSE']._serialized_end=1017
-  _globals['_PERSISTREQUEST']._serialized_start=1019
-  _globals['_PERSISTREQUEST']._serialized_end=1069
-  _globals['_PERSISTRESPONSE']._serialized_start=1071
-  _globals['_PERSISTRESPONSE']._serialized_end=1122
-  _globals['_PREPAREFULLROLLBACKRESPONSE']._serialized_start=1125
-  _globals['_PREPAREFULLROLLBACKRESPONSE']._serialized_end=1363
-  _globals['_RAISEEMERGENCYRESPONSE']._serialized_start=1365
-  _globals['_RAISEEMERGENCYRESPONSE']._serialized_end=1468
-  _globals['_HEARTBEATREQUEST']._serialized_start=1471
-  _globals['_HEARTBEATREQUEST']._serialized_end=1646
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1648
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1728
-  _globals['_DETACHREQUEST']._serialized_start=1730
-  _globals['_DETACHREQUEST']._serialized_end=1826
-  _globals['_LINKACK']._serialized_start=1828
-  _globals['_LINKACK']._serialized_end=1864
-  _globals['_GETSTATUSREQUEST']._serialized_start=1866
-  _globals['_GETSTATUSREQUEST']._serialized_end=1884
-  _globals['_SIDECARSTATUS']._serialized_start=1887
-  _globals['_SIDECARSTATUS']._serialized_end=2376
-  _globals['_STREAMEVENTSREQUEST']._serialized_start=2378
-  _globals['_STREAMEVENTSREQUEST']._serialized_end=2423
-  _globals['_PROGRESSEVENT']._serialized_start=2426
-  _globals['_PROGRESSEVENT']._serialized_end=2615
-  _globals['_SNAPSHOTEVENT']._serialized_start=2617
-  _globals['_SNAPSHOTEVENT']._serialized_end=2674
-  _globals['_ROLLBACKSTARTED']._serialized_start=2676
-  _globals['_ROLLBACKSTARTED']._serialized_end=2745
-  _globals['_SIDECAREVENT']._serialized_start=2748
-  _globals['_SIDECAREVENT']._serialized_end=3431
-  _globals['_RESOLVEEMERGENCYRESPONSE']._serialized_start=3433
-  _globals['_RESOLVEEMERGENCYRESPONSE']._serialized_end=3492
-  _globals['_CHECKPOINTREQUEST']._serialized_start=3494
-  _globals['_CHECKPOINTREQUEST']._serialized_end=3549
-  _globals['_CHECKPOINTRESPONSE']._serialized_start=3551
-  _globals['_CHECKPOINTRESPONSE']._serialized_end=3661
-  _globals['_TRAINERLINK']._serialized_start=3664
-  _globals['_TRAINERLINK']._serialized_end=4464
-  _globals['_SIDECARCONTROL']._serialized_start=4467
-  _globals['_SIDECARCONTROL']._serialized_end=4939
+  _globals['_SLOTINFO']._serialized_end=371
+  _globals['_ATTACHREQUEST']._serialized_start=374
+  _globals['_ATTACHREQUEST']._serialized_end=525
+  _globals['_ATTACHRESPONSE']._serialized_start=528
+  _globals['_ATTACHRESPONSE']._serialized_end=908
+  _globals['_COMMITSNAPSHOTREQUEST']._serialized_start=910
+  _globals['_COMMITSNAPSHOTREQUEST']._serialized_end=967
+  _globals['_COMMITSNAPSHOTRESPONSE']._serialized_start=969
+  _globals['_COMMITSNAPSHOTRESPONSE']._serialized_end=1069
+  _globals['_PERSISTREQUEST']._serialized_start=1071
+  _globals['_PERSISTREQUEST']._serialized_end=1121
+  _globals['_PERSISTRESPONSE']._serialized_start=1123
+  _globals['_PERSISTRESPONSE']._serialized_end=1174
+  _globals['_PREPAREFULLROLLBACKRESPONSE']._serialized_start=1177
+  _globals['_PREPAREFULLROLLBACKRESPONSE']._serialized_end=1415
+  _globals['_RAISEEMERGENCYRESPONSE']._serialized_start=1417
+  _globals['_RAISEEMERGENCYRESPONSE']._serialized_end=1520
+  _globals['_HEARTBEATREQUEST']._serialized_start=1523
+  _globals['_HEARTBEATREQUEST']._serialized_end=1698
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1700
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1825
+  _globals['_DETACHREQUEST']._serialized_start=1827
+  _globals['_DETACHREQUEST']._serialized_end=1923
+  _globals['_LINKACK']._serialized_start=1925
+  _globals['_LINKACK']._serialized_end=1961
+  _globals['_GETSTATUSREQUEST']._serialized_start=1963
+  _globals['_GETSTATUSREQUEST']._serialized_end=1981
+  _globals['_SIDECARSTATUS']._serialized_start=1984
+  _globals['_SIDECARSTATUS']._serialized_end=2677
+  _globals['_STREAMEVENTSREQUEST']._serialized_start=2679
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=2724
+  _globals['_PROGRESSEVENT']._serialized_start=2727
+  _globals['_PROGRESSEVENT']._serialized_end=2916
+  _globals['_SNAPSHOTEVENT']._serialized_start=2918
+  _globals['_SNAPSHOTEVENT']._serialized_end=2975
+  _globals['_ROLLBACKSTARTED']._serialized_start=2977
+  _globals['_ROLLBACKSTARTED']._serialized_end=3046
+  _globals['_SIDECAREVENT']._serialized_start=3049
+  _globals['_SIDECAREVENT']._serialized_end=3732
+  _globals['_RESOLVEEMERGENCYRESPONSE']._serialized_start=3734
+  _globals['_RESOLVEEMERGENCYRESPONSE']._serialized_end=3793
+  _globals['_CHECKPOINTREQUEST']._serialized_start=3795
+  _globals['_CHECKPOINTREQUEST']._serialized_end=3850
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=3852
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=3962
+  _globals['_TRAINERLINK']._serialized_start=3965
+  _globals['_TRAINERLINK']._serialized_end=4847
+  _globals['_SIDECARCONTROL']._serialized_start=4850
+  _globals['_SIDECARCONTROL']._serialized_end=5322
 # @@protoc_insertion_point(module_scope)

@@ -45,6 +45,7 @@ class SlotInfo(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     COMMITTED_FIELD_NUMBER: _builtins.int
     DURABLE_FIELD_NUMBER: _builtins.int
+    CONDITION_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     shm_name: _builtins.str
     """name under /dev/shm"""
@@ -56,6 +57,7 @@ class SlotInfo(_message.Message):
     committed: _builtins.bool
     durable: _builtins.bool
     """persisted as a checkpoint"""
+    condition: _resilience_pb2.SlotCondition.ValueType
     def __init__(
         self,
         *,
@@ -67,10 +69,11 @@ class SlotInfo(_message.Message):
         epoch: _builtins.int = ...,
         committed: _builtins.bool = ...,
         durable: _builtins.bool = ...,
+        condition: _resilience_pb2.SlotCondition.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "committed", b"committed", "durable", b"durable", "epoch", b"epoch", "generation", b"generation", "global_step", b"global_step", "index", b"index", "shm_name", b"shm_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "committed", b"committed", "condition", b"condition", "durable", b"durable", "epoch", b"epoch", "generation", b"generation", "global_step", b"global_step", "index", b"index", "shm_name", b"shm_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -360,16 +363,25 @@ class HeartbeatResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ACTIVE_EMERGENCY_FIELD_NUMBER: _builtins.int
+    STOP_REQUESTED_FIELD_NUMBER: _builtins.int
+    STOP_REASON_FIELD_NUMBER: _builtins.int
+    stop_requested: _builtins.bool
+    """Set after RequestCheckpoint(stop_after=true) made a checkpoint durable: the trainer
+    stops at its next step boundary and detaches with phase Suspended.
+    """
+    stop_reason: _builtins.str
     @_builtins.property
     def active_emergency(self) -> _resilience_pb2.EmergencySignal: ...
     def __init__(
         self,
         *,
         active_emergency: _resilience_pb2.EmergencySignal | None = ...,
+        stop_requested: _builtins.bool = ...,
+        stop_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["active_emergency", b"active_emergency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_emergency", b"active_emergency"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_emergency", b"active_emergency", "stop_reason", b"stop_reason", "stop_requested", b"stop_requested"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -458,6 +470,10 @@ class SidecarStatus(_message.Message):
     TRAINER_ATTACHED_FIELD_NUMBER: _builtins.int
     FAST_TIER_FEASIBLE_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
+    EMERGENCIES_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FAILURES_FIELD_NUMBER: _builtins.int
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    DEGRADED_REASON_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     phase: _report_pb2.RunPhase.ValueType
     epoch: _builtins.int
@@ -465,6 +481,8 @@ class SidecarStatus(_message.Message):
     trainer_attached: _builtins.bool
     fast_tier_feasible: _builtins.bool
     health: _leyline_pb2.HealthStatus.ValueType
+    degraded_reason: _builtins.str
+    """why the fast tier is infeasible"""
     @_builtins.property
     def last_heartbeat(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -475,6 +493,18 @@ class SidecarStatus(_message.Message):
     def active_emergency(self) -> _resilience_pb2.EmergencySignal: ...
     @_builtins.property
     def active_rollback(self) -> _resilience_pb2.RollbackRequest: ...
+    @_builtins.property
+    def emergencies(self) -> _containers.RepeatedCompositeFieldContainer[_resilience_pb2.EmergencyRecord]:
+        """newest last, bounded"""
+
+    @_builtins.property
+    def checkpoint_failures(self) -> _containers.RepeatedCompositeFieldContainer[_resilience_pb2.CheckpointFailure]:
+        """newest last, bounded"""
+
+    @_builtins.property
+    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[_resilience_pb2.CheckpointRecord]:
+        """committed and kept, oldest first"""
+
     def __init__(
         self,
         *,
@@ -490,10 +520,14 @@ class SidecarStatus(_message.Message):
         trainer_attached: _builtins.bool = ...,
         fast_tier_feasible: _builtins.bool = ...,
         health: _leyline_pb2.HealthStatus.ValueType = ...,
+        emergencies: _abc.Iterable[_resilience_pb2.EmergencyRecord] | None = ...,
+        checkpoint_failures: _abc.Iterable[_resilience_pb2.CheckpointFailure] | None = ...,
+        checkpoints: _abc.Iterable[_resilience_pb2.CheckpointRecord] | None = ...,
+        degraded_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["active_emergency", b"active_emergency", "active_rollback", b"active_rollback", "last_checkpoint", b"last_checkpoint", "last_heartbeat", b"last_heartbeat"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_emergency", b"active_emergency", "active_rollback", b"active_rollback", "epoch", b"epoch", "fast_tier_feasible", b"fast_tier_feasible", "global_step", b"global_step", "health", b"health", "last_checkpoint", b"last_checkpoint", "last_heartbeat", b"last_heartbeat", "phase", b"phase", "run_id", b"run_id", "slots", b"slots", "trainer_attached", b"trainer_attached"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_emergency", b"active_emergency", "active_rollback", b"active_rollback", "checkpoint_failures", b"checkpoint_failures", "checkpoints", b"checkpoints", "degraded_reason", b"degraded_reason", "emergencies", b"emergencies", "epoch", b"epoch", "fast_tier_feasible", b"fast_tier_feasible", "global_step", b"global_step", "health", b"health", "last_checkpoint", b"last_checkpoint", "last_heartbeat", b"last_heartbeat", "phase", b"phase", "run_id", b"run_id", "slots", b"slots", "trainer_attached", b"trainer_attached"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -80,6 +80,11 @@ class TrainerLinkStub:
                 request_serializer=leyline_dot_v1_dot_sidecar__pb2.DetachRequest.SerializeToString,
                 response_deserializer=leyline_dot_v1_dot_sidecar__pb2.LinkAck.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/esper.leyline.v1.TrainerLink/GetStatus',
+                request_serializer=leyline_dot_v1_dot_sidecar__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=leyline_dot_v1_dot_sidecar__pb2.SidecarStatus.FromString,
+                _registered_method=True)
 
 
 class TrainerLinkServicer:
@@ -139,6 +144,13 @@ class TrainerLinkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatus(self, request, context):
+        """The same status the operator reads (emergency history and checkpoints for the report).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerLinkServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +198,11 @@ def add_TrainerLinkServicer_to_server(servicer, server):
                     servicer.Detach,
                     request_deserializer=leyline_dot_v1_dot_sidecar__pb2.DetachRequest.FromString,
                     response_serializer=leyline_dot_v1_dot_sidecar__pb2.LinkAck.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=leyline_dot_v1_dot_sidecar__pb2.GetStatusRequest.FromString,
+                    response_serializer=leyline_dot_v1_dot_sidecar__pb2.SidecarStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -431,6 +448,33 @@ class TrainerLink:
             '/esper.leyline.v1.TrainerLink/Detach',
             leyline_dot_v1_dot_sidecar__pb2.DetachRequest.SerializeToString,
             leyline_dot_v1_dot_sidecar__pb2.LinkAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esper.leyline.v1.TrainerLink/GetStatus',
+            leyline_dot_v1_dot_sidecar__pb2.GetStatusRequest.SerializeToString,
+            leyline_dot_v1_dot_sidecar__pb2.SidecarStatus.FromString,
             options,
             channel_credentials,
             insecure,

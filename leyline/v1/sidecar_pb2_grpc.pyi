@@ -47,6 +47,8 @@ class TrainerLinkStub:
     ResolveEmergency: _grpc.UnaryUnaryMultiCallable[_resilience_pb2.EmergencyResolution, _sidecar_pb2.LinkAck]
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_sidecar_pb2.HeartbeatRequest, _sidecar_pb2.HeartbeatResponse]
     Detach: _grpc.UnaryUnaryMultiCallable[_sidecar_pb2.DetachRequest, _sidecar_pb2.LinkAck]
+    GetStatus: _grpc.UnaryUnaryMultiCallable[_sidecar_pb2.GetStatusRequest, _sidecar_pb2.SidecarStatus]
+    """The same status the operator reads (emergency history and checkpoints for the report)."""
 
 @_typing.type_check_only
 class TrainerLinkAsyncStub(TrainerLinkStub):
@@ -60,6 +62,8 @@ class TrainerLinkAsyncStub(TrainerLinkStub):
     ResolveEmergency: _aio.UnaryUnaryMultiCallable[_resilience_pb2.EmergencyResolution, _sidecar_pb2.LinkAck]  # type: ignore[assignment]
     Heartbeat: _aio.UnaryUnaryMultiCallable[_sidecar_pb2.HeartbeatRequest, _sidecar_pb2.HeartbeatResponse]  # type: ignore[assignment]
     Detach: _aio.UnaryUnaryMultiCallable[_sidecar_pb2.DetachRequest, _sidecar_pb2.LinkAck]  # type: ignore[assignment]
+    GetStatus: _aio.UnaryUnaryMultiCallable[_sidecar_pb2.GetStatusRequest, _sidecar_pb2.SidecarStatus]  # type: ignore[assignment]
+    """The same status the operator reads (emergency history and checkpoints for the report)."""
 
 class TrainerLinkServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -124,6 +128,14 @@ class TrainerLinkServicer(metaclass=_abc_1.ABCMeta):
         request: _sidecar_pb2.DetachRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_sidecar_pb2.LinkAck, _abc.Awaitable[_sidecar_pb2.LinkAck]]: ...
+
+    @_abc_1.abstractmethod
+    def GetStatus(
+        self,
+        request: _sidecar_pb2.GetStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sidecar_pb2.SidecarStatus, _abc.Awaitable[_sidecar_pb2.SidecarStatus]]:
+        """The same status the operator reads (emergency history and checkpoints for the report)."""
 
 def add_TrainerLinkServicer_to_server(servicer: TrainerLinkServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

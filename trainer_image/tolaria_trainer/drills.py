@@ -4,15 +4,20 @@ Each drill injects one fault at a named point and is recorded in the run
 report with what the runtime did about it. Parsing refuses an unknown drill,
 a wrong trigger or a point the run never reaches, before training starts.
 
-Drills (more arrive with the sidecar):
-  slow-tamiyo@epoch=N   the policy overruns its deadline at epoch N (seconds=1.0)
-  lr-tamper@step=N      an LR is written behind the controller's back after step N
+Trainer drills fire in the training process; sidecar drills are handed to the
+sidecar process by `tolaria run`. Every drill fires once: a rollback that
+passes its trigger again does not re-fire it, and a restarted trainer gets no
+drills (a crash drill must not crash every attempt).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +27,21 @@ from leyline import AdaptationCommand, DrillRecord, SystemStatePacket
 from tolaria_trainer.errors import DrillInvalid
 from tolaria_trainer.protocols import JsonDict, TamiyoPolicy
 
+logger = logging.getLogger(__name__)
+
 SLOW_TAMIYO = "slow-tamiyo"
 LR_TAMPER = "lr-tamper"
+LOSS_SPIKE = "loss-spike"
+NAN = "nan"
+CRASH = "crash"
+HANG = "hang"
+CORRUPT_SNAPSHOT = "corrupt-snapshot"
+SIDECAR_CRASH = "sidecar-crash"
+CHECKPOINT_IO_ERROR = "checkpoint-io-error"
+
+TRAINER = "trainer"
+SIDECAR = "sidecar"
+SIDECAR_PID_ENV = "TOLARIA_SIDECAR_PID"
 
 
 @dataclass(frozen=True)
@@ -32,13 +50,56 @@ class DrillKind:
     trigger: str
     params: Mapping[str, float]
     summary: str
+    side: str = TRAINER
 
 
 KINDS: dict[str, DrillKind] = {
     k.name: k
     for k in (
-        DrillKind(SLOW_TAMIYO, "epoch", {"seconds": 1.0}, "Tamiyo overruns its deadline"),
-        DrillKind(LR_TAMPER, "step", {"factor": 10.0}, "an LR is changed behind the controller"),
+        DrillKind(
+            SLOW_TAMIYO, "epoch", {"seconds": 1.0}, "Tamiyo overruns its deadline at epoch N"
+        ),
+        DrillKind(
+            LR_TAMPER,
+            "step",
+            {"factor": 10.0},
+            "an LR is changed behind the controller after step N",
+        ),
+        DrillKind(
+            LOSS_SPIKE,
+            "step",
+            {"factor": 1000.0},
+            "step N's loss explodes (x factor): fast rollback",
+        ),
+        DrillKind(NAN, "step", {}, "step N's loss is NaN: fast rollback"),
+        DrillKind(
+            CRASH,
+            "step",
+            {},
+            "the trainer dies by SIGKILL after step N: restart, resume from shared memory",
+        ),
+        DrillKind(
+            HANG, "step", {}, "the trainer hangs after step N: CRITICAL freeze, then halt (exit 3)"
+        ),
+        DrillKind(
+            CORRUPT_SNAPSHOT,
+            "step",
+            {"spike": 1.0},
+            "after step N the newest snapshot is corrupted (spike=1: step N+1's loss explodes)",
+        ),
+        DrillKind(
+            SIDECAR_CRASH,
+            "step",
+            {},
+            "the sidecar dies by SIGKILL after step N: DEGRADED, then re-attached",
+        ),
+        DrillKind(
+            CHECKPOINT_IO_ERROR,
+            "epoch",
+            {},
+            "the durable checkpoint of epoch N fails with ENOSPC",
+            SIDECAR,
+        ),
     )
 }
 
@@ -88,6 +149,13 @@ def parse_drill(raw: str) -> DrillSpec:
     return DrillSpec(raw, kind, at, params)
 
 
+def split(drills: Sequence[DrillSpec]) -> tuple[list[DrillSpec], list[DrillSpec]]:
+    """(trainer drills, sidecar drills)."""
+    return [d for d in drills if d.kind.side == TRAINER], [
+        d for d in drills if d.kind.side == SIDECAR
+    ]
+
+
 def check_reachable(drills: Sequence[DrillSpec], *, epochs: int, total_steps: int) -> None:
     """Refuses drills whose trigger the run never reaches (they would silently not fire)."""
     for d in drills:
@@ -129,14 +197,12 @@ class Drills:
 
     specs: Sequence[DrillSpec] = ()
     records: list[DrillRecord] = field(default_factory=list)
+    corrupt_newest: Callable[[], str] | None = None
+    """Set by the runtime: corrupts the newest committed slot, returns what it did."""
 
     def __post_init__(self) -> None:
         self.records = [DrillRecord(spec=d.raw) for d in self.specs]
-        self._tamper = [
-            (d, r)
-            for d, r in zip(self.specs, self.records, strict=True)
-            if d.kind.name == LR_TAMPER
-        ]
+        self._pending_spike: int | None = None
 
     def record_for(self, name: str) -> list[DrillRecord]:
         return [r for d, r in zip(self.specs, self.records, strict=True) if d.kind.name == name]
@@ -147,14 +213,63 @@ class Drills:
                 policy = _SlowPolicy(policy, d, r)
         return policy
 
+    def _armed(self, name: str, at: int) -> list[tuple[DrillSpec, DrillRecord]]:
+        return [
+            (d, r)
+            for d, r in zip(self.specs, self.records, strict=True)
+            if d.kind.name == name and d.at == at and not r.fired
+        ]
+
+    @staticmethod
+    def _fire(record: DrillRecord, epoch: int, step: int, observed: str = "") -> None:
+        record.fired = True
+        record.epoch = epoch
+        record.step = step
+        if observed:
+            record.observed = observed
+
+    def loss_hook(
+        self, epoch: int, upcoming_step: int
+    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The loss change for the micro-batches of step `upcoming_step`, if a drill wants one."""
+        if self._pending_spike == upcoming_step:
+            self._pending_spike = None
+            return lambda loss: loss * 1000.0
+        for d, r in self._armed(LOSS_SPIKE, upcoming_step):
+            self._fire(r, epoch, upcoming_step)
+            factor = d.params["factor"]
+            return lambda loss: loss * factor
+        for _, r in self._armed(NAN, upcoming_step):
+            self._fire(r, epoch, upcoming_step)
+            return lambda loss: loss * float("nan")
+        return None
+
+    def after_step(self, epoch: int, global_step: int) -> None:
+        """Post-step drills: corrupt-snapshot, sidecar-crash, crash, hang."""
+        for d, r in self._armed(CORRUPT_SNAPSHOT, global_step):
+            what = self.corrupt_newest() if self.corrupt_newest is not None else "no slots"
+            self._fire(r, epoch, global_step, what)
+            if d.params["spike"]:
+                self._pending_spike = global_step + 1
+        for _, r in self._armed(SIDECAR_CRASH, global_step):
+            pid = int(os.environ.get(SIDECAR_PID_ENV, "0"))
+            self._fire(r, epoch, global_step, f"SIGKILL to sidecar pid {pid}")
+            if pid > 0:
+                os.kill(pid, signal.SIGKILL)
+        for _, r in self._armed(CRASH, global_step):
+            self._fire(r, epoch, global_step)
+            logger.critical("drill: SIGKILL to this trainer after step %d", global_step)
+            os.kill(os.getpid(), signal.SIGKILL)
+        for _, r in self._armed(HANG, global_step):
+            self._fire(r, epoch, global_step)
+            logger.critical("drill: the training thread hangs after step %d", global_step)
+            threading.Event().wait()  # forever; the emergency watcher halts the process
+
     def before_lr_step(
         self, epoch: int, global_step: int, optimizer: torch.optim.Optimizer
     ) -> None:
         """The lr-tamper point: after `optimizer.step()`, before the LR controller's step."""
-        for d, r in self._tamper:
-            if global_step == d.at and not r.fired:
-                group = optimizer.param_groups[0]
-                group["lr"] = group["lr"] * d.params["factor"]
-                r.fired = True
-                r.epoch = epoch
-                r.step = global_step
+        for d, r in self._armed(LR_TAMPER, global_step):
+            group = optimizer.param_groups[0]
+            group["lr"] = group["lr"] * d.params["factor"]
+            self._fire(r, epoch, global_step)

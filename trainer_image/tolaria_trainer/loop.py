@@ -1,8 +1,10 @@
 """The plan of a run: train an epoch, validate, run the hook, repeat.
 
 `EpochLoop.run_epoch` reads top to bottom, one component call per line; the
-components own timing, breakers and profiler ranges (STYLE "the loop reads top
-to bottom"). The loop owns the order and the step counter, nothing else.
+components own timing, breakers, profiler ranges and recovery (STYLE "the
+loop reads top to bottom"). The loop owns the order and the position, nothing
+else. A rollback moves the position (possibly to an earlier epoch); the loop
+then simply carries on from there.
 """
 
 from __future__ import annotations
@@ -12,20 +14,17 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch.profiler import record_function
 
-from leyline import (
-    EpochRecord,
-    HealthStatus,
-    MessagePriority,
-    RunPhase,
-)
+from leyline import EpochRecord, HealthStatus, MessagePriority, RunPhase
 from tolaria_trainer.clock import ns_to_ms
 from tolaria_trainer.data import BatchPlan
+from tolaria_trainer.detector import AnomalyDetector
 from tolaria_trainer.drills import Drills
 from tolaria_trainer.guards import Guards
+from tolaria_trainer.history import RunHistory
 from tolaria_trainer.hook import EndOfEpochHook, EpochResult, HookOutcome
 from tolaria_trainer.latency import LatencyStats
 from tolaria_trainer.lr_controller import LRController
@@ -34,6 +33,7 @@ from tolaria_trainer.optimizer_manager import OptimizerManager
 from tolaria_trainer.profiler import EpochProfiler
 from tolaria_trainer.progress import ProgressView
 from tolaria_trainer.protocols import Clock
+from tolaria_trainer.resilience import Directive, Position, Resilience, Response
 from tolaria_trainer.steps import StepRunner
 from tolaria_trainer.tasks import Task
 from tolaria_trainer.telemetry import TelemetryHub
@@ -42,13 +42,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class LoopState:
-    """Where the run is; everything the report needs about progress."""
+class Outcome:
+    """How a run ended, as far as the loop knows."""
 
-    epoch: int = 0
-    global_step: int = 0
-    epochs_completed: int = 0
-    records: list[EpochRecord] = field(default_factory=list)
     phase: RunPhase.ValueType = RunPhase.Pending
     reason: str = ""
 
@@ -63,10 +59,10 @@ class Validator:
         self._clock = clock
         self.latency = LatencyStats(budget_ms=None, window=1)
 
-    def run(self, epoch: int) -> tuple[float, float, int]:
+    def run(self, epoch: int, on_batch: Callable[[], None]) -> tuple[float, float, int]:
         start = self._clock.now_ns()
         loss, accuracy = self._steps.evaluate(
-            lambda: self._plan.batches(epoch), self._task.accuracy_fn
+            lambda: self._plan.batches(epoch), self._task.accuracy_fn, on_batch
         )
         elapsed = self._clock.now_ns() - start
         self.latency.add(elapsed)
@@ -88,6 +84,10 @@ class EpochLoop:
         lr: LRController,
         hook: EndOfEpochHook,
         guards: Guards,
+        detector: AnomalyDetector,
+        resilience: Resilience | None,
+        position: Position,
+        history: RunHistory,
         telemetry: TelemetryHub,
         metrics: TrainerMetrics,
         profiler: EpochProfiler,
@@ -95,6 +95,7 @@ class EpochLoop:
         view: ProgressView,
         clock: Clock,
         step_packet_every: int,
+        check_gradients: bool,
         stop: threading.Event | None = None,
     ) -> None:
         self.epochs = epochs
@@ -106,6 +107,10 @@ class EpochLoop:
         self.lr = lr
         self.hook = hook
         self.guards = guards
+        self.detector = detector
+        self.resilience = resilience
+        self.pos = position
+        self.history = history
         self.telemetry = telemetry
         self.metrics = metrics
         self.profiler = profiler
@@ -113,94 +118,168 @@ class EpochLoop:
         self.view = view
         self._clock = clock
         self._packet_every = step_packet_every
+        self._check_gradients = check_gradients
         self.stop = stop or threading.Event()
-        self.state = LoopState()
-        self._epoch_start_step = 0
-        self._on_epoch: list[Callable[[EpochRecord], None]] = []
+        self.outcome = Outcome()
 
-    def run(self) -> LoopState:
-        """Runs every epoch unless stopped; the caller turns the state into the report."""
-        self.state.phase = RunPhase.Running
-        for epoch in range(self.state.epoch, self.epochs):
+    def run(self) -> Outcome:
+        """Runs from the current position to the last epoch, or until halted or stopped."""
+        self.outcome.phase = RunPhase.Running
+        while self.pos.epoch < self.epochs:
             if self.stop.is_set():
-                self.state.phase = RunPhase.Failed
-                self.state.reason = self.state.reason or "stopped before the last epoch"
-                return self.state
+                return self._end(RunPhase.Failed, "stopped by signal before the last epoch")
+            epoch = self.pos.epoch
             with self.profiler.epoch(epoch, conservative=self.guards.conservative.active):
-                record = self.run_epoch(epoch)
-            self.state.records.append(record)
-            self.state.epochs_completed = epoch + 1
-            self.state.epoch = epoch + 1
-        self.state.phase = RunPhase.Succeeded
-        return self.state
+                response = self.run_epoch(epoch)
+            if response is not None and response.directive is Directive.HALT:
+                return self._end(RunPhase.Halted, response.reason)
+            # after a rollback the restored position says where to carry on
+        return self._end(RunPhase.Succeeded, "")
 
-    def run_epoch(self, epoch: int) -> EpochRecord:
-        """One epoch: training steps, validation, then the end-of-epoch hook."""
-        self.guards.at(epoch, self.state.global_step)
-        self._epoch_start_step = self.state.global_step
+    def _end(self, phase: RunPhase.ValueType, reason: str) -> Outcome:
+        self.outcome = Outcome(phase, reason)
+        return self.outcome
+
+    def run_epoch(self, epoch: int) -> Response | None:
+        """One epoch: training steps, validation, the hook; returns a rollback or halt if any."""
+        self.guards.at(epoch, self.pos.global_step)
+        epoch_start_step = self.pos.global_step
         started = self._clock.now_ns()
         self.steps.new_epoch()
-        for batch in self._train.batches(epoch):
+        for batch in self._train.batches(
+            epoch, start=self.pos.next_batch, skip=self.history.skips_for(epoch)
+        ):
+            if (response := self._boundary()) is not None:
+                return response  # freeze, halt or an emergency from outside (R7)
+            self.steps.loss_hook = self.drills.loss_hook(epoch, self.pos.global_step + 1)
             self.steps.forward_backward(batch)  # host loss; seeds join in R5
-            if self.steps.step_ready and self._optimizer_step(epoch) and self._epoch_full():
-                break
+            self.pos.next_batch = batch.index + 1
+            if not self.steps.step_ready:
+                continue
+            if (response := self._inspect(epoch, batch.index)) is not None:
+                return response  # SEVERE -> fast rollback (R6, R7)
+            self._optimizer_step(epoch)  # snapshot fence, optimizer, LR controller (R3)
+            if self.resilience is not None:
+                self.resilience.after_step()  # heartbeat, snapshot cadence (R6.1)
+            self.drills.after_step(epoch, self.pos.global_step)
             self.view.step(epoch, batch.index + 1)
-            if self.stop.is_set():
+            if (
+                self._max_steps is not None
+                and self.pos.global_step - epoch_start_step >= self._max_steps
+            ):
                 break
+            if self.stop.is_set():
+                return None
         self.steps.discard_gradients()  # a partial accumulation never leaks into the next epoch
         train_ns = self._clock.now_ns() - started
-        val_loss, val_acc, val_ns = self.validator.run(epoch)  # timed outside the hook budget
-        result = EpochResult(
-            epoch,
-            self.state.global_step,
-            self.steps.losses.mean(),
-            val_loss,
-            val_acc,
-            {"train_seconds": train_ns / 1e9, "steps": float(self.state.global_step)},
+        return self._close_epoch(epoch, train_ns)
+
+    def _boundary(self) -> Response | None:
+        if self.resilience is None:
+            return None
+        return self.resilience.boundary(self.stop)
+
+    def _inspect(self, epoch: int, batch_index: int) -> Response | None:
+        loss = self.steps.step_loss()
+        grads_ok = (
+            self.steps.grads_finite() if self._check_gradients and math.isfinite(loss) else True
         )
-        self.telemetry.flush()  # the drain thread must not hold the GIL during the hook
-        outcome = self.hook.end_of_epoch(result)  # Tamiyo, Kasmina, breakers (R1, R2)
-        return self._close_epoch(result, outcome, train_ns, val_ns)
+        anomaly = self.detector.inspect_step(
+            loss,
+            grads_finite=grads_ok,
+            global_step=self.pos.global_step + 1,
+            epoch=epoch,
+            batch_index=batch_index,
+        )
+        if anomaly is None:
+            return None
+        self.steps.discard_gradients()  # the bad step is never applied
+        logger.error("anomaly at step %d: %s", anomaly.global_step, anomaly.detail)
+        if self.resilience is None:
+            return None  # no sidecar, no rollback: the step is dropped and training goes on
+        return self._after_recovery(self.resilience.respond(anomaly))
 
-    def _optimizer_step(self, epoch: int) -> bool:
+    def _after_recovery(self, response: Response) -> Response | None:
+        if response.directive is Directive.CONTINUE:
+            return None
+        if response.directive is Directive.ROLLED_BACK:
+            self.view.notice(
+                f"rolled back to step {self.pos.global_step}",
+                epoch=str(self.pos.epoch),
+                batch=str(self.pos.next_batch),
+            )
+        return response
+
+    def _optimizer_step(self, epoch: int) -> None:
+        if self.resilience is not None:
+            self.resilience.fence()  # the snapshot copy must finish before anything mutates
         self.steps.optimizer_step()
-        self.state.global_step += 1
-        self.drills.before_lr_step(epoch, self.state.global_step, self.optim.optimizer)
+        self.pos.global_step += 1
+        self.drills.before_lr_step(epoch, self.pos.global_step, self.optim.optimizer)
         with record_function("tolaria/lr_update"):
-            self.lr.step(epoch, self.state.global_step)  # integrity guard, then schedule (R3)
+            self.lr.step(epoch, self.pos.global_step)  # integrity guard, then schedule (R3)
         self.metrics.steps.inc()
-        if self.state.global_step % self._packet_every == 0:
+        if self.pos.global_step % self._packet_every == 0:
             self._step_packet(epoch)
-        return True
-
-    def _epoch_full(self) -> bool:
-        if self._max_steps is None:
-            return False
-        return self.state.global_step - self._epoch_start_step >= self._max_steps
 
     def _step_packet(self, epoch: int) -> None:
-        loss = self.steps.losses.mean()
         self.metrics.last_progress.set(time.time())
         self.telemetry.metrics(
             {
-                "tolaria.training.loss": loss,
-                "tolaria.step": float(self.state.global_step),
+                "tolaria.training.loss": self.steps.losses.mean(),
+                "tolaria.step": float(self.pos.global_step),
                 "tolaria.epoch": float(epoch),
             },
             MessagePriority.MESSAGE_PRIORITY_LOW,
         )
 
-    def _close_epoch(
+    def _heartbeat(self) -> None:
+        if self.resilience is not None:
+            self.resilience.heartbeat()
+
+    def _close_epoch(self, epoch: int, train_ns: int) -> Response | None:
+        val_loss, val_acc, val_ns = self.validator.run(epoch, self._heartbeat)  # outside the budget
+        result = EpochResult(
+            epoch,
+            self.pos.global_step,
+            self.steps.losses.mean(),
+            val_loss,
+            val_acc,
+            {"train_seconds": train_ns / 1e9, "steps": float(self.pos.global_step)},
+        )
+        self.telemetry.flush()  # the drain thread must not hold the GIL during the hook
+        trips_before = self.guards.trips()
+        outcome = self.hook.end_of_epoch(result)  # Tamiyo, Kasmina, breakers (R1, R2)
+        self.guards.end_epoch(epoch, self.pos.global_step)
+        self.lr.epoch_end(epoch, self.pos.global_step)
+        self.pos.epoch = epoch + 1
+        self.pos.next_batch = 0
+        self.pos.epochs_completed = max(self.pos.epochs_completed, epoch + 1)
+        self._record(result, outcome, train_ns, val_ns)
+        anomaly = self.detector.inspect_epoch(
+            accuracy=val_acc,
+            hook_breached=outcome.breached,
+            breaker_trips=self.guards.trips() - trips_before,
+            global_step=self.pos.global_step,
+            epoch=epoch,
+        )
+        if anomaly is not None and self.resilience is not None:
+            logger.error("epoch %d anomaly: %s", epoch, anomaly.detail)
+            response = self._after_recovery(self.resilience.respond(anomaly))
+            if response is not None:
+                return response
+        if self.resilience is not None:
+            self.resilience.epoch_end()  # epoch snapshot (+ durable checkpoint when due)
+        return None
+
+    def _record(
         self, r: EpochResult, outcome: HookOutcome, train_ns: int, val_ns: int
     ) -> EpochRecord:
-        self.guards.end_epoch(r.epoch, r.global_step)
-        self.lr.epoch_end(r.epoch, r.global_step)
         inputs = self.telemetry.health_inputs
         inputs.conservative = self.guards.conservative.active
         inputs.open_breakers = self.guards.open_breakers()
         inputs.budget_breaches_this_epoch = int(outcome.breached)
         health = self.telemetry.health()
-        lrs = self.lr.current_lrs()
         record = EpochRecord(
             epoch=r.epoch,
             global_step=r.global_step,
@@ -210,23 +289,22 @@ class EpochLoop:
             hook_ms=ns_to_ms(outcome.total_ns),
             validation_ms=ns_to_ms(val_ns),
             train_seconds=train_ns / 1e9,
-            learning_rates=lrs,
+            learning_rates=self.lr.current_lrs(),
             health=health.status,
             conservative=self.guards.conservative.active,
             command_type=outcome.command.command_type,
             fallback_command=outcome.used_fallback,
             fallback_reason=outcome.fallback_reason,
         )
+        self.history.epochs.append(record)
+        self.history.hook_ns.append(outcome.total_ns)
+        self.history.validation_ns.append(val_ns)
+        self.history.fallbacks += int(outcome.used_fallback)
         self._publish(record, outcome)
         if outcome.used_fallback:
             self.view.notice(f"epoch {r.epoch}: fallback command", reason=outcome.fallback_reason)
         self.view.epoch(record, self.hook.latency.window_percentile_ms(95))
-        for listener in self._on_epoch:
-            listener(record)
         return record
-
-    def on_epoch(self, listener: Callable[[EpochRecord], None]) -> None:
-        self._on_epoch.append(listener)
 
     def _publish(self, record: EpochRecord, outcome: HookOutcome) -> None:
         m = self.metrics

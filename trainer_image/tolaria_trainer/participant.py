@@ -96,6 +96,10 @@ class EmergencyParticipant:
         """Marks a generation the trainer raised itself (it is already acting on it)."""
         self._own.add(generation)
 
+    def freeze_now(self) -> None:
+        """Freezes at once for a CRITICAL this trainer raised (the broadcast follows)."""
+        self._thawed.clear()
+
     @property
     def frozen(self) -> bool:
         return not self._thawed.is_set()

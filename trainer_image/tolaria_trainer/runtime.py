@@ -3,12 +3,18 @@
 This is the composition root: the only place that knows every concrete class.
 Everything else receives its collaborators. `run_training` never raises for a
 failed run (the report says why); it raises `TaskInvalid`, `DrillInvalid` or
-`DeviceUnavailable` for input refused before training starts.
+`DeviceUnavailable` for input refused before training starts, and writes
+nothing to disk before that point.
+
+With a sidecar socket (local mode under `tolaria run`, or a pod) the run gets
+the resilience layer: snapshots in shared memory, rollbacks, crash resume and
+the emergency protocol. Without one it trains with the guards of R1-R4 only.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -19,14 +25,17 @@ from prometheus_client import CollectorRegistry
 
 from leyline import (
     HealthStatus,
+    LatencySummary,
     MessagePriority,
     RunPhase,
     RunReport,
+    StateComponent,
     TelemetryLevel,
 )
 from leyline.spec import TolariaRun
 from tolaria_trainer.clock import MonotonicClock
 from tolaria_trainer.data import BatchPlan
+from tolaria_trainer.detector import AnomalyDetector
 from tolaria_trainer.device import (
     apply_process_settings,
     maybe_compile,
@@ -37,15 +46,20 @@ from tolaria_trainer.drills import Drills, DrillSpec, check_reachable
 from tolaria_trainer.errors import TaskInvalid
 from tolaria_trainer.guards import Guards
 from tolaria_trainer.hardware import HardwareProbe
+from tolaria_trainer.history import HISTORY_DOCUMENT, RunHistory
 from tolaria_trainer.hook import EndOfEpochHook
 from tolaria_trainer.kasmina import NullSeedManager
-from tolaria_trainer.loop import EpochLoop, LoopState, Validator
+from tolaria_trainer.latency import percentile
+from tolaria_trainer.loop import EpochLoop, Outcome, Validator
 from tolaria_trainer.lr_controller import LRController
 from tolaria_trainer.metrics import TrainerMetrics, serve
 from tolaria_trainer.optimizer_manager import OptimizerManager, ParamGroup
 from tolaria_trainer.profiler import EpochProfiler
 from tolaria_trainer.progress import ProgressView
-from tolaria_trainer.report import accuracy_summary, loss_summary
+from tolaria_trainer.report import accuracy_summary, loss_summary, write_report
+from tolaria_trainer.resilience import Position, Resilience
+from tolaria_trainer.sidecar_link import SidecarLink
+from tolaria_trainer.state import DocumentSource, TrainingState
 from tolaria_trainer.steps import StepRunner
 from tolaria_trainer.tamiyo import HeuristicTamiyo
 from tolaria_trainer.tasks import Task, load_task
@@ -63,11 +77,13 @@ EXIT_CODES = {
     RunPhase.Failed: EXIT_FAILED,
     RunPhase.Halted: EXIT_HALTED,
 }
+ATTACH_TIMEOUT_S = 120.0
+"""Slots are created and pre-faulted during Attach: seconds per GB on a cold machine."""
 
 
 @dataclass(frozen=True)
 class RunOptions:
-    """What the CLI adds to the manifest."""
+    """What the CLI (or the supervisor) adds to the manifest."""
 
     workdir: Path
     view: ProgressView
@@ -75,15 +91,17 @@ class RunOptions:
     metrics_port: int | None = None
     profile_epochs: frozenset[int] | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+    sidecar_socket: str | None = None
+    attempt: int = 1
 
 
 def param_groups(task: Task) -> list[ParamGroup]:
     """The task's groups with stable parameter names (the optimizer manager maps state by name)."""
     names = {id(p): n for n, p in task.model.named_parameters()}
-    groups = task.param_groups or [
-        ("host", [p for p in task.model.parameters() if p.requires_grad])
+    return [
+        ParamGroup(gid, tuple((names[id(p)], p) for p in params))
+        for gid, params in task.resolved_param_groups()
     ]
-    return [ParamGroup(gid, tuple((names[id(p)], p) for p in params)) for gid, params in groups]
 
 
 def steps_per_epoch(run: TolariaRun, batches: int) -> int:
@@ -98,8 +116,71 @@ def steps_per_epoch(run: TolariaRun, batches: int) -> int:
     return min(steps, t.max_steps_per_epoch) if t.max_steps_per_epoch else steps
 
 
+@dataclass
+class Components:
+    """Everything `build` made, for the loop, the report and the halt path."""
+
+    run: TolariaRun
+    run_dir: Path
+    loop: EpochLoop
+    hub: TelemetryHub
+    sink: JsonLinesSink
+    resilience: Resilience | None
+    profiler: EpochProfiler
+    drills: Drills
+    history: RunHistory
+    device: str
+    started: float
+    steps_per_epoch: int
+    server: object | None = None
+
+
 def run_training(run: TolariaRun, options: RunOptions) -> RunReport:
-    """Runs the manifest to completion in this process and returns its report."""
+    """Runs the manifest in this process and returns its report (also written to disk)."""
+    c = build(run, options)
+    report_path = c.run_dir / "report.json"
+    outcome = Outcome(RunPhase.Failed, "")
+    try:
+        if c.resilience is not None:
+            restored = c.resilience.attach(timeout_s=ATTACH_TIMEOUT_S)
+            if restored is not None:
+                options.view.notice(
+                    f"resumed from shared memory at step {restored.global_step}",
+                    epoch=str(restored.epoch),
+                    attempt=str(options.attempt),
+                )
+        options.view.start(run.name, run.spec.training.epochs, c.steps_per_epoch, c.device)
+        outcome = c.loop.run()
+    except Exception as err:  # boundary: a crashing model or task fails the run, with the reason
+        logger.exception("run %s failed", run.name)
+        outcome = Outcome(RunPhase.Failed, f"{type(err).__name__}: {err}")
+    finally:
+        c.loop.hook.close()
+        c.hub.flush()
+    if c.resilience is not None:
+        c.resilience.close(phase=outcome.phase, reason=outcome.reason)
+    report = build_report(c, outcome)
+    write_report(report, report_path)
+    c.hub.event(
+        "tolaria.run_finished",
+        TelemetryLevel.TELEMETRY_LEVEL_INFO
+        if report.exit_code == 0
+        else TelemetryLevel.TELEMETRY_LEVEL_CRITICAL,
+        MessagePriority.MESSAGE_PRIORITY_CRITICAL
+        if report.exit_code
+        else MessagePriority.MESSAGE_PRIORITY_HIGH,
+        status=RunPhase.Name(report.status),
+        reason=report.reason,
+    )
+    c.hub.close()
+    c.sink.close()
+    if c.server is not None:
+        c.server.shutdown()  # type: ignore[attr-defined]
+    return report
+
+
+def build(run: TolariaRun, options: RunOptions) -> Components:
+    """Builds every component; refuses bad input before anything is written to disk."""
     spec = run.spec
     t = spec.training
     run_dir = options.workdir / run.name
@@ -133,12 +214,11 @@ def run_training(run: TolariaRun, options: RunOptions) -> RunReport:
     )
     guards = Guards(spec.breakers, spec.conservative, clock, hub)
     guards_ref.append(guards)
-    registry = CollectorRegistry()
-    metrics = TrainerMetrics(registry)
+    metrics = TrainerMetrics(CollectorRegistry())
     port = options.metrics_port if options.metrics_port is not None else spec.telemetry.metrics_port
     server = None
     if port:
-        server, bound = serve(registry, port, spec.telemetry.metrics_address)
+        server, bound = serve(metrics.registry, port, spec.telemetry.metrics_address)
         options.view.notice(
             "metrics served", url=f"http://{spec.telemetry.metrics_address}:{bound}/metrics"
         )
@@ -153,16 +233,10 @@ def run_training(run: TolariaRun, options: RunOptions) -> RunReport:
 
     model = maybe_compile(task.model, plan, compile_fallback)
     lr = LRController(
-        spec.training.schedule,
-        spec.budgets,
-        guards,
-        clock,
-        steps_per_epoch=per_epoch,
-        total_epochs=t.epochs,
+        t.schedule, spec.budgets, guards, clock, steps_per_epoch=per_epoch, total_epochs=t.epochs
     )
     optim = OptimizerManager(t.optimizer, spec.optimizer_rebuild, guards, clock, hub)
-    optimizer = optim.build(param_groups(task))
-    lr.register_optimizer("host", optimizer)
+    lr.register_optimizer("host", optim.build(param_groups(task)))
     steps = StepRunner(
         model,
         task.loss_fn,
@@ -171,18 +245,49 @@ def run_training(run: TolariaRun, options: RunOptions) -> RunReport:
         t.gradient_accumulation_steps,
         compile_fallback,
     )
-    hook = EndOfEpochHook(
-        budgets=spec.budgets,
-        tamiyo_spec=spec.tamiyo,
-        run_id=run.name,
-        experiment=run.metadata.labels.get("experiment", run.name),
-        tamiyo=drills.wrap_policy(HeuristicTamiyo(spec.tamiyo)),
-        kasmina=NullSeedManager(),
-        scale_lr=lambda f, m, e, s: lr.scale(f, min_scale=m, epoch=e, step=s),
-        guards=guards,
-        hardware=HardwareProbe(plan.device),
-        clock=clock,
-        events=hub,
+    tamiyo = drills.wrap_policy(HeuristicTamiyo(spec.tamiyo))
+    kasmina = NullSeedManager()
+    position = Position()
+    history = RunHistory()
+    detector = AnomalyDetector(spec.detection)
+    documents: dict[str, tuple[StateComponent.ValueType, DocumentSource]] = {
+        "position": (
+            StateComponent.STATE_COMPONENT_DATA,
+            (position.state_dict, position.load_state_dict),
+        ),
+        "data": (StateComponent.STATE_COMPONENT_DATA, (train.state_dict, train.load_state_dict)),
+        "lr_controller": (
+            StateComponent.STATE_COMPONENT_LR_CONTROLLER,
+            (lr.state_dict, lr.load_state_dict),
+        ),
+        "tamiyo": (
+            StateComponent.STATE_COMPONENT_POLICY,
+            (tamiyo.state_dict, tamiyo.load_state_dict),
+        ),
+        "kasmina": (
+            StateComponent.STATE_COMPONENT_SEEDS,
+            (kasmina.state_dict, kasmina.load_state_dict),
+        ),
+        "detector": (
+            StateComponent.STATE_COMPONENT_POLICY,
+            (detector.state_dict, detector.load_state_dict),
+        ),
+        HISTORY_DOCUMENT: (
+            StateComponent.STATE_COMPONENT_DATA,
+            (history.state_dict, history.load_state_dict),
+        ),
+    }
+    if steps.scaler is not None:
+        scaler = steps.scaler
+        documents["grad_scaler"] = (
+            StateComponent.STATE_COMPONENT_AMP,
+            (scaler.state_dict, lambda doc: scaler.load_state_dict(dict(doc))),
+        )
+    state = TrainingState(
+        model=task.model,
+        optimizer=lambda: optim.optimizer,
+        parameter_names=lambda: optim.parameters,
+        documents=documents,
     )
     profile_epochs = (
         options.profile_epochs
@@ -190,6 +295,46 @@ def run_training(run: TolariaRun, options: RunOptions) -> RunReport:
         else frozenset(spec.profiler.epochs)
     )
     profiler = EpochProfiler(spec.profiler, profile_epochs, run_dir / "traces")
+
+    resilience = None
+    components_ref: list[Components] = []
+    if options.sidecar_socket is not None:
+
+        def write_halt_report(reason: str) -> None:
+            comps = components_ref[0]
+            report = build_report(comps, Outcome(RunPhase.Halted, reason))
+            write_report(report, comps.run_dir / "report.json")
+
+        def set_rollback(active: bool) -> None:
+            hub.health_inputs.rollback_in_progress = active
+
+        resilience = Resilience(
+            run_id=run.name,
+            spec=spec,
+            link=SidecarLink(options.sidecar_socket),
+            state=state,
+            position=position,
+            history=history,
+            events=hub,
+            attempt=options.attempt,
+            batches_per_epoch=train.num_batches,
+            write_halt_report=write_halt_report,
+            set_rollback_in_progress=set_rollback,
+        )
+    hook = EndOfEpochHook(
+        budgets=spec.budgets,
+        tamiyo_spec=spec.tamiyo,
+        run_id=run.name,
+        experiment=run.metadata.labels.get("experiment", run.name),
+        tamiyo=tamiyo,
+        kasmina=kasmina,
+        scale_lr=lambda f, m, e, s: lr.scale(f, min_scale=m, epoch=e, step=s),
+        guards=guards,
+        hardware=HardwareProbe(plan.device),
+        clock=clock,
+        events=hub,
+        schedule_slow_work=resilience.schedule_checkpoint if resilience is not None else None,
+    )
     loop = EpochLoop(
         epochs=t.epochs,
         max_steps_per_epoch=t.max_steps_per_epoch,
@@ -200,6 +345,10 @@ def run_training(run: TolariaRun, options: RunOptions) -> RunReport:
         lr=lr,
         hook=hook,
         guards=guards,
+        detector=detector,
+        resilience=resilience,
+        position=position,
+        history=history,
         telemetry=hub,
         metrics=metrics,
         profiler=profiler,
@@ -207,85 +356,123 @@ def run_training(run: TolariaRun, options: RunOptions) -> RunReport:
         view=options.view,
         clock=clock,
         step_packet_every=spec.telemetry.step_packet_every,
+        check_gradients=spec.detection.check_gradients,
         stop=options.stop,
     )
-    options.view.start(run.name, t.epochs, per_epoch, plan.describe())
-    try:
-        state = loop.run()
-    except Exception as err:  # boundary: a crashing model or task fails the run, with the reason
-        logger.exception("run %s failed", run.name)
-        state = loop.state
-        state.phase = RunPhase.Failed
-        state.reason = f"{type(err).__name__}: {err}"
-    finally:
-        hook.close()
-        hub.flush()
-    report = build_report(run, state, loop, profiler, drills, hub, started, plan.describe())
-    hub.event(
-        "tolaria.run_finished",
-        TelemetryLevel.TELEMETRY_LEVEL_INFO
-        if report.exit_code == 0
-        else TelemetryLevel.TELEMETRY_LEVEL_ERROR,
-        MessagePriority.MESSAGE_PRIORITY_HIGH,
-        status=RunPhase.Name(report.status),
-        reason=report.reason,
+    components = Components(
+        run=run,
+        run_dir=run_dir,
+        loop=loop,
+        hub=hub,
+        sink=sink,
+        resilience=resilience,
+        profiler=profiler,
+        drills=drills,
+        history=history,
+        device=plan.describe(),
+        started=started,
+        steps_per_epoch=per_epoch,
+        server=server,
     )
-    hub.close()
-    sink.close()
-    if server is not None:
-        server.shutdown()  # type: ignore[attr-defined]
-    return report
+    components_ref.append(components)
+    if resilience is not None:
+        drills.corrupt_newest = lambda: _corrupt_newest(resilience)
+    return components
 
 
-def build_report(
-    run: TolariaRun,
-    state: LoopState,
-    loop: EpochLoop,
-    profiler: EpochProfiler,
-    drills: Drills,
-    hub: TelemetryHub,
-    started: float,
-    device: str,
-) -> RunReport:
-    """Turns the loop's state and the components' records into a `RunReport`."""
-    records = state.records
+def _corrupt_newest(resilience: Resilience) -> str:
+    """The corrupt-snapshot drill: flips bytes in the middle of the newest committed slot."""
+    resilience.fence()
+    newest = None
+    for slot in resilience.slots:
+        header = slot.header()
+        if header.visible and (newest is None or header.generation > newest[1].generation):
+            newest = (slot, header)
+    if newest is None:
+        return "no committed slot to corrupt"
+    slot, header = newest
+    middle = header.data_length // 2
+    for offset in (middle, middle + 1, middle + 4097):
+        if offset < header.data_length:
+            slot.data[offset] ^= 0xFF
+    return (
+        f"corrupted slot {slot.index} (generation {header.generation}, step {header.global_step})"
+    )
+
+
+def _summary(samples_ns: list[int], budget_ms: float | None) -> LatencySummary:
+    ordered = sorted(samples_ns)
+    n = len(ordered)
+    breaches = sum(1 for v in ordered if budget_ms is not None and v / 1e6 > budget_ms)
+    return LatencySummary(
+        count=n,
+        p50_ms=percentile(ordered, 50) / 1e6,
+        p95_ms=percentile(ordered, 95) / 1e6,
+        p99_ms=percentile(ordered, 99) / 1e6,
+        max_ms=ordered[-1] / 1e6 if ordered else 0.0,
+        mean_ms=sum(ordered) / n / 1e6 if n else 0.0,
+        budget_ms=budget_ms or 0.0,
+        breaches=breaches,
+    )
+
+
+def build_report(c: Components, outcome: Outcome) -> RunReport:
+    """Turns the history and the components' records into a `RunReport`."""
+    loop = c.loop
+    h = c.history
     guards = loop.guards
+    spec = c.run.spec
+    intervals = list(h.past_intervals) + list(guards.conservative.intervals)
     report = RunReport(
         version=1,
-        run_id=run.name,
-        status=state.phase,
-        reason=state.reason,
-        exit_code=EXIT_CODES.get(state.phase, EXIT_FAILED),
-        wall_seconds=time.time() - started,
-        epochs_planned=run.spec.training.epochs,
-        epochs_completed=state.epochs_completed,
-        global_step=state.global_step,
-        training_loss=loss_summary([r.training_loss for r in records]),
-        validation_loss=loss_summary([r.validation_loss for r in records]),
-        validation_accuracy=accuracy_summary([r.validation_accuracy for r in records]),
-        hook_latency=loop.hook.latency.summary(),
-        validation_time=loop.validator.latency.summary(),
+        run_id=c.run.name,
+        status=outcome.phase,
+        reason=outcome.reason,
+        exit_code=EXIT_CODES.get(outcome.phase, EXIT_FAILED),
+        wall_seconds=time.time() - c.started,
+        epochs_planned=spec.training.epochs,
+        epochs_completed=loop.pos.epochs_completed,
+        global_step=loop.pos.global_step,
+        training_loss=loss_summary([r.training_loss for r in h.epochs]),
+        validation_loss=loss_summary([r.validation_loss for r in h.epochs]),
+        validation_accuracy=accuracy_summary([r.validation_accuracy for r in h.epochs]),
+        hook_latency=_summary(h.hook_ns, spec.budgets.hook_ms),
+        validation_time=_summary(h.validation_ns, None),
         tamiyo_latency=loop.hook.tamiyo_latency.summary(),
         lr_step_latency=loop.lr.step_latency.summary(),
         breaker_trips=guards.trips(),
         breakers=[b.summary() for b in guards.breakers.values()],
-        conservative_intervals=guards.conservative.intervals,
+        conservative_intervals=intervals,
         lr_changes=loop.lr.changes,
         lr_integrity_breaches=loop.lr.integrity_breaches,
         optimizer_rebuilds=loop.optim.rebuilds,
-        telemetry=hub.counts(),
-        trace_paths=[str(p) for p in profiler.traces],
-        fallback_commands=loop.hook.fallbacks,
-        epochs=records,
-        final_health=records[-1].health if records else HealthStatus.HEALTH_STATUS_UNKNOWN,
-        drills=drills.records,
-        task=run.spec.training.task,
-        device=device,
-        experiment_name=run.metadata.labels.get("experiment", ""),
+        telemetry=c.hub.counts(),
+        trace_paths=[str(p) for p in c.profiler.traces],
+        fallback_commands=h.fallbacks,
+        epochs=h.epochs,
+        final_health=h.epochs[-1].health if h.epochs else HealthStatus.HEALTH_STATUS_UNKNOWN,
+        drills=c.drills.records,
+        task=spec.training.task,
+        device=c.device,
+        experiment_name=c.run.metadata.labels.get("experiment", ""),
+        rollbacks=h.rollbacks,
+        emergencies=h.emergencies,
+        resumes=h.resumes,
+        skipped_batches=h.skipped,
+        snapshot_rejections=h.rejections,
     )
-    report.started_at.FromSeconds(int(started))
+    if outcome.phase == RunPhase.Halted:
+        report.final_health = HealthStatus.HEALTH_STATUS_CRITICAL
+    r = c.resilience
+    if r is not None:
+        report.snapshots_committed = r.snapshots_committed
+        if r.writer is not None:
+            report.snapshot_stall.CopyFrom(r.writer.stall.summary())
+    report.started_at.FromSeconds(int(c.started))
     report.finished_at.GetCurrentTime()
     _describe_drills(report)
+    if not math.isfinite(report.wall_seconds):
+        report.wall_seconds = 0.0
     return report
 
 
@@ -293,9 +480,9 @@ def _describe_drills(report: RunReport) -> None:
     """Fills each drill's `observed` with what the runtime did about it."""
     for drill in report.drills:
         if not drill.fired:
-            drill.observed = "did not fire"
+            drill.observed = drill.observed or "did not fire"
             continue
-        notes = []
+        notes = [drill.observed] if drill.observed else []
         if drill.spec.startswith("slow-tamiyo"):
             fallback = [e for e in report.epochs if e.epoch == drill.epoch and e.fallback_command]
             if fallback:
@@ -314,4 +501,12 @@ def _describe_drills(report: RunReport) -> None:
             notes.append(
                 f"{report.lr_integrity_breaches} LR integrity breach(es) detected, LR restored"
             )
+        if drill.spec.startswith(("loss-spike", "nan", "corrupt-snapshot")):
+            later = [rb for rb in report.rollbacks if rb.from_step >= drill.step]
+            if later:
+                rb = later[0]
+                notes.append(
+                    f"rollback {rb.rollback_id} from step {rb.from_step} to step {rb.to_step}"
+                    + (f", rejected slots {list(rb.rejected_slots)}" if rb.rejected_slots else "")
+                )
         drill.observed = "; ".join(notes) or "fired; no reaction recorded"

@@ -89,10 +89,10 @@ def _aligned(n: int) -> int:
 def _rng_documents() -> DocumentSource:
     def save() -> JsonDict:
         version, internal, gauss = random.getstate()
-        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
         return {
             "python": [version, list(internal), gauss],
-            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "numpy": [kind, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
         }
 
     def load(doc: Mapping[str, Any]) -> None:
@@ -158,7 +158,7 @@ class TrainingState:
             for name, t in self._optimizer_tensors()
         ]
         out.append(("rng/torch_cpu", StateComponent.STATE_COMPONENT_RNG, torch.get_rng_state()))
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 out.append((f"rng/cuda_{i}", StateComponent.STATE_COMPONENT_RNG, s))
         for name, _, t in out:

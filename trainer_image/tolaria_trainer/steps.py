@@ -54,11 +54,15 @@ class StepRunner:
         self._accumulation = accumulation_steps
         self._on_compile_fallback = on_compile_fallback
         self._micro = 0
+        self._step_loss = torch.zeros((), device=plan.device)
         self.scaler = torch.amp.GradScaler("cuda") if plan.use_grad_scaler else None
+        self.loss_hook: Callable[[Tensor], Tensor] | None = None
+        """Fire drills may change a loss before backward (loss-spike, nan); None in production."""
         self.losses = self.new_epoch()
 
     def new_epoch(self) -> EpochLosses:
         self._micro = 0
+        self._step_loss.zero_()
         self.losses = EpochLosses(torch.zeros((), device=self._plan.device))
         return self.losses
 
@@ -69,17 +73,35 @@ class StepRunner:
             output = self._forward(batch.inputs)
         with record_function("tolaria/loss"), self._plan.autocast():
             loss = self._loss_fn(output, batch.targets)
+        if self.loss_hook is not None:
+            loss = self.loss_hook(loss)
         scaled = loss / self._accumulation
         with record_function("tolaria/backward"):
             if self.scaler is not None:
                 self.scaler.scale(scaled).backward()  # type: ignore[no-untyped-call]
             else:
                 scaled.backward()  # type: ignore[no-untyped-call]
-        detached = loss.detach()
-        self.losses.total += detached.float()
+        detached = loss.detach().float()
+        self.losses.total += detached
         self.losses.count += 1
+        self._step_loss += detached
         self._micro += 1
         return detached
+
+    def step_loss(self) -> float:
+        """Mean loss of the micro-batches of the pending step (one host sync per step)."""
+        return float(self._step_loss.item()) / max(1, self._micro)
+
+    def grads_finite(self) -> bool:
+        """Whether every gradient of the pending step is finite (skipped under a GradScaler,
+        which handles inf/nan steps itself)."""
+        if self.scaler is not None:
+            return True
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        norms = torch._foreach_norm(grads)
+        return bool(torch.isfinite(torch.stack(norms)).all())
 
     @property
     def step_ready(self) -> bool:
@@ -97,11 +119,13 @@ class StepRunner:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         self._micro = 0
+        self._step_loss.zero_()
 
     def discard_gradients(self) -> None:
-        """Drops a partial accumulation (end of epoch or a rolled-back window)."""
+        """Drops a partial accumulation (end of epoch, an anomaly, a rolled-back window)."""
         self._optimizer().zero_grad(set_to_none=True)
         self._micro = 0
+        self._step_loss.zero_()
 
     def _forward(self, inputs: Tensor) -> Tensor:
         try:
@@ -120,6 +144,7 @@ class StepRunner:
         self,
         batches: Callable[[], object],
         accuracy_fn: Callable[[Tensor, Tensor], tuple[float, int]] | None,
+        on_batch: Callable[[], None] | None = None,
     ) -> tuple[float, float]:
         """Mean loss and accuracy over the validation batches (accuracy nan without accuracy_fn)."""
         self.model.eval()
@@ -138,6 +163,8 @@ class StepRunner:
                 c, k = accuracy_fn(output, batch.targets)
                 correct += float(c)
                 seen += k
+            if on_batch is not None:
+                on_batch()  # heartbeat: a long validation is not a stall
         mean = float(total.item() / count) if count else float("nan")
         accuracy = correct / seen if seen else float("nan")
         return mean, accuracy
