@@ -1,9 +1,13 @@
 """The `tolaria` command line: `run`, `validate`, `drills`.
 
-Exit codes (stable): 0 succeeded, 1 failed, 2 invalid input (manifest, flags,
-task, drills), 3 halted by an emergency. Invalid input is refused before
-anything is created on disk, with a message naming the field and the rule.
-`--workdir` and `--inject` are stable spellings; later versions add values.
+`tolaria run` runs the manifest like a pod: the sidecar and the trainer as
+supervised child processes (see `supervisor.py`); `--no-sidecar` trains in
+this process with the epoch-boundary guards only (no snapshots, rollbacks or
+emergency broadcast). Exit codes (stable): 0 succeeded, 1 failed, 2 invalid
+input (manifest, flags, task, drills), 3 halted by an emergency. Invalid input
+is refused before anything is created on disk, with a message naming the field
+and the rule. `--workdir` and `--inject` are stable spellings; later versions
+add values. This module imports torch only for `--no-sidecar`.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ from types import FrameType
 
 from leyline import RunPhase, RunReport
 from leyline.spec import ManifestInvalid, load_manifest
-from tolaria_trainer.device import DeviceUnavailable
 from tolaria_trainer.drills import KINDS, DrillSpec, parse_drill
 from tolaria_trainer.errors import DrillInvalid, TaskInvalid
-from tolaria_trainer.progress import JsonView, ProgressView, RichView
 from tolaria_trainer.report import write_report
-from tolaria_trainer.runtime import EXIT_FAILED, EXIT_INVALID, RunOptions, run_training
+from tolaria_trainer.supervisor import Supervisor, SupervisorOptions
+
+EXIT_FAILED = 1
+EXIT_INVALID = 2
 
 logger = logging.getLogger("tolaria")
 
@@ -96,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="EPOCHS",
         help="write Chrome traces of these epochs, e.g. 0,3",
     )
+    run.add_argument(
+        "--no-sidecar",
+        action="store_true",
+        help="train in this process without the sidecar (no snapshots or rollbacks)",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="log INFO to stderr")
     validate = sub.add_parser("validate", help="check a manifest without running it")
     validate.add_argument("manifest", type=Path)
@@ -131,6 +141,26 @@ def _failed_report(name: str, reason: str) -> RunReport:
 
 def cmd_run(args: argparse.Namespace) -> int:
     run = load_manifest(args.manifest)
+    if args.no_sidecar:
+        return _run_in_process(run, args)
+    profile = ",".join(str(e) for e in sorted(args.profile)) if args.profile else None
+    options = SupervisorOptions(
+        manifest=args.manifest.resolve(),
+        workdir=args.workdir.resolve(),
+        drills=tuple(args.inject),
+        log_format=args.log_format,
+        metrics_port=args.metrics_port,
+        profile=profile,
+        verbose=args.verbose,
+    )
+    return Supervisor(run, options).run()
+
+
+def _run_in_process(run: object, args: argparse.Namespace) -> int:
+    from tolaria_trainer.device import DeviceUnavailable
+    from tolaria_trainer.progress import JsonView, ProgressView, RichView
+    from tolaria_trainer.runtime import RunOptions, run_training
+
     view: ProgressView = JsonView() if args.log_format == "json" else RichView()
     stop = threading.Event()
     _install_stop(stop)
@@ -142,17 +172,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         profile_epochs=args.profile,
         stop=stop,
     )
-    report_path = args.workdir / run.name / "report.json"
+    report_path = args.workdir / run.name / "report.json"  # type: ignore[attr-defined]
     try:
-        report = run_training(run, options)
-    except (TaskInvalid, DrillInvalid, DeviceUnavailable):
-        raise
+        report = run_training(run, options)  # type: ignore[arg-type]
+    except (TaskInvalid, DrillInvalid, DeviceUnavailable) as err:
+        print(f"error: {args.manifest}: {err}", file=sys.stderr)
+        return EXIT_INVALID
     except Exception as err:  # boundary: set-up failed after validation; say why in a report
-        logger.exception("run %s could not start", run.name)
-        report = _failed_report(run.name, f"{type(err).__name__}: {err}")
+        logger.exception("run %s could not start", run.name)  # type: ignore[attr-defined]
+        report = _failed_report(run.name, f"{type(err).__name__}: {err}")  # type: ignore[attr-defined]
+        write_report(report, report_path)
     if stop.is_set() and report.status == RunPhase.Failed and not report.reason:
         report.reason = "stopped by signal"
-    write_report(report, report_path)
     view.finish(report, str(report_path))
     return report.exit_code
 
@@ -187,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ManifestInvalid as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID
-    except (TaskInvalid, DrillInvalid, DeviceUnavailable) as err:
+    except (TaskInvalid, DrillInvalid) as err:
         print(f"error: {args.manifest}: {err}", file=sys.stderr)
         return EXIT_INVALID
 

@@ -19,13 +19,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from leyline import AdaptationCommand, DrillRecord, SystemStatePacket
 from tolaria_trainer.errors import DrillInvalid
 from tolaria_trainer.protocols import JsonDict, TamiyoPolicy
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 

@@ -198,7 +198,7 @@ class Resilience:
             request_final_checkpoint=self._final_checkpoint,
         )
         self.participant.start()
-        if self._attempt > 1 or reply.HasField("resume_slot"):
+        if reply.HasField("resume_slot"):
             return self._resume()
         return None
 

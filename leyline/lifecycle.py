@@ -1,0 +1,38 @@
+"""The process contract between `tolaria run` and its children (trainer, sidecar).
+
+A supervising parent sets `TOLARIA_PARENT_PID` and `TOLARIA_PARENT_DEATH_SIGNAL`
+in a child's environment; the child calls `adopt_parent_death_signal()` first
+thing, so that if the parent dies — even by SIGKILL — the child gets that
+signal (Linux `PR_SET_PDEATHSIG`) instead of living on as an orphan holding
+shared memory. Done in the child rather than in a `preexec_fn`, which is not
+safe in a parent that runs threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+
+PARENT_PID_ENV = "TOLARIA_PARENT_PID"
+PARENT_DEATH_SIGNAL_ENV = "TOLARIA_PARENT_DEATH_SIGNAL"
+_PR_SET_PDEATHSIG = 1
+
+
+def child_environment(parent_death_signal: int) -> dict[str, str]:
+    """The variables a supervising parent adds to a child's environment."""
+    return {PARENT_PID_ENV: str(os.getpid()), PARENT_DEATH_SIGNAL_ENV: str(parent_death_signal)}
+
+
+def adopt_parent_death_signal() -> None:
+    """Asks the kernel for the agreed signal when the parent dies; exits if it is gone already."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    sig = os.environ.get(PARENT_DEATH_SIGNAL_ENV)
+    if not parent or not sig:
+        return
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if os.getppid() != int(parent):  # the parent died before the request took effect
+        os.kill(os.getpid(), int(sig) if sig.isdigit() else signal.SIGTERM)

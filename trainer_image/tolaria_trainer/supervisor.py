@@ -1,0 +1,318 @@
+"""Local mode: `tolaria run` as a small pod (ARCHITECTURE "one manifest, two places to run").
+
+The supervisor starts the sidecar as a child process, waits for it to be
+ready, then runs the trainer (`tolaria_trainer.worker`) as a supervised child,
+the way a kubelet runs the two containers of a run's pod:
+
+* a trainer that dies from a signal or an unexpected exit code is restarted
+  (a new attempt, without drills) up to `spec.restarts.limit` times, and
+  resumes from the sidecar's shared-memory snapshots;
+* exit codes 0, 1, 2 and 3 are final;
+* a sidecar that dies is restarted; it re-attaches the slots it left behind
+  while the trainer carries on DEGRADED;
+* however the run ends — success, failure, halt, SIGINT/SIGTERM, a crash of
+  the supervisor itself (children get a parent-death signal) — nothing of the
+  run stays in /dev/shm and the socket directory is removed.
+
+It never imports torch (it starts in milliseconds and stays small) and only
+talks to its children through processes, files and signals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from google.protobuf import json_format
+
+from leyline import RunPhase, RunReport
+from leyline.lifecycle import child_environment
+from leyline.shm import run_segments
+from leyline.spec import TolariaRun
+from tolaria_trainer.drills import SIDECAR_PID_ENV, DrillSpec, split
+
+logger = logging.getLogger("tolaria.supervisor")
+
+READY_TIMEOUT_S = 60.0
+STOP_GRACE_S = 20.0
+FINAL_CODES = frozenset({0, 1, 2, 3})
+
+
+@dataclass
+class SupervisorOptions:
+    manifest: Path
+    workdir: Path
+    drills: Sequence[DrillSpec] = ()
+    log_format: str = "rich"
+    metrics_port: int | None = None
+    profile: str | None = None
+    verbose: bool = False
+
+
+@dataclass
+class Supervision:
+    """What the supervisor saw, merged into the report at the end."""
+
+    restarts: int = 0
+    sidecar_restarts: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class Supervisor:
+    """Runs one TolariaRun locally as sidecar + trainer child processes."""
+
+    def __init__(self, run: TolariaRun, options: SupervisorOptions) -> None:
+        self._run = run
+        self._opts = options
+        self._run_dir = options.workdir / run.name
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="tolaria-"))
+        self._socket = self._socket_dir / "sidecar.sock"
+        self._sidecar: subprocess.Popen[str] | None = None
+        self._trainer: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+        self._made_run_dir = not self._run_dir.exists()
+        self.seen = Supervision()
+        self._trainer_drills, self._sidecar_drills = split(options.drills)
+
+    # -- children ------------------------------------------------------------------------
+    def _start_sidecar(self) -> None:
+        self._run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "tolaria_sidecar",
+            "--manifest",
+            str(self._opts.manifest),
+            "--run-id",
+            self._run.name,
+            "--socket",
+            str(self._socket),
+            "--checkpoint-dir",
+            str(self._checkpoint_dir()),
+            "--cleanup-on-exit",
+        ]
+        for d in self._sidecar_drills:
+            cmd += ["--inject", d.raw]
+        log = (self._run_dir / "sidecar.log").open("a")
+        env = {**os.environ, **child_environment(signal.SIGTERM)}
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        log.close()
+        line = self._read_ready(proc)
+        if not line.startswith("READY"):
+            proc.kill()
+            log_path = self._run_dir / "sidecar.log"
+            raise RuntimeError(
+                f"sidecar did not start (see {log_path}): {line.strip() or 'no output'}"
+            )
+        threading.Thread(target=self._drain, args=(proc,), daemon=True).start()
+        self._sidecar = proc
+        logger.info("sidecar ready (pid %d): %s", proc.pid, line.strip())
+
+    def _checkpoint_dir(self) -> Path:
+        configured = self._run.spec.checkpoints.directory
+        return Path(configured) if configured else self._run_dir / "checkpoints"
+
+    @staticmethod
+    def _read_ready(proc: subprocess.Popen[str]) -> str:
+        box: list[str] = []
+        reader = threading.Thread(
+            target=lambda: box.append(proc.stdout.readline() if proc.stdout else ""), daemon=True
+        )
+        reader.start()
+        reader.join(READY_TIMEOUT_S)
+        return box[0] if box else ""
+
+    def _drain(self, proc: subprocess.Popen[str]) -> None:
+        if proc.stdout is None:
+            return
+        with (self._run_dir / "sidecar.log").open("a") as log:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+
+    def _start_trainer(self, attempt: int) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "tolaria_trainer.worker",
+            "--manifest",
+            str(self._opts.manifest),
+            "--workdir",
+            str(self._opts.workdir),
+            "--socket",
+            str(self._socket),
+            "--attempt",
+            str(attempt),
+            "--log-format",
+            self._opts.log_format,
+        ]
+        if attempt == 1:  # a drill fires once: a restarted trainer gets none
+            for d in self._trainer_drills:
+                cmd += ["--inject", d.raw]
+        if self._opts.metrics_port is not None:
+            cmd += ["--metrics-port", str(self._opts.metrics_port)]
+        if self._opts.profile:
+            cmd += ["--profile", self._opts.profile]
+        if self._opts.verbose:
+            cmd.append("--verbose")
+        env = {**os.environ, **child_environment(signal.SIGKILL)}
+        if self._sidecar is not None:
+            env[SIDECAR_PID_ENV] = str(self._sidecar.pid)
+        self._trainer = subprocess.Popen(cmd, env=env)
+
+    # -- supervision ---------------------------------------------------------------------
+    def run(self) -> int:
+        """Runs to the end; returns the exit code `tolaria run` exits with."""
+        self._clear_stale_segments()
+        previous = self._install_signals()
+        code = 1
+        try:
+            self._start_sidecar()
+            attempt = 1
+            self._start_trainer(attempt)
+            while True:
+                code = self._wait_trainer()
+                if code in FINAL_CODES or self._stop.is_set():
+                    break
+                if self.seen.restarts >= self._run.spec.restarts.limit:
+                    self.seen.notes.append(
+                        f"trainer died (exit {code}) and the restart limit "
+                        f"({self._run.spec.restarts.limit}) is used up"
+                    )
+                    code = 1
+                    break
+                self.seen.restarts += 1
+                attempt += 1
+                logger.warning(
+                    "trainer died (exit %s); restart %d, attempt %d",
+                    code,
+                    self.seen.restarts,
+                    attempt,
+                )
+                self._start_trainer(attempt)
+        finally:
+            self._shutdown()
+            self._restore_signals(previous)
+        return self._finish(code)
+
+    def _wait_trainer(self) -> int:
+        trainer = self._trainer
+        if trainer is None:
+            return 1
+        while True:
+            code = trainer.poll()
+            if code is not None:
+                return code
+            sidecar = self._sidecar
+            if sidecar is not None and sidecar.poll() is not None and not self._stop.is_set():
+                self.seen.sidecar_restarts += 1
+                logger.warning("sidecar died (exit %s); restarting it", sidecar.returncode)
+                self._sidecar = None
+                try:
+                    self._start_sidecar()
+                except RuntimeError as err:
+                    logger.error("%s", err)
+            time.sleep(0.05)
+
+    def _install_signals(self) -> dict[int, object]:
+        def forward(signum: int, frame: FrameType | None) -> None:
+            del frame
+            self._stop.set()
+            if self._trainer is not None and self._trainer.poll() is None:
+                self._trainer.send_signal(signal.SIGTERM)
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, forward)
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous: dict[int, object]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+    def _shutdown(self) -> None:
+        trainer = self._trainer
+        if trainer is not None and trainer.poll() is None:
+            trainer.send_signal(signal.SIGTERM)
+            try:
+                trainer.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                trainer.kill()
+                trainer.wait()
+        sidecar = self._sidecar
+        if sidecar is not None and sidecar.poll() is None:
+            sidecar.send_signal(signal.SIGTERM)
+            try:
+                sidecar.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                sidecar.kill()
+                sidecar.wait()
+        self._clear_stale_segments()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    def _clear_stale_segments(self) -> None:
+        for path in run_segments(self._run.name):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    # -- the report --------------------------------------------------------------------------
+    def _finish(self, code: int) -> int:
+        path = self._run_dir / "report.json"
+        if code == 2:
+            if self._made_run_dir:
+                shutil.rmtree(self._run_dir, ignore_errors=True)  # invalid input leaves nothing
+            return code
+        report = RunReport()
+        try:
+            json_format.Parse(path.read_text(encoding="utf-8"), report)
+        except (OSError, json_format.ParseError):
+            report = RunReport(
+                version=1, run_id=self._run.name, status=RunPhase.Failed, exit_code=1
+            )
+            report.reason = (
+                "; ".join(self.seen.notes) or f"trainer ended with exit code {code} and no report"
+            )
+        report.restarts = self.seen.restarts
+        if code not in FINAL_CODES or (self.seen.notes and report.status == RunPhase.Running):
+            report.status = RunPhase.Failed
+            report.exit_code = 1
+            report.reason = "; ".join(self.seen.notes) or report.reason
+        if self.seen.notes and not report.reason:
+            report.reason = "; ".join(self.seen.notes)
+        from tolaria_trainer.report import write_report
+
+        write_report(report, path)
+        self._print_finish(report, path)
+        return int(report.exit_code)
+
+    def _print_finish(self, report: RunReport, path: Path) -> None:
+        if self._opts.log_format == "json":
+            line = {
+                "event": "finish",
+                "status": RunPhase.Name(report.status),
+                "exit_code": report.exit_code,
+                "reason": report.reason,
+                "epochs_completed": report.epochs_completed,
+                "restarts": report.restarts,
+                "report": str(path),
+            }
+            sys.stdout.write(json.dumps(line) + "\n")
+            sys.stdout.flush()
+            return
+        from tolaria_trainer.progress import RichView
+
+        RichView().finish(report, str(path))

@@ -1,0 +1,97 @@
+"""One trainer process: `python -m tolaria_trainer.worker` (a container's command, or a child
+of `tolaria run`).
+
+Trains the manifest with the resilience layer attached to the sidecar at
+`--socket`, writes `<workdir>/<run>/report.json` and exits with the run's code
+(0 succeeded, 1 failed, 2 invalid input, 3 halted). A restarted worker finds
+the sidecar's committed slots and resumes from the newest valid one (R6.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from leyline.lifecycle import adopt_parent_death_signal
+from leyline.spec import ManifestInvalid, load_manifest
+from tolaria_trainer.device import DeviceUnavailable
+from tolaria_trainer.drills import DrillSpec, parse_drill
+from tolaria_trainer.errors import DrillInvalid, TaskInvalid
+from tolaria_trainer.progress import JsonView, ProgressView, RichView
+from tolaria_trainer.runtime import EXIT_INVALID, RunOptions, run_training
+
+logger = logging.getLogger("tolaria.worker")
+
+
+def _drill(text: str) -> DrillSpec:
+    try:
+        return parse_drill(text)
+    except DrillInvalid as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tolaria-worker", description=__doc__.splitlines()[0])
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--socket", required=True, help="the sidecar's TrainerLink Unix socket")
+    p.add_argument("--attempt", type=int, default=1)
+    p.add_argument("--inject", type=_drill, action="append", default=[])
+    p.add_argument("--log-format", choices=("rich", "json"), default="rich")
+    p.add_argument("--metrics-port", type=int, default=None)
+    p.add_argument(
+        "--profile", type=lambda s: frozenset(int(x) for x in s.split(",") if x), default=None
+    )
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    adopt_parent_death_signal()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s trainer[{args.attempt}] %(name)s: %(message)s",
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        del frame
+        if stop.is_set():
+            raise KeyboardInterrupt
+        logger.warning("%s: stopping after the current step", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    view: ProgressView = JsonView() if args.log_format == "json" else RichView()
+    try:
+        run = load_manifest(args.manifest)
+        report = run_training(
+            run,
+            RunOptions(
+                workdir=args.workdir,
+                view=view,
+                drills=tuple(args.inject),
+                metrics_port=args.metrics_port,
+                profile_epochs=args.profile,
+                stop=stop,
+                sidecar_socket=args.socket,
+                attempt=args.attempt,
+            ),
+        )
+    except (ManifestInvalid, TaskInvalid, DrillInvalid, DeviceUnavailable) as err:
+        sys.stderr.write(f"error: {args.manifest}: {err}\n")
+        return EXIT_INVALID
+    return report.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
