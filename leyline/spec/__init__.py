@@ -6,6 +6,14 @@ written (R12); attribute docstrings are the CRD's descriptions.
 """
 
 from leyline.spec.base import ProtoEnum, Rule, RuleViolation, SpecModel
+from leyline.spec.cluster import (
+    CheckpointVolumeSpec,
+    EscalationSpec,
+    FailurePolicySpec,
+    PodSpec,
+    ResourcesSpec,
+    TolerationSpec,
+)
 from leyline.spec.control import RebuildSpec, TamiyoSpec
 from leyline.spec.errors import FieldError, field_errors
 from leyline.spec.guards import BreakerSpec, BudgetsSpec, ConservativeSpec
@@ -27,6 +35,12 @@ from leyline.spec.run import (
     TolariaRun,
     TolariaRunSpec,
 )
+from leyline.spec.status import (
+    Condition,
+    TolariaIncidentSpec,
+    TolariaIncidentStatus,
+    TolariaRunStatus,
+)
 from leyline.spec.training import (
     BUILTIN_TASKS,
     DataSpec,
@@ -45,19 +59,25 @@ __all__ = [
     "BreakerSpec",
     "BudgetsSpec",
     "CheckpointSpec",
+    "CheckpointVolumeSpec",
+    "Condition",
     "ConservativeSpec",
     "DataSpec",
     "DetectionSpec",
     "EmergencySpec",
+    "EscalationSpec",
+    "FailurePolicySpec",
     "FieldError",
     "GroupScheduleSpec",
     "ManifestInvalid",
     "ModelSpec",
     "ObjectMeta",
     "OptimizerSpec",
+    "PodSpec",
     "ProfilerSpec",
     "ProtoEnum",
     "RebuildSpec",
+    "ResourcesSpec",
     "RestartSpec",
     "RollbackSpec",
     "Rule",
@@ -67,8 +87,12 @@ __all__ = [
     "SpecModel",
     "TamiyoSpec",
     "TelemetrySpec",
+    "TolariaIncidentSpec",
+    "TolariaIncidentStatus",
     "TolariaRun",
     "TolariaRunSpec",
+    "TolariaRunStatus",
+    "TolerationSpec",
     "TrainingSpec",
     "field_errors",
     "load_manifest",

@@ -10,8 +10,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import JsonDict
 
 from leyline.spec.base import Rule, SpecModel
+from leyline.spec.cluster import EscalationSpec, FailurePolicySpec, PodSpec
 from leyline.spec.control import RebuildSpec, TamiyoSpec
 from leyline.spec.guards import BreakerSpec, BudgetsSpec, ConservativeSpec
 from leyline.spec.observe import ProfilerSpec, TelemetrySpec
@@ -29,6 +31,9 @@ API_GROUP = "tolaria.dev"
 API_VERSION = "v1alpha1"
 KIND = "TolariaRun"
 
+IMMUTABLE: JsonDict = {"x-tolaria-immutable": True}
+"""Marks a section that cannot change once the run exists (a CEL transition rule in the CRD)."""
+
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 NAME_MAX_LENGTH = 52
 """Leaves room for the `-a<attempt>` and container suffixes within the 63-character label limit."""
@@ -37,34 +42,45 @@ NAME_MAX_LENGTH = 52
 class TolariaRunSpec(SpecModel):
     """`spec`: everything that defines one training run."""
 
-    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec, json_schema_extra=IMMUTABLE)
     """What to train and how."""
-    budgets: BudgetsSpec = Field(default_factory=BudgetsSpec)
+    budgets: BudgetsSpec = Field(default_factory=BudgetsSpec, json_schema_extra=IMMUTABLE)
     """Time budgets of the epoch boundary and the LR controller."""
-    breakers: BreakerSpec = Field(default_factory=BreakerSpec)
+    breakers: BreakerSpec = Field(default_factory=BreakerSpec, json_schema_extra=IMMUTABLE)
     """Circuit-breaker policy shared by every guarded operation."""
-    conservative: ConservativeSpec = Field(default_factory=ConservativeSpec)
+    conservative: ConservativeSpec = Field(
+        default_factory=ConservativeSpec, json_schema_extra=IMMUTABLE
+    )
     """When conservative mode ends and what it sheds."""
-    tamiyo: TamiyoSpec = Field(default_factory=TamiyoSpec)
+    tamiyo: TamiyoSpec = Field(default_factory=TamiyoSpec, json_schema_extra=IMMUTABLE)
     """The built-in heuristic policy."""
-    optimizer_rebuild: RebuildSpec = Field(default_factory=RebuildSpec)
+    optimizer_rebuild: RebuildSpec = Field(default_factory=RebuildSpec, json_schema_extra=IMMUTABLE)
     """Momentum-preserving optimizer rebuilds."""
-    telemetry: TelemetrySpec = Field(default_factory=TelemetrySpec)
+    telemetry: TelemetrySpec = Field(default_factory=TelemetrySpec, json_schema_extra=IMMUTABLE)
     """Telemetry queues and the Prometheus endpoint."""
-    profiler: ProfilerSpec = Field(default_factory=ProfilerSpec)
+    profiler: ProfilerSpec = Field(default_factory=ProfilerSpec, json_schema_extra=IMMUTABLE)
     """Chrome traces of chosen epochs."""
-    snapshots: SnapshotSpec = Field(default_factory=SnapshotSpec)
+    snapshots: SnapshotSpec = Field(default_factory=SnapshotSpec, json_schema_extra=IMMUTABLE)
     """Shared-memory snapshots for the fast rollback tier."""
-    rollback: RollbackSpec = Field(default_factory=RollbackSpec)
+    rollback: RollbackSpec = Field(default_factory=RollbackSpec, json_schema_extra=IMMUTABLE)
     """Budgets and policy of the fast and full rollback tiers."""
-    detection: DetectionSpec = Field(default_factory=DetectionSpec)
+    detection: DetectionSpec = Field(default_factory=DetectionSpec, json_schema_extra=IMMUTABLE)
     """When an anomaly becomes an emergency."""
-    emergency: EmergencySpec = Field(default_factory=EmergencySpec)
+    emergency: EmergencySpec = Field(default_factory=EmergencySpec, json_schema_extra=IMMUTABLE)
     """Response budgets of the four emergency levels and the halt."""
-    checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec, json_schema_extra=IMMUTABLE)
     """Durable, WAL-protected checkpoints."""
     restarts: RestartSpec = Field(default_factory=RestartSpec)
-    """Trainer restarts after a crash."""
+    """Trainer restarts after a crash (may change while the run goes)."""
+    pod: PodSpec = Field(default_factory=PodSpec, json_schema_extra=IMMUTABLE)
+    """The pod of each attempt on a cluster; ignored by `tolaria run`."""
+    escalation: EscalationSpec = Field(default_factory=EscalationSpec)
+    """Cluster-wide escalation of incidents (may change while the run goes)."""
+    failure_policy: FailurePolicySpec = Field(default_factory=FailurePolicySpec)
+    """What the operator does on a missed deadline or a pod that never starts."""
+    suspend: bool = False
+    """True: checkpoint, then stop the pod; false again: resume from that checkpoint as a new
+    attempt. Ignored by `tolaria run`."""
 
 
 class ObjectMeta(BaseModel):

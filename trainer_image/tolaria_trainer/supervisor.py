@@ -234,7 +234,7 @@ class Supervisor:
             if self._trainer is not None and self._trainer.poll() is None:
                 self._trainer.send_signal(signal.SIGTERM)
 
-        previous = {}
+        previous: dict[int, object] = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, forward)
         return previous
