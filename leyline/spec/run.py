@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic.json_schema import JsonDict
+from pydantic.config import JsonDict
 
 from leyline.spec.base import Rule, SpecModel
 from leyline.spec.cluster import EscalationSpec, FailurePolicySpec, PodSpec
