@@ -1,0 +1,228 @@
+"""The sidecar's configuration: the manifest's resilience sections plus its command-line options.
+
+Built once by `__main__` from a `TolariaRun` manifest (`load_manifest`) and the flags, then
+handed to every component, which reads the spec objects (`SnapshotSpec`, `RollbackSpec`,
+`DetectionSpec`, `EmergencySpec`, `CheckpointSpec`) directly: no budget default is restated
+here or anywhere else in the sidecar. Numbers that are not part of the manifest (poll periods,
+buffer sizes) live in `Tuning`, each written once with the reason for its value.
+
+Everything from outside (flags, token file, drill strings) is validated here and refused with
+`ConfigInvalid` naming the flag or field; nothing in this module opens sockets or segments.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from leyline.shm import shm_dir
+from leyline.spec import (
+    CheckpointSpec,
+    DetectionSpec,
+    EmergencySpec,
+    RollbackSpec,
+    SnapshotSpec,
+    TolariaRun,
+)
+from leyline.spec.run import NAME_MAX_LENGTH, NAME_PATTERN
+from tolaria_sidecar.errors import ConfigInvalid
+
+TOKEN_ENV = "TOLARIA_SIDECAR_TOKEN"  # noqa: S105 - a variable name, not a secret
+"""Environment variable holding the run token when `--token-file` is not given."""
+
+UNIX_PATH_MAX = 107
+"""Longest Unix socket path Linux accepts (`sun_path` is 108 bytes with the NUL)."""
+
+CHECKPOINT_IO_ERROR = "checkpoint-io-error"
+"""Drill: the durable write of one epoch's checkpoint fails with ENOSPC."""
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Sidecar-internal numbers that are not part of the manifest, each written only here."""
+
+    monitor_active_interval_ms: float = 1.0
+    """Emergency monitor period while an acknowledgement is outstanding: the participants
+    poll every 1 ms too (R7.3), so an ack is seen within about a millisecond of its write."""
+    monitor_idle_interval_ms: float = 100.0
+    """Monitor period otherwise: the stall watchdog and the rollback deadline (seconds-scale
+    budgets) need no finer grain, and an idle sidecar stays off the trainer's cores."""
+    event_buffer: int = 10_000
+    """Events kept for `StreamEvents` replay; a client further behind loses the oldest
+    (counted in `tolaria_sidecar_events_dropped_total`) and sees the gap in `sequence`."""
+    emergency_history: int = 1_000
+    """Emergencies kept with their acks and resolution for status and the run report."""
+    progress_event_interval_seconds: float = 1.0
+    """At most one `progress` event per this interval, however often the trainer heartbeats."""
+    bandwidth_probe_bytes: int = 64 << 20
+    """Size of the one memcpy that measures copy bandwidth at the first attach: big enough to
+    leave the small caches, small enough to cost ~10 ms."""
+    manifest_min_bytes: int = 1 << 20
+    """Smallest manifest region of a slot; manifests grow with the tensor count."""
+    manifest_growth_factor: int = 4
+    """Manifest region = this many times the trainer's manifest estimate (seeds add tensors)."""
+    shutdown_grace_seconds: float = 5.0
+    """On SIGTERM: time for an in-flight checkpoint and in-flight RPCs before they are
+    abandoned (a pod's default termination grace is 30 s; this leaves room for the trainer)."""
+    server_workers: int = 8
+    """gRPC worker threads per server; event streams hold one each while open."""
+
+
+@dataclass(frozen=True)
+class ControlAddress:
+    """`--control-address HOST:PORT` (port 0: any free port, printed on the READY line)."""
+
+    host: str
+    port: int
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> ControlAddress:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ConfigInvalid("--control-address", f"{text!r} must be HOST:PORT")
+        try:
+            port = int(port_text)
+        except ValueError as err:
+            raise ConfigInvalid(
+                "--control-address", f"port {port_text!r} must be an integer"
+            ) from err
+        if not 0 <= port <= 65535:
+            raise ConfigInvalid("--control-address", f"port {port} must be 0..65535")
+        return cls(host, port)
+
+
+@dataclass(frozen=True)
+class CheckpointDrill:
+    """`--inject checkpoint-io-error@epoch=N`: the checkpoint write of epoch N fails (ENOSPC)."""
+
+    raw: str
+    epoch: int
+
+    @classmethod
+    def parse(cls, raw: str) -> CheckpointDrill:
+        name, sep, trigger = raw.partition("@")
+        if name != CHECKPOINT_IO_ERROR:
+            raise ConfigInvalid(
+                "--inject", f"unknown sidecar drill {name!r} (known: {CHECKPOINT_IO_ERROR})"
+            )
+        key, eq, value = trigger.partition("=")
+        if not sep or key != "epoch" or not eq:
+            raise ConfigInvalid("--inject", f"{raw!r}: expected {CHECKPOINT_IO_ERROR}@epoch=N")
+        try:
+            epoch = int(value)
+        except ValueError as err:
+            raise ConfigInvalid("--inject", f"{raw!r}: epoch must be an integer") from err
+        if epoch < 0:
+            raise ConfigInvalid("--inject", f"{raw!r}: epoch must be >= 0")
+        return cls(raw, epoch)
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    """Everything one sidecar process needs; built by `from_run`, never edited."""
+
+    run_id: str
+    """Names the shared-memory segments (`tolaria-<run>-*`) and is checked on every Attach."""
+    socket_path: Path
+    """Unix socket of the `TrainerLink` service (mode 0600)."""
+    checkpoint_dir: Path
+    """Where the durable store keeps checkpoint files and the WAL."""
+    shm_dir: Path
+    """Directory of the shared-memory segments (`$TOLARIA_SHM_DIR` or /dev/shm)."""
+    snapshots: SnapshotSpec
+    rollback: RollbackSpec
+    detection: DetectionSpec
+    emergency: EmergencySpec
+    checkpoints: CheckpointSpec
+    control_address: ControlAddress | None
+    """TCP address of the authenticated `SidecarControl` service; None: not served."""
+    token: str | None
+    """The run token every `SidecarControl` call must carry; never logged."""
+    metrics_port: int | None
+    """Prometheus port (0: any free port); None: no metrics endpoint."""
+    metrics_address: str
+    """Bind address of the metrics endpoint."""
+    cleanup_on_exit: bool
+    """Unlink the run's segments at exit (local mode); in a pod they must outlive restarts."""
+    drills: tuple[CheckpointDrill, ...]
+    tuning: Tuning = field(default_factory=Tuning)
+
+    @classmethod
+    def from_run(
+        cls,
+        run: TolariaRun,
+        *,
+        socket_path: Path,
+        run_id: str | None = None,
+        control_address: str | None = None,
+        token: str | None = None,
+        token_file: Path | None = None,
+        metrics_port: int | None = None,
+        metrics_address: str | None = None,
+        checkpoint_dir: Path | None = None,
+        cleanup_on_exit: bool = False,
+        inject: tuple[str, ...] = (),
+        tuning: Tuning | None = None,
+    ) -> SidecarConfig:
+        """Validates the options against the manifest; raises `ConfigInvalid` naming the flag.
+
+        `token` wins over `token_file`, which wins over `$TOLARIA_SIDECAR_TOKEN`. A control
+        address without any token is refused here (`TokenRequired` comes from the server).
+        """
+        rid = run.name if run_id is None else run_id
+        if not re.fullmatch(NAME_PATTERN, rid) or len(rid) > NAME_MAX_LENGTH:
+            raise ConfigInvalid(
+                "--run-id", f"{rid!r} must match {NAME_PATTERN} and be <= {NAME_MAX_LENGTH} chars"
+            )
+        if len(os.fsencode(str(socket_path))) > UNIX_PATH_MAX:
+            raise ConfigInvalid(
+                "--socket",
+                f"path is {len(os.fsencode(str(socket_path)))} bytes; a Unix socket path "
+                f"must be <= {UNIX_PATH_MAX}",
+            )
+        if metrics_port is not None and not 0 <= metrics_port <= 65535:
+            raise ConfigInvalid("--metrics-port", f"{metrics_port} must be 0..65535")
+        spec = run.spec
+        if checkpoint_dir is None:
+            configured = spec.checkpoints.directory
+            checkpoint_dir = Path(configured) if configured else socket_path.parent / "checkpoints"
+        return cls(
+            run_id=rid,
+            socket_path=socket_path,
+            checkpoint_dir=checkpoint_dir,
+            shm_dir=shm_dir(),
+            snapshots=spec.snapshots,
+            rollback=spec.rollback,
+            detection=spec.detection,
+            emergency=spec.emergency,
+            checkpoints=spec.checkpoints,
+            control_address=(
+                ControlAddress.parse(control_address) if control_address is not None else None
+            ),
+            token=token if token is not None else read_token(token_file),
+            metrics_port=metrics_port,
+            metrics_address=metrics_address or spec.telemetry.metrics_address,
+            cleanup_on_exit=cleanup_on_exit,
+            drills=tuple(CheckpointDrill.parse(raw) for raw in inject),
+            tuning=tuning or Tuning(),
+        )
+
+
+def read_token(token_file: Path | None) -> str | None:
+    """The run token from `token_file`, else `$TOLARIA_SIDECAR_TOKEN`, else None."""
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigInvalid("--token-file", f"cannot read {token_file}: {err}") from err
+        if not token:
+            raise ConfigInvalid("--token-file", f"{token_file} is empty")
+        return token
+    env = os.environ.get(TOKEN_ENV, "").strip()
+    return env or None

@@ -1,0 +1,95 @@
+"""The sidecar's seams, as `typing.Protocol`s, so tests pass fakes without inheritance.
+
+`Clock` drives every budget of the emergency machine; `DurableStore` is the checkpoint
+store (`checkpoints.DurableStore` in production) as the slot manager uses it; `EventSink` is
+where components report what happened (`events.EventLog` in production). Components receive
+these in their constructors and never build their own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+from google.protobuf.message import Message
+
+from leyline import CheckpointRecord
+
+EventKind = Literal[
+    "progress",
+    "snapshot",
+    "checkpoint",
+    "rollback_started",
+    "rollback_finished",
+    "emergency",
+    "ack",
+    "resolution",
+    "snapshot_rejected",
+    "checkpoint_failed",
+]
+"""The `SidecarEvent.event` oneof's field names."""
+
+
+class Clock(Protocol):
+    """Monotonic time in nanoseconds on CLOCK_MONOTONIC, the clock of the control block."""
+
+    def now_ns(self) -> int:
+        """Current monotonic time; never goes backwards."""
+        ...
+
+
+class MonotonicClock:
+    """`time.monotonic_ns`: the same clock the trainer stamps acks and heartbeats with."""
+
+    def now_ns(self) -> int:
+        return time.monotonic_ns()
+
+
+class EventSink(Protocol):
+    """Receives the sidecar's events (`SidecarEvent` oneof members)."""
+
+    def publish(self, kind: EventKind, message: Message) -> int:
+        """Records one event and returns its sequence; never blocks on a subscriber."""
+        ...
+
+
+class DurableStore(Protocol):
+    """Durable, WAL-protected checkpoints (R6.3), as the slot manager uses them.
+
+    Calls are made from the persister thread (`write`) and from a `PrepareFullRollback`
+    servicer thread (`load_latest`); neither is on the trainer's hot path. The store bounds
+    its own I/O; the sidecar abandons a write that outlives shutdown.
+    """
+
+    def write(
+        self,
+        *,
+        manifest: bytes,
+        data: memoryview,
+        epoch: int,
+        global_step: int,
+        snapshot_generation: int,
+    ) -> CheckpointRecord:
+        """Writes, fsyncs and commits one checkpoint; returns its WAL record.
+
+        Raises `CheckpointWriteFailed` after rolling back a failed write; the previous
+        checkpoint then stays the latest. Must not keep a reference to `data` afterwards.
+        """
+        ...
+
+    def latest(self) -> CheckpointRecord | None:
+        """The newest committed checkpoint, or None."""
+        ...
+
+    def committed(self) -> Sequence[CheckpointRecord]:
+        """Committed checkpoints still kept, newest first."""
+        ...
+
+    def load_latest(self, into: memoryview) -> tuple[CheckpointRecord, bytes, int]:
+        """Reads and verifies the newest restorable checkpoint's data into `into`.
+
+        Returns (record, manifest bytes, data length). Raises `NoCheckpoint` when none
+        verifies and `BufferTooSmall` when `into` cannot hold the data.
+        """
+        ...

@@ -1,0 +1,407 @@
+"""The gRPC servicers: `TrainerLink` (Unix socket, the trainer) and `SidecarControl` (TCP,
+the operator, token-authenticated by `auth.TokenAuth`).
+
+Each method validates every request field at the edge, calls the sidecar's components (slot
+manager, emergency machine, event log, persister) and maps typed errors to status codes
+naming the field: `RequestInvalid` -> INVALID_ARGUMENT, `PreconditionFailed` and other
+`SidecarError`s -> FAILED_PRECONDITION, `NotFound` -> NOT_FOUND, `AckTimeout` ->
+DEADLINE_EXCEEDED. Anything else is a bug: logged with its traceback, answered INTERNAL.
+Outcomes a caller is expected to handle (a commit whose header moved on, a persist
+superseded by a newer one, no checkpoint for a full rollback) are answered in the
+response's own `accepted`/`scheduled`/`ready` + `error` fields instead.
+
+Servicers never touch slot bytes or disk themselves and never wait longer than the
+deadline they were given (the level's budget, the client's gRPC deadline).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
+
+import grpc
+
+from leyline import (
+    SCHEMA_VERSION,
+    AnomalyKind,
+    EmergencyAck,
+    EmergencyAction,
+    EmergencyResolution,
+    EmergencySignal,
+    HealthStatus,
+    Participant,
+    RollbackOutcome,
+    RollbackReport,
+    RollbackRequest,
+    RollbackTier,
+    RunPhase,
+)
+from leyline.shm import LAYOUT_VERSION, control_name
+from leyline.v1 import sidecar_pb2 as pb
+from leyline.v1.sidecar_pb2_grpc import SidecarControlServicer, TrainerLinkServicer
+from tolaria_sidecar.emergency import TRAINER, budget_ms, participant_name
+from tolaria_sidecar.errors import (
+    AckTimeout,
+    BufferTooSmall,
+    CheckpointCorrupt,
+    CheckpointLoadFailed,
+    NoCheckpoint,
+    NotFound,
+    PersistFailed,
+    PreconditionFailed,
+    RequestInvalid,
+    SidecarError,
+)
+
+if TYPE_CHECKING:
+    from tolaria_sidecar.server import Sidecar
+
+logger = logging.getLogger(__name__)
+
+_S = TypeVar("_S")
+_R = TypeVar("_R")
+_P = ParamSpec("_P")
+
+_CODES: tuple[tuple[type[SidecarError], grpc.StatusCode], ...] = (
+    (RequestInvalid, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AckTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (SidecarError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+
+def status_code(err: SidecarError) -> grpc.StatusCode:
+    """The gRPC status a typed sidecar error is answered with."""
+    return next(code for kind, code in _CODES if isinstance(err, kind))
+
+
+def guarded(
+    method: Callable[Concatenate[_S, _P], _R],
+) -> Callable[Concatenate[_S, _P], _R]:
+    """Servicer boundary: typed errors -> their status code; anything else -> INTERNAL."""
+
+    def wrapper(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        context = args[1] if len(args) > 1 else kwargs["context"]
+        if not isinstance(context, grpc.ServicerContext):
+            raise TypeError("a servicer method's second argument is its context")
+        try:
+            return method(self, *args, **kwargs)
+        except SidecarError as err:
+            context.abort(status_code(err), str(err))
+        except Exception as err:  # boundary: a servicer never lets a bug kill the RPC thread
+            logger.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}")
+
+    functools.update_wrapper(wrapper, method)
+    return wrapper
+
+
+# -- field checks -----------------------------------------------------------------------------
+
+
+def check_version(version: int) -> None:
+    if version not in (0, SCHEMA_VERSION):
+        raise RequestInvalid("version", f"must be {SCHEMA_VERSION} (or unset), got {version}")
+
+
+def check_enum(field: str, enum: object, value: int, *, required: bool = False) -> None:
+    """Refuses a value the Leyline enum does not define (and 0 when `required`)."""
+    names = getattr(enum, "items")()  # noqa: B009 - protobuf enum wrappers are untyped here
+    if value not in {number for _, number in names}:
+        raise RequestInvalid(field, f"{value} is not a {getattr(enum, 'DESCRIPTOR').name} value")  # noqa: B009
+    if required and value == 0:
+        raise RequestInvalid(field, "must be set")
+
+
+def check_signal(signal: EmergencySignal, run_id: str) -> None:
+    check_version(signal.version)
+    if not 1 <= signal.level <= 4:
+        raise RequestInvalid("level", f"must be MINOR..CRITICAL (1..4), got {signal.level}")
+    check_enum("kind", AnomalyKind, signal.kind)
+    check_enum("action", EmergencyAction, signal.action)
+    check_enum("source", Participant, signal.source)
+    if signal.run_id and signal.run_id != run_id:
+        raise RequestInvalid("run_id", f"{signal.run_id!r} is not this sidecar's run {run_id!r}")
+
+
+class TrainerLinkService(TrainerLinkServicer):
+    """The trainer's calls, over the Unix socket (no token: the socket is mode 0600)."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        self._s = sidecar
+
+    def _run(self, run_id: str, *, required: bool) -> None:
+        expected = self._s.config.run_id
+        if not run_id:
+            if required:
+                raise RequestInvalid("run_id", "must not be empty")
+            return
+        if run_id != expected:
+            raise RequestInvalid("run_id", f"{run_id!r} is not this sidecar's run {expected!r}")
+
+    @guarded
+    def Attach(self, request: pb.AttachRequest, context: grpc.ServicerContext) -> pb.AttachResponse:  # noqa: N802 - gRPC method name
+        check_version(request.version)
+        self._run(request.run_id, required=True)
+        if request.state_bytes == 0:
+            raise RequestInvalid("state_bytes", "must be > 0")
+        if not request.layout_fingerprint:
+            raise RequestInvalid("layout_fingerprint", "must not be empty")
+        if request.pid == 0:
+            raise RequestInvalid("pid", "must be > 0")
+        s = self._s
+        feasibility = s.slots.attach(
+            state_bytes=request.state_bytes, manifest_bytes=request.manifest_bytes
+        )
+        s.trainer_attached(pid=request.pid, attempt=request.attempt)
+        response = pb.AttachResponse(
+            version=SCHEMA_VERSION,
+            layout_version=LAYOUT_VERSION,
+            control_block_name=control_name(s.config.run_id),
+            slots=s.slots.infos(),
+            fast_tier_feasible=feasibility.fast_tier_feasible,
+            degraded_reason=feasibility.degraded_reason,
+            measured_copy_gbps=feasibility.copy_gbps,
+        )
+        resume = s.slots.resume_slot(request.layout_fingerprint)
+        if resume is not None:
+            response.resume_slot.CopyFrom(resume)
+        active = s.machine.active()
+        if active is not None:
+            response.active_emergency.CopyFrom(active)
+        latest = s.store.latest()
+        if latest is not None:
+            response.last_checkpoint.CopyFrom(latest)
+        return response
+
+    @guarded
+    def CommitSnapshot(  # noqa: N802 - gRPC method name
+        self, request: pb.CommitSnapshotRequest, context: grpc.ServicerContext
+    ) -> pb.CommitSnapshotResponse:
+        if request.generation == 0:
+            raise RequestInvalid("generation", "must be > 0")
+        s = self._s
+        try:
+            s.slots.commit(request.slot, request.generation)
+        except PreconditionFailed as err:
+            if err.field != "generation":
+                raise
+            return pb.CommitSnapshotResponse(accepted=False, error=str(err), slots=s.slots.infos())
+        s.verifier.submit(request.slot, request.generation)
+        return pb.CommitSnapshotResponse(accepted=True, slots=s.slots.infos())
+
+    @guarded
+    def PersistSnapshot(  # noqa: N802 - gRPC method name
+        self, request: pb.PersistRequest, context: grpc.ServicerContext
+    ) -> pb.PersistResponse:
+        if request.generation == 0:
+            raise RequestInvalid("generation", "must be > 0")
+        s = self._s
+        held = s.slots.committed_generation(request.slot)
+        if held != request.generation:
+            return pb.PersistResponse(
+                scheduled=False,
+                error=f"slot {request.slot} holds generation {held}, not {request.generation}",
+            )
+        if s.stop_requested:
+            return pb.PersistResponse(
+                scheduled=False, error="the run is stopping after a checkpoint"
+            )
+        scheduled, error = s.persister.schedule(request.slot, request.generation)
+        return pb.PersistResponse(scheduled=scheduled, error=error)
+
+    @guarded
+    def PrepareFullRollback(  # noqa: N802 - gRPC method name
+        self, request: RollbackRequest, context: grpc.ServicerContext
+    ) -> pb.PrepareFullRollbackResponse:
+        check_version(request.version)
+        if not request.rollback_id:
+            raise RequestInvalid("rollback_id", "must not be empty")
+        if request.tier not in (
+            RollbackTier.ROLLBACK_TIER_UNSPECIFIED,
+            RollbackTier.ROLLBACK_TIER_FULL,
+        ):
+            raise RequestInvalid("tier", "must be ROLLBACK_TIER_FULL (or unset)")
+        check_enum("reason", AnomalyKind, request.reason)
+        self._run(request.run_id, required=False)
+        s = self._s
+        deadline_ns = s.machine.start_rollback_deadline(request.rollback_id)
+        started = RollbackRequest()
+        started.CopyFrom(request)
+        started.tier = RollbackTier.ROLLBACK_TIER_FULL
+        started.run_id = s.config.run_id
+        started.deadline_unix_ms = (time.time_ns() + (deadline_ns - s.clock.now_ns())) // 1_000_000
+        if not started.HasField("requested_at"):
+            started.requested_at.GetCurrentTime()
+        s.rollback_started(started)
+        response = pb.PrepareFullRollbackResponse(deadline_unix_ms=started.deadline_unix_ms)
+        try:
+            loaded = s.slots.load_checkpoint(deadline_ns=deadline_ns)
+        except (NoCheckpoint, BufferTooSmall, CheckpointCorrupt, CheckpointLoadFailed) as err:
+            logger.error("full rollback %s cannot load a checkpoint: %s", request.rollback_id, err)
+            response.ready = False
+            response.error = str(err)
+            return response
+        response.ready = True
+        response.slot.CopyFrom(loaded.slot)
+        response.checkpoint.CopyFrom(loaded.record)
+        response.phases.extend(loaded.phases)
+        return response
+
+    @guarded
+    def ReportRollback(self, request: RollbackReport, context: grpc.ServicerContext) -> pb.LinkAck:  # noqa: N802 - gRPC method name
+        check_version(request.version)
+        if not request.rollback_id:
+            raise RequestInvalid("rollback_id", "must not be empty")
+        check_enum("tier", RollbackTier, request.tier, required=True)
+        check_enum("outcome", RollbackOutcome, request.outcome, required=True)
+        check_enum("reason", AnomalyKind, request.reason)
+        self._s.rollback_finished(request)
+        return pb.LinkAck(ok=True)
+
+    @guarded
+    def RaiseEmergency(  # noqa: N802 - gRPC method name
+        self, request: EmergencySignal, context: grpc.ServicerContext
+    ) -> pb.RaiseEmergencyResponse:
+        check_signal(request, self._s.config.run_id)
+        signal = EmergencySignal()
+        signal.CopyFrom(request)
+        if not signal.source:
+            signal.source = TRAINER
+        if not signal.origin:
+            signal.origin = "trainer"
+        generation, level = self._s.machine.raise_signal(signal)
+        return pb.RaiseEmergencyResponse(generation=generation, effective_level=level)
+
+    @guarded
+    def ResolveEmergency(  # noqa: N802 - gRPC method name
+        self, request: EmergencyResolution, context: grpc.ServicerContext
+    ) -> pb.LinkAck:
+        check_version(request.version)
+        self._s.machine.resolve(
+            request.generation,
+            request.resolved_by or "trainer",
+            request.reason,
+            incident_id=request.incident_id,
+        )
+        return pb.LinkAck(ok=True)
+
+    @guarded
+    def Heartbeat(  # noqa: N802 - gRPC method name
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatResponse:
+        self._run(request.run_id, required=False)
+        check_enum("phase", RunPhase, request.phase)
+        check_enum("health", HealthStatus, request.health)
+        s = self._s
+        s.heartbeat(request)
+        response = pb.HeartbeatResponse(stop_requested=s.stop_requested, stop_reason=s.stop_reason)
+        active = s.machine.active()
+        if active is not None:
+            response.active_emergency.CopyFrom(active)
+        return response
+
+    @guarded
+    def Detach(self, request: pb.DetachRequest, context: grpc.ServicerContext) -> pb.LinkAck:  # noqa: N802 - gRPC method name
+        self._run(request.run_id, required=False)
+        check_enum("final_phase", RunPhase, request.final_phase)
+        self._s.trainer_detached(request.final_phase, request.reason)
+        return pb.LinkAck(ok=True)
+
+    @guarded
+    def GetStatus(  # noqa: N802 - gRPC method name
+        self, request: pb.GetStatusRequest, context: grpc.ServicerContext
+    ) -> pb.SidecarStatus:
+        return self._s.status()
+
+
+class SidecarControlService(SidecarControlServicer):
+    """The operator's calls, over TCP; `auth.TokenAuth` has checked the token already."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        self._s = sidecar
+
+    @guarded
+    def GetStatus(  # noqa: N802 - gRPC method name
+        self, request: pb.GetStatusRequest, context: grpc.ServicerContext
+    ) -> pb.SidecarStatus:
+        return self._s.status()
+
+    def StreamEvents(  # noqa: N802 - gRPC method name
+        self, request: pb.StreamEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.SidecarEvent]:
+        """Replays buffered events after `after_sequence`, then follows live until the client
+        goes away or the sidecar stops. A client too slow for the ring loses the oldest events
+        (counted) and sees the jump in `sequence`."""
+        subscription = self._s.events.subscribe(request.after_sequence)
+        poll_s = self._s.config.tuning.monitor_idle_interval_ms / 1e3
+        while context.is_active() and not subscription.closed:
+            yield from subscription.next_batch(poll_s)
+
+    @guarded
+    def SignalEmergency(  # noqa: N802 - gRPC method name
+        self, request: EmergencySignal, context: grpc.ServicerContext
+    ) -> EmergencyAck:
+        s = self._s
+        check_signal(request, s.config.run_id)
+        signal = EmergencySignal()
+        signal.CopyFrom(request)
+        signal.source = Participant.PARTICIPANT_OPERATOR
+        signal.origin = signal.origin or "operator"
+        if not signal.kind and signal.incident_id:
+            signal.kind = AnomalyKind.ANOMALY_KIND_CLUSTER_INCIDENT
+        generation, level = s.machine.raise_signal(signal)
+        budget = budget_ms(s.config.emergency, level)
+        ack = s.machine.wait_for_ack(generation, TRAINER, budget / 1e3)
+        if ack is None:
+            raise AckTimeout(generation, participant_name(TRAINER), budget)
+        return ack
+
+    @guarded
+    def ResolveEmergency(  # noqa: N802 - gRPC method name
+        self, request: EmergencyResolution, context: grpc.ServicerContext
+    ) -> pb.ResolveEmergencyResponse:
+        check_version(request.version)
+        self._s.machine.resolve(
+            request.generation,
+            request.resolved_by or "operator",
+            request.reason,
+            incident_id=request.incident_id,
+        )
+        return pb.ResolveEmergencyResponse(resolved=True)
+
+    @guarded
+    def RequestCheckpoint(  # noqa: N802 - gRPC method name
+        self, request: pb.CheckpointRequest, context: grpc.ServicerContext
+    ) -> pb.CheckpointResponse:
+        s = self._s
+        entry = s.slots.newest_persistable()
+        if entry is None:
+            raise PreconditionFailed("slot", "no committed snapshot to persist yet")
+        reason = request.reason or "requested"
+        if entry.durable:
+            record = s.checkpoint_of(entry.generation)
+            if record is not None:
+                s.checkpoint_done(request.stop_after, reason)
+                return pb.CheckpointResponse(scheduled=True, checkpoint=record)
+        scheduled, error = s.persister.schedule(entry.index, entry.generation)
+        if not scheduled:
+            return pb.CheckpointResponse(scheduled=False, error=error)
+        remaining = context.time_remaining()
+        wait_s = (
+            remaining * 0.9 if remaining is not None else s.config.rollback.full_deadline_seconds
+        )
+        outcome = s.persister.wait(entry.generation, wait_s)
+        if outcome is None:
+            return pb.CheckpointResponse(
+                scheduled=True,
+                error=f"generation {entry.generation} still being written after {wait_s:.1f} s; "
+                "watch the event stream for its checkpoint event",
+            )
+        if isinstance(outcome, PersistFailed):
+            return pb.CheckpointResponse(scheduled=True, error=str(outcome))
+        s.checkpoint_done(request.stop_after, reason)
+        return pb.CheckpointResponse(scheduled=True, checkpoint=outcome)

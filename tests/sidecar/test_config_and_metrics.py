@@ -1,0 +1,131 @@
+"""The sidecar's configuration (spec sections, flags, token, drills) and its metric names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from leyline import AnomalyKind, EmergencyLevel, RollbackOutcome, RollbackTier
+from leyline.spec import TolariaRun
+from leyline.v1.resilience_pb2 import CheckpointOutcome, SlotCondition
+from tests.sidecar.doubles import tolaria_run
+from tolaria_sidecar.config import CheckpointDrill, ControlAddress, SidecarConfig, read_token
+from tolaria_sidecar.errors import ConfigInvalid
+from tolaria_sidecar.metrics import SidecarMetrics, enum_names
+
+
+def build(run: TolariaRun, tmp_path: Path, **options: object) -> SidecarConfig:
+    return SidecarConfig.from_run(run, socket_path=tmp_path / "s.sock", **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.req("R12")
+def test_spec_sections_come_from_the_manifest_unchanged(tmp_path: Path) -> None:
+    run = tolaria_run(snapshots={"slots": 3}, emergency={"criticalMs": 50})
+    config = build(run, tmp_path)
+    assert config.snapshots is run.spec.snapshots
+    assert config.rollback is run.spec.rollback
+    assert config.detection is run.spec.detection
+    assert config.emergency is run.spec.emergency
+    assert config.checkpoints is run.spec.checkpoints
+    assert (config.snapshots.slots, config.emergency.critical_ms) == (3, 50)
+
+
+@pytest.mark.req("R6.3")
+def test_the_checkpoint_directory_defaults_to_the_spec_then_beside_the_socket(
+    tmp_path: Path,
+) -> None:
+    assert build(tolaria_run(), tmp_path).checkpoint_dir == tmp_path / "checkpoints"
+    configured = tolaria_run(checkpoints={"directory": "/data/ckpt"})
+    assert build(configured, tmp_path).checkpoint_dir == Path("/data/ckpt")
+    flag = build(configured, tmp_path, checkpoint_dir=tmp_path / "x")
+    assert flag.checkpoint_dir == tmp_path / "x"
+
+
+@pytest.mark.req("R10.5")
+def test_the_run_id_defaults_to_the_manifest_name_and_is_validated(tmp_path: Path) -> None:
+    assert build(tolaria_run("my-run"), tmp_path).run_id == "my-run"
+    with pytest.raises(ConfigInvalid, match="--run-id"):
+        build(tolaria_run(), tmp_path, run_id="../escape")
+
+
+@pytest.mark.req("R10.5")
+def test_a_socket_path_longer_than_linux_allows_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigInvalid, match="--socket"):
+        SidecarConfig.from_run(tolaria_run(), socket_path=Path("/tmp/" + "x" * 200))
+
+
+@pytest.mark.req("R10.5")
+def test_the_token_comes_from_the_file_then_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOLARIA_SIDECAR_TOKEN", "from-env")
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    assert read_token(token_file) == "from-file"
+    assert read_token(None) == "from-env"
+    token_file.write_text("  \n")
+    with pytest.raises(ConfigInvalid, match="--token-file"):
+        read_token(token_file)
+    with pytest.raises(ConfigInvalid, match="--token-file"):
+        read_token(tmp_path / "absent")
+
+
+@pytest.mark.req("R10.5")
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        ("0.0.0.0:7070", True),
+        ("127.0.0.1:0", True),
+        ("host", False),
+        (":80", False),
+        ("h:99999", False),
+    ],
+)
+def test_control_addresses_are_host_and_port(text: str, ok: bool) -> None:
+    if ok:
+        assert ControlAddress.parse(text).target == text
+    else:
+        with pytest.raises(ConfigInvalid, match="--control-address"):
+            ControlAddress.parse(text)
+
+
+@pytest.mark.req("R6.3")
+def test_the_checkpoint_io_error_drill_parses_and_unknown_drills_are_refused() -> None:
+    assert CheckpointDrill.parse("checkpoint-io-error@epoch=4").epoch == 4
+    for bad in ("disk-full@epoch=1", "checkpoint-io-error@step=1", "checkpoint-io-error@epoch=x"):
+        with pytest.raises(ConfigInvalid, match="--inject"):
+            CheckpointDrill.parse(bad)
+
+
+@pytest.mark.req("R8.3")
+def test_every_series_is_prefixed_in_base_units_and_touched_at_start() -> None:
+    registry = CollectorRegistry()
+    SidecarMetrics(registry)
+    from prometheus_client.exposition import generate_latest
+
+    families = list(text_string_to_metric_families(generate_latest(registry).decode()))
+    names = {f.name for f in families}
+    assert all(name.startswith("tolaria_sidecar_") for name in names)
+    for family in families:
+        if family.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
+        if family.type == "histogram":
+            assert family.name.endswith("_seconds")
+    samples = {(s.name, tuple(sorted(s.labels.items()))) for f in families for s in f.samples}
+    level = EmergencyLevel.Name(EmergencyLevel.EMERGENCY_LEVEL_CRITICAL)
+    kind = AnomalyKind.Name(AnomalyKind.ANOMALY_KIND_STALLED_STEP)
+    assert ("tolaria_sidecar_emergencies_total", (("kind", kind), ("level", level))) in samples
+    for outcome in enum_names(CheckpointOutcome.items()):
+        assert (
+            "tolaria_sidecar_checkpoint_writes_total",
+            (("outcome", outcome),),
+        ) in samples
+    for condition in enum_names(SlotCondition.items()):
+        assert ("tolaria_sidecar_slots", (("condition", condition),)) in samples
+    for tier in enum_names(RollbackTier.items()):
+        for outcome in enum_names(RollbackOutcome.items()):
+            key = (("outcome", outcome), ("tier", tier))
+            assert ("tolaria_sidecar_rollbacks_total", key) in samples
