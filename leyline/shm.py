@@ -68,6 +68,8 @@ MAX_PARTICIPANTS = 8
 MAX_SLOTS = 32
 REASON_BYTES = 120
 SEQLOCK_RETRIES = 1000
+SEQLOCK_SPINS = 100
+SEQLOCK_TIMEOUT_S = 0.05
 
 SLOT_FLAG_EPOCH_BOUNDARY = 1
 SLOT_FLAG_FROM_CHECKPOINT = 2
@@ -204,21 +206,36 @@ class _Seqlock:
         self._word = seg.u64(at)
 
     def write(self, fill: Callable[[], None]) -> None:
-        self._word.value += 1  # odd: writing
+        seq = self._word.value
+        if seq & 1:
+            seq += 1  # a writer died mid-write: restore the parity before writing again
+        self._word.value = seq + 1  # odd: writing
         try:
             fill()
         finally:
-            self._word.value += 1  # even: stable
+            self._word.value = seq + 2  # even: stable
 
     def read(self, fetch: Callable[[], _T]) -> _T:
-        for _ in range(SEQLOCK_RETRIES):
+        """A consistent read, yielding to a descheduled writer; `TornHeader` after a while.
+
+        Bounded by time, not by spins: on a busy 2-core host the writer may be
+        off-CPU for milliseconds. A sequence that stays odd means the writer
+        died mid-write; the record is then torn and reported as such.
+        """
+        deadline = time.monotonic() + SEQLOCK_TIMEOUT_S
+        spins = 0
+        while True:
             before = self._word.value
-            if before & 1:
-                continue
-            value = fetch()
-            if self._word.value == before:
-                return value
-        raise TornHeader(f"{self._seg.path}: record kept changing during {SEQLOCK_RETRIES} reads")
+            if not before & 1:
+                value = fetch()
+                if self._word.value == before:
+                    return value
+            spins += 1
+            if spins > SEQLOCK_SPINS:
+                if time.monotonic() > deadline:
+                    waited_ms = SEQLOCK_TIMEOUT_S * 1e3
+                    raise TornHeader(f"{self._seg.path}: still changing after {waited_ms:.0f} ms")
+                time.sleep(0)  # let the writer run
 
 
 def _check_static(seg: Segment, magic: bytes, fields: tuple[Any, ...]) -> None:

@@ -73,7 +73,7 @@ class PodSpec(SpecModel):
     """Pull policy of both images."""
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     """Trainer container resources."""
-    shm_size_limit: str = Field(default="", pattern=r"^$|" + QUANTITY_PATTERN[1:], max_length=32)
+    shm_size_limit: str = Field(default="", pattern=r"^$|" + QUANTITY_PATTERN, max_length=32)
     """Size limit of the memory-backed /dev/shm (snapshot slots live there); empty: computed by
     the operator from the snapshot slots and headroom, at least 1Gi."""
     checkpoint_volume: CheckpointVolumeSpec = Field(default_factory=CheckpointVolumeSpec)
@@ -97,7 +97,7 @@ class EscalationSpec(SpecModel):
     """Sidecar emergencies at or above this level are escalated to the cluster."""
     scope: Annotated[int, ProtoEnum(IncidentScope)] = IncidentScope.run
     """Runs it is signalled to: the run, its node, its group, its namespace, the cluster."""
-    group_label: str = Field(default="", max_length=317, pattern=r"^$|" + LABEL_KEY_PATTERN[1:])
+    group_label: str = Field(default="", max_length=317, pattern=r"^$|" + LABEL_KEY_PATTERN)
     """With scope `group`: the label whose value defines the group (e.g. `tolaria.dev/group`)."""
 
     rules = (

@@ -61,10 +61,24 @@ def parse_document(text: str, source: str) -> dict[str, Any]:
     return doc
 
 
+def _without_nulls(value: Any) -> Any:
+    """Drops explicit nulls, as the API server does for fields with defaults: `epochs: null`
+    means "the default" in both places."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def validate_manifest(doc: dict[str, Any], source: str = "<manifest>") -> TolariaRun:
-    """Validates a parsed manifest; raises `ManifestInvalid` naming every bad field."""
+    """Validates a parsed manifest; raises `ManifestInvalid` naming every bad field.
+
+    Strict: no string-to-number or bool-to-int coercion, exactly like the
+    API server's schema validation, so both refuse the same manifests.
+    """
     try:
-        return TolariaRun.model_validate(doc)
+        return TolariaRun.model_validate(_without_nulls(doc), strict=True)
     except ValidationError as err:
         raise ManifestInvalid(source, field_errors(err)) from err
 

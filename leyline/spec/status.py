@@ -181,7 +181,7 @@ class TolariaIncidentSpec(SpecModel):
 
     level: Annotated[int, LEVEL]
     """Emergency level."""
-    kind: Annotated[int, ProtoEnum(AnomalyKind)] = AnomalyKind.ANOMALY_KIND_UNSPECIFIED
+    kind: Annotated[int, ProtoEnum(AnomalyKind)] | None = None
     """What happened."""
     source_run: RunRef
     """The run whose sidecar raised it."""

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from leyline.lifecycle import adopt_parent_death_signal
 from leyline.spec import ManifestInvalid, load_manifest
 from tolaria_sidecar.config import SidecarConfig
 from tolaria_sidecar.errors import ConfigInvalid
@@ -71,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    adopt_parent_death_signal()  # a supervising `tolaria run` may die; do not outlive it
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),

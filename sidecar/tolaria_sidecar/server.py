@@ -312,6 +312,7 @@ class Sidecar:
                     "--checkpoint-dir", f"cannot open {config.checkpoint_dir}: {err}"
                 ) from err
             store = _TimedStore(self._own_store, self.metrics)
+            self.view.failures.extend(self._own_store.wal.aborted())  # failures before a restart
         self.store: StoreProtocol = store
         self.slots = SlotManager(
             run_id=config.run_id,

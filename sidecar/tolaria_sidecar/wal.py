@@ -284,6 +284,7 @@ class WriteAheadLog:
         self._unusable: str | None = None
         self._live: dict[bytes, tuple[int, CheckpointRecord]] = {}
         self._begun: dict[bytes, CheckpointRecord] = {}
+        self._aborted: list[CheckpointFailure] = []
         self._high_water = 0
 
         if not directory.is_dir():
@@ -335,6 +336,11 @@ class WriteAheadLog:
         """Committed and not retired, oldest first."""
         return [record for _, record in sorted(self._live.values(), key=lambda item: item[0])]
 
+    def aborted(self) -> list[CheckpointFailure]:
+        """Failures recorded by ABORT records still in the log, oldest first (a restarted
+        sidecar reports them too; compaction drops them)."""
+        return list(self._aborted)
+
     def in_doubt(self) -> list[CheckpointRecord]:
         """BEGIN records with no COMMIT or ABORT: aborted transactions (their files are junk)."""
         return list(self._begun.values())
@@ -353,6 +359,7 @@ class WriteAheadLog:
             self._live[txn] = (header.sequence, CheckpointRecord.FromString(payload))
         elif header.op is Op.ABORT:
             self._begun.pop(txn, None)
+            self._aborted.append(_failure(payload))
         elif header.op is Op.RETIRE:
             self._live.pop(txn, None)
 
@@ -369,6 +376,7 @@ class WriteAheadLog:
     def abort(self, record: CheckpointRecord, failure: CheckpointFailure) -> None:
         """ABORT: the transaction's file was removed; `failure` says why."""
         self._append(Op.ABORT, record.transaction_id, record.epoch, failure.SerializeToString())
+        self._aborted.append(failure)
 
     def retire(self, record: CheckpointRecord) -> None:
         """RETIRE: the committed checkpoint is dropped by retention; its file may be deleted."""
@@ -483,3 +491,11 @@ class WriteAheadLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _failure(payload: bytes) -> CheckpointFailure:
+    """An ABORT payload; an unreadable one still counts as a failure with no detail."""
+    try:
+        return CheckpointFailure.FromString(payload)
+    except DecodeError:
+        return CheckpointFailure(error="unreadable ABORT payload")

@@ -81,6 +81,10 @@ def rig(shm: Path) -> Iterator[dict[str, Any]]:
         "counter": counter,
         "commits": commits,
     }
+    writer.fence()
+    for slot in slots:
+        slot.close()
+    control.close()
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:

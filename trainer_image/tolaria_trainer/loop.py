@@ -133,6 +133,8 @@ class EpochLoop:
                 response = self.run_epoch(epoch)
             if response is not None and response.directive is Directive.HALT:
                 return self._end(RunPhase.Halted, response.reason)
+            if response is not None and response.directive is Directive.SUSPEND:
+                return self._end(RunPhase.Suspended, response.reason)
             # after a rollback the restored position says where to carry on
         return self._end(RunPhase.Succeeded, "")
 
@@ -268,8 +270,12 @@ class EpochLoop:
             response = self._after_recovery(self.resilience.respond(anomaly))
             if response is not None:
                 return response
-        if self.resilience is not None:
-            self.resilience.epoch_end()  # epoch snapshot (+ durable checkpoint when due)
+        if self.resilience is not None:  # epoch snapshot (+ durable checkpoint when due)
+            stop = self.resilience.epoch_end(
+                health=self.history.epochs[-1].health, loss=self.history.epochs[-1].training_loss
+            )
+            if stop:
+                return Response(Directive.SUSPEND, stop)
         return None
 
     def _record(

@@ -152,11 +152,11 @@ class EmergencyParticipant:
             self._ack_all(record, frozen=True)
             return
         self._ack_all(record, frozen=False)
-        if (
-            record.generation not in self._own
-            and record.level > EmergencyLevel.EMERGENCY_LEVEL_MINOR
-        ):
-            self.actions.append(Action(record))
+        raised_here = (
+            record.source == Participant.PARTICIPANT_TRAINER or record.generation in self._own
+        )
+        if not raised_here and record.level > EmergencyLevel.EMERGENCY_LEVEL_MINOR:
+            self.actions.append(Action(record))  # raised outside (operator, cluster): act on it
 
     def _halt(self, record: EmergencyRecord) -> None:
         self.halt = record

@@ -27,6 +27,7 @@ the sidecar (full rollback, emergencies broadcast) is reported as unavailable.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -43,6 +44,7 @@ from leyline import (
     EmergencyResolution,
     EmergencySignal,
     EmergencyState,
+    HealthStatus,
     MessagePriority,
     Participant,
     ReplayPolicy,
@@ -106,6 +108,7 @@ class Directive(Enum):
     CONTINUE = auto()
     ROLLED_BACK = auto()
     HALT = auto()
+    SUSPEND = auto()
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ class Resilience:
     ) -> None:
         self._run_id = run_id
         self._spec = spec
+        self.link = link
         self._link = link
         self._state = state
         self._position = position
@@ -191,6 +195,7 @@ class Resilience:
             run_id=self._run_id,
             window=self._spec.budgets.latency_window,
         )
+        self.writer.on_result = self.on_capture
         self.participant = EmergencyParticipant(
             self.control,
             attempt=self._attempt,
@@ -285,21 +290,35 @@ class Resilience:
         every = self._spec.checkpoints.every_epochs
         self._persist_next = every > 0 and (epoch + 1) % every == 0
 
-    def epoch_end(self) -> None:
-        """Snapshots the state after an epoch's hook (position = start of the next epoch)."""
+    def epoch_end(self, *, health: HealthStatus.ValueType, loss: float) -> str:
+        """Snapshots the state after an epoch's hook (position = start of the next epoch) and
+        reports progress; returns the sidecar's stop request (checkpoint-then-stop), if any."""
         if self.writer is None:
-            return
+            return ""
         persist = self._persist_next
         self._persist_next = False
         if self._spec.snapshots.at_epoch_end or persist:
+            self.fence()
+            self._persist_after_commit = persist  # read by the worker after its commit
             self.writer.capture(
                 global_step=self._position.global_step,
                 epoch=self._position.epoch,
                 batch_index=0,
                 epoch_end=True,
             )
-            if persist:
-                self._persist_after_commit = True
+        request = pb.HeartbeatRequest(
+            run_id=self._run_id,
+            epoch=self._position.epoch,
+            global_step=self._position.global_step,
+            phase=RunPhase.Running,
+            health=health,
+            loss=loss if math.isfinite(loss) else 0.0,
+        )
+        try:
+            reply = self._link.heartbeat(request)
+        except SidecarUnavailable:
+            return ""
+        return reply.stop_reason or "stop requested by the sidecar" if reply.stop_requested else ""
 
     def _commit(self, slot: int, generation: int) -> str:
         """Runs on the snapshot worker: tell the sidecar; persist it when asked."""
@@ -487,6 +506,7 @@ class Resilience:
             report.checkpoint_id = reply.checkpoint.checkpoint_id
             slot = self._slot(reply.slot.index)
             header = slot.header()
+            self.writer.adopt(slot.index, header.generation)
             restorer = Restorer(
                 state=self._state, control=self._require_control(), keep_live=frozenset({"history"})
             )
@@ -795,3 +815,12 @@ class Resilience:
             logger.warning("detach not delivered: %s", err)
         if self.participant is not None:
             self.participant.stop()
+
+
+def sidecar_status(link: SidecarLink) -> pb.SidecarStatus | None:
+    """The sidecar's view of the run (emergencies with acks, checkpoints) for the report."""
+    try:
+        return link.status()
+    except SidecarUnavailable as err:
+        logger.warning("sidecar status unavailable for the report: %s", err)
+        return None

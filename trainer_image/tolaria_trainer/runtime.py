@@ -33,6 +33,7 @@ from leyline import (
     TelemetryLevel,
 )
 from leyline.spec import TolariaRun
+from leyline.v1 import sidecar_pb2 as pb
 from tolaria_trainer.clock import MonotonicClock
 from tolaria_trainer.data import BatchPlan
 from tolaria_trainer.detector import AnomalyDetector
@@ -57,7 +58,7 @@ from tolaria_trainer.optimizer_manager import OptimizerManager, ParamGroup
 from tolaria_trainer.profiler import EpochProfiler
 from tolaria_trainer.progress import ProgressView
 from tolaria_trainer.report import accuracy_summary, loss_summary, write_report
-from tolaria_trainer.resilience import Position, Resilience
+from tolaria_trainer.resilience import Position, Resilience, sidecar_status
 from tolaria_trainer.sidecar_link import SidecarLink
 from tolaria_trainer.state import DocumentSource, TrainingState
 from tolaria_trainer.steps import StepRunner
@@ -74,6 +75,7 @@ EXIT_HALTED = 3
 
 EXIT_CODES = {
     RunPhase.Succeeded: EXIT_SUCCEEDED,
+    RunPhase.Suspended: EXIT_SUCCEEDED,
     RunPhase.Failed: EXIT_FAILED,
     RunPhase.Halted: EXIT_HALTED,
 }
@@ -157,9 +159,11 @@ def run_training(run: TolariaRun, options: RunOptions) -> RunReport:
     finally:
         c.loop.hook.close()
         c.hub.flush()
+    sidecar = None
     if c.resilience is not None:
         c.resilience.close(phase=outcome.phase, reason=outcome.reason)
-    report = build_report(c, outcome)
+        sidecar = sidecar_status(c.resilience.link)
+    report = build_report(c, outcome, sidecar)
     write_report(report, report_path)
     c.hub.event(
         "tolaria.run_finished",
@@ -302,16 +306,18 @@ def build(run: TolariaRun, options: RunOptions) -> Components:
 
         def write_halt_report(reason: str) -> None:
             comps = components_ref[0]
-            report = build_report(comps, Outcome(RunPhase.Halted, reason))
+            sidecar = sidecar_status(link)
+            report = build_report(comps, Outcome(RunPhase.Halted, reason), sidecar)
             write_report(report, comps.run_dir / "report.json")
 
         def set_rollback(active: bool) -> None:
             hub.health_inputs.rollback_in_progress = active
 
+        link = SidecarLink(options.sidecar_socket)
         resilience = Resilience(
             run_id=run.name,
             spec=spec,
-            link=SidecarLink(options.sidecar_socket),
+            link=link,
             state=state,
             position=position,
             history=history,
@@ -416,7 +422,9 @@ def _summary(samples_ns: list[int], budget_ms: float | None) -> LatencySummary:
     )
 
 
-def build_report(c: Components, outcome: Outcome) -> RunReport:
+def build_report(
+    c: Components, outcome: Outcome, sidecar: pb.SidecarStatus | None = None
+) -> RunReport:
     """Turns the history and the components' records into a `RunReport`."""
     loop = c.loop
     h = c.history
@@ -463,6 +471,12 @@ def build_report(c: Components, outcome: Outcome) -> RunReport:
     )
     if outcome.phase == RunPhase.Halted:
         report.final_health = HealthStatus.HEALTH_STATUS_CRITICAL
+    if sidecar is not None:
+        if sidecar.emergencies:  # the sidecar's records carry every participant's ack
+            del report.emergencies[:]
+            report.emergencies.extend(sidecar.emergencies)
+        report.checkpoints.extend(sidecar.checkpoints)
+        report.checkpoint_failures.extend(sidecar.checkpoint_failures)
     r = c.resilience
     if r is not None:
         report.snapshots_committed = r.snapshots_committed

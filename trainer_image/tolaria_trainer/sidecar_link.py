@@ -107,6 +107,9 @@ class SidecarLink:
     def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         return self._call("Heartbeat", request, 2.0)  # type: ignore[return-value]
 
+    def status(self) -> pb.SidecarStatus:
+        return self._call("GetStatus", pb.GetStatusRequest(), 5.0)  # type: ignore[return-value]
+
     def detach(self, request: pb.DetachRequest) -> None:
         self._call("Detach", request, 5.0)
 

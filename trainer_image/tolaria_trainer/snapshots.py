@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from leyline import SCHEMA_VERSION, SnapshotManifest
-from leyline.checksum import DATA_ALGORITHM
+from leyline.checksum import DATA_ALGORITHM, digest_bytes
 from leyline.shm import SLOT_FLAG_EPOCH_BOUNDARY, ControlBlock, Slot, TornHeader
 from leyline.spec import SnapshotSpec
 from tolaria_trainer.latency import LatencyStats
@@ -155,6 +155,12 @@ class SnapshotWriter:
         )
         self._thread.start()
 
+    def adopt(self, slot: int, generation: int) -> None:
+        """Records a slot someone else wrote (the sidecar loading a checkpoint for a full
+        rollback): numbering continues above it and the slot counts as just written."""
+        self._next_generation = max(self._next_generation, generation + 1)
+        self._written_at[slot] = generation
+
     def fence(self) -> int:
         """Waits for the capture in flight (before anything mutates the captured tensors).
 
@@ -204,6 +210,7 @@ class SnapshotWriter:
         try:
             placements = [Placement(t.offset, t.nbytes, t.tensor) for t in layout.tensors]
             checksum = copy_hashing(slot, placements, to_slot=True, total_bytes=layout.data_bytes)
+            manifest.checksum = digest_bytes(checksum)
             slot.publish(
                 generation=result.generation,
                 manifest=manifest.SerializeToString(),

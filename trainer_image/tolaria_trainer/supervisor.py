@@ -287,6 +287,7 @@ class Supervisor:
                 "; ".join(self.seen.notes) or f"trainer ended with exit code {code} and no report"
             )
         report.restarts = self.seen.restarts
+        self._record_sidecar_drills(report)
         if code not in FINAL_CODES or (self.seen.notes and report.status == RunPhase.Running):
             report.status = RunPhase.Failed
             report.exit_code = 1
@@ -298,6 +299,28 @@ class Supervisor:
         write_report(report, path)
         self._print_finish(report, path)
         return int(report.exit_code)
+
+    def _record_sidecar_drills(self, report: RunReport) -> None:
+        """Drills the sidecar ran: fired when the report shows their effect."""
+        for drill in self._sidecar_drills:
+            record = report.drills.add(spec=drill.raw)
+            failures = [f for f in report.checkpoint_failures if f.epoch == drill.at]
+            if failures:
+                record.fired = True
+                record.epoch = drill.at
+                record.step = failures[0].global_step
+                latest = report.checkpoints[-1].checkpoint_id if report.checkpoints else "none"
+                record.observed = (
+                    f"checkpoint of epoch {drill.at} failed ({failures[0].error}); "
+                    f"training went on, later checkpoints committed; latest {latest}"
+                )
+            else:
+                record.observed = "did not fire (no checkpoint was written for that epoch)"
+        if self.seen.sidecar_restarts:
+            for record in report.drills:
+                if record.spec.startswith("sidecar-crash") and record.fired:
+                    restarts = self.seen.sidecar_restarts
+                    record.observed += f"; sidecar restarted {restarts}x, slots re-attached"
 
     def _print_finish(self, report: RunReport, path: Path) -> None:
         if self._opts.log_format == "json":
