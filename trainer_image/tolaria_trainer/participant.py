@@ -39,6 +39,8 @@ IN_PROCESS = (
 POLL_S = 0.001
 HALT_GRACE_S = 3.0
 EXIT_HALTED = 3
+POD_MODE_ENV = "TOLARIA_POD_TERMINATION_LOG"
+"""Set by the worker in a pod: final outcomes exit 0 with a termination message."""
 
 
 @dataclass(frozen=True)
@@ -171,5 +173,5 @@ class EmergencyParticipant:
             "training thread did not react to HALT within %.0f s; halting from the watcher",
             HALT_GRACE_S,
         )
-        self._on_halt_hung(record)
-        os._exit(EXIT_HALTED)
+        self._on_halt_hung(record)  # writes the report and the pod's termination message
+        os._exit(0 if os.environ.get(POD_MODE_ENV) else EXIT_HALTED)

@@ -26,6 +26,7 @@ the sidecar (full rollback, emergencies broadcast) is reported as unavailable.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum, auto
+from pathlib import Path
 from typing import Any
 
 from leyline import (
@@ -65,7 +67,7 @@ from leyline.v1 import sidecar_pb2 as pb
 from tolaria_trainer.clock import ms_to_ns
 from tolaria_trainer.detector import Anomaly
 from tolaria_trainer.history import RunHistory
-from tolaria_trainer.participant import EmergencyParticipant
+from tolaria_trainer.participant import POD_MODE_ENV, EmergencyParticipant
 from tolaria_trainer.protocols import EventSink, JsonDict
 from tolaria_trainer.restore import NothingToRestore, Restored, Restorer, SnapshotRejected, timing
 from tolaria_trainer.sidecar_link import SidecarLink, SidecarUnavailable
@@ -783,6 +785,13 @@ class Resilience:
             f"halted by the sidecar while the training thread was unresponsive: {record.reason}"
         )
         self._write_halt_report(self.halt_reason)
+        log = os.environ.get(POD_MODE_ENV)
+        if log:
+            message = {"phase": "Halted", "exitCode": 3, "reason": self.halt_reason[:3000]}
+            try:
+                Path(log).write_text(json.dumps(message), encoding="utf-8")
+            except OSError as err:
+                logger.error("cannot write the termination message to %s: %s", log, err)
 
     # -- helpers ---------------------------------------------------------------------------
     def _require_control(self) -> ControlBlock:

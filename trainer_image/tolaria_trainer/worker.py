@@ -10,7 +10,9 @@ the sidecar's committed slots and resumes from the newest valid one (R6.2).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,11 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from leyline import RunPhase
 from leyline.lifecycle import adopt_parent_death_signal
 from leyline.spec import ManifestInvalid, load_manifest
 from tolaria_trainer.device import DeviceUnavailable
 from tolaria_trainer.drills import DrillSpec, parse_drill
 from tolaria_trainer.errors import DrillInvalid, TaskInvalid
+from tolaria_trainer.participant import POD_MODE_ENV
 from tolaria_trainer.progress import JsonView, ProgressView, RichView
 from tolaria_trainer.runtime import EXIT_INVALID, RunOptions, run_training
 
@@ -48,8 +52,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--profile", type=lambda s: frozenset(int(x) for x in s.split(",") if x), default=None
     )
+    p.add_argument(
+        "--pod",
+        action="store_true",
+        help="in a pod: write the outcome to --termination-log and exit 0 for every final "
+        "outcome, so the kubelet restarts only crashes (restartPolicy OnFailure)",
+    )
+    p.add_argument("--termination-log", type=Path, default=Path("/dev/termination-log"))
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def _terminate(args: argparse.Namespace, phase: str, code: int, reason: str) -> int:
+    """In a pod, report the outcome through the termination message and exit 0 (final);
+    locally, exit with the run's code."""
+    if not args.pod:
+        return code
+    message = json.dumps({"phase": phase, "exitCode": code, "reason": reason[:3000]})
+    try:
+        args.termination_log.write_text(message, encoding="utf-8")
+    except OSError as err:
+        logger.error("cannot write the termination message to %s: %s", args.termination_log, err)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     view: ProgressView = JsonView() if args.log_format == "json" else RichView()
+    if args.pod:
+        os.environ[POD_MODE_ENV] = str(args.termination_log)
     try:
         run = load_manifest(args.manifest)
         report = run_training(
@@ -89,8 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (ManifestInvalid, TaskInvalid, DrillInvalid, DeviceUnavailable) as err:
         sys.stderr.write(f"error: {args.manifest}: {err}\n")
-        return EXIT_INVALID
-    return report.exit_code
+        return _terminate(args, RunPhase.Name(RunPhase.Failed), EXIT_INVALID, str(err))
+    return _terminate(args, RunPhase.Name(report.status), report.exit_code, report.reason)
 
 
 if __name__ == "__main__":
