@@ -44,5 +44,8 @@ lint: $(VENV)/.dev-installed
 codegen: $(VENV)/.dev-installed
 	$(BIN)/python leyline/run_codegen.py
 
+crds: $(VENV)/.dev-installed
+	$(BIN)/python -m leyline.crd --write crds/
+
 clean-venv:
 	rm -rf $(VENV)

@@ -61,13 +61,16 @@ def parse_document(text: str, source: str) -> dict[str, Any]:
     return doc
 
 
-def _without_nulls(value: Any) -> Any:
-    """Drops explicit nulls, as the API server does for fields with defaults: `epochs: null`
-    means "the default" in both places."""
+def _as_the_server_reads(value: Any) -> Any:
+    """What the API server sees in a manifest: explicit nulls dropped (`epochs: null` means
+    "the default" in both places) and whole floats read as integers (`epochs: 10.0` is 10;
+    a number field takes an int as well, so nothing else changes)."""
     if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+        return {k: _as_the_server_reads(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
-        return [_without_nulls(v) for v in value]
+        return [_as_the_server_reads(v) for v in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
     return value
 
 
@@ -78,7 +81,7 @@ def validate_manifest(doc: dict[str, Any], source: str = "<manifest>") -> Tolari
     API server's schema validation, so both refuse the same manifests.
     """
     try:
-        return TolariaRun.model_validate(_without_nulls(doc), strict=True)
+        return TolariaRun.model_validate(_as_the_server_reads(doc), strict=True)
     except ValidationError as err:
         raise ManifestInvalid(source, field_errors(err)) from err
 

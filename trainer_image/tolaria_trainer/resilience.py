@@ -80,6 +80,8 @@ EVENT_ROLLBACK = "tolaria.rollback"
 EVENT_EMERGENCY = "tolaria.emergency"
 EVENT_DEGRADED = "tolaria.sidecar_unavailable"
 EVENT_HALT = "tolaria.halt"
+CLOSE_WAIT_S = 15.0
+"""At the end of a run, how long to wait for a restarting sidecar (it restarts in ~1 s)."""
 
 
 @dataclass
@@ -816,6 +818,11 @@ class Resilience:
 
     def close(self, *, phase: RunPhase.ValueType, reason: str) -> None:
         self.fence()
+        if not self._link.health.reachable:
+            try:  # a restarting sidecar: give it a moment to take the detach and the report query
+                self._link.wait_ready(CLOSE_WAIT_S)
+            except SidecarUnavailable as err:
+                logger.warning("sidecar still unavailable at the end of the run: %s", err)
         try:
             self._link.detach(
                 pb.DetachRequest(run_id=self._run_id, final_phase=phase, reason=reason)

@@ -1,0 +1,125 @@
+"""A real Kubernetes CRD API server for the session, with both Tolaria CRDs applied.
+
+`tools/crd-apiserver` builds Kubernetes' own apiextensions-apiserver (cached in
+`~/.cache/tolaria/crd-apiserver`) and runs it on 127.0.0.1 with a private etcd.
+Tests that need it are marked `apiserver` and take the `kube` fixture: they are
+skipped, with build.sh's reason, where the server cannot be built, and fail
+where a built server does not start. Each test works in its own namespace
+(`namespace` fixture; the server accepts any name without a Namespace object).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+import yaml
+from kubernetes.client import ApiClient, ApiextensionsV1Api, CustomObjectsApi
+from kubernetes.client.rest import ApiException
+
+from leyline.crd import crds
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = ROOT / "tools" / "crd-apiserver"
+CRD_DIR = ROOT / "crds"
+DEADLINE_SECONDS = 60.0
+"""Generous: the server answers in well under a second, but CI machines stall."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "apiserver: needs the real CRD API server (skipped when it cannot be built)"
+    )
+
+
+def wait_for(what: str, probe: Callable[[], Any], deadline_s: float = DEADLINE_SECONDS) -> Any:
+    """Polls `probe` until it returns something truthy; fails naming `what` after the deadline."""
+    end = time.monotonic() + deadline_s
+    last: Any = None
+    while time.monotonic() < end:
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.05)
+    pytest.fail(f"{what}: not within {deadline_s:.0f} s (last: {last!r})")
+
+
+@pytest.fixture(scope="session")
+def crd_apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Kubeconfig of a real CRD API server shared by the session; skips when it cannot be built."""
+    build = subprocess.run(
+        [TOOL / "build.sh"], capture_output=True, text=True, timeout=900, check=False
+    )
+    if build.returncode != 0:
+        reason = (build.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"real CRD API server unavailable: {reason}")
+    workdir = tmp_path_factory.mktemp("crd-apiserver")
+    start = subprocess.run(
+        [TOOL / "start.sh", workdir], capture_output=True, text=True, timeout=180, check=False
+    )
+    if start.returncode != 0:
+        subprocess.run([TOOL / "stop.sh", workdir], capture_output=True, check=False)
+        pytest.fail(f"start.sh failed (the server is built, so this is a bug):\n{start.stderr}")
+    try:
+        yield workdir / "kubeconfig"
+    finally:
+        subprocess.run([TOOL / "stop.sh", workdir], capture_output=True, check=False)
+
+
+def _established(ext: ApiextensionsV1Api, name: str) -> bool:
+    conditions = ext.read_custom_resource_definition(name).status.conditions or []
+    return any(c.type == "Established" and c.status == "True" for c in conditions)
+
+
+def _serving(custom: CustomObjectsApi, crd: dict[str, Any]) -> bool:
+    """Whether the resource's endpoint answers: Established can precede the handler by a moment."""
+    plural = crd["spec"]["names"]["plural"]
+    try:
+        custom.list_cluster_custom_object(crd["spec"]["group"], "v1alpha1", plural, limit=1)
+    except ApiException as err:
+        if err.status == 404:
+            return False
+        raise
+    return True
+
+
+@pytest.fixture(scope="session")
+def kube(crd_apiserver: Path) -> Iterator[ApiClient]:
+    """An ApiClient for the test server with the committed `crds/` applied and Established.
+
+    Built from the kubeconfig file, never from `$KUBECONFIG` (the client reads that once, at
+    import time).
+    """
+    api = kubernetes.config.new_client_from_config(config_file=str(crd_apiserver))
+    ext = ApiextensionsV1Api(api)
+    custom = CustomObjectsApi(api)
+    for name in crds():
+        body = yaml.safe_load((CRD_DIR / name).read_text(encoding="utf-8"))
+        ext.create_custom_resource_definition(body)
+    for name, crd in crds().items():
+        wait_for(f"{name} Established", lambda n=crd["metadata"]["name"]: _established(ext, n))
+        wait_for(f"{name} served", lambda c=crd: _serving(custom, c))
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+@pytest.fixture
+def custom(kube: ApiClient) -> CustomObjectsApi:
+    """CustomObjectsApi on the test server."""
+    return CustomObjectsApi(kube)
+
+
+@pytest.fixture
+def namespace(request: pytest.FixtureRequest) -> str:
+    """A namespace name of this test's own (CRDs are cluster-wide; names must not collide)."""
+    stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    return f"{stem}-{uuid.uuid4().hex[:6]}"
