@@ -47,5 +47,14 @@ codegen: $(VENV)/.dev-installed
 crds: $(VENV)/.dev-installed
 	$(BIN)/python -m leyline.crd --write crds/
 
+REGISTRY ?= ghcr.io/tolaria
+VERSION ?= 0.1.0
+DOCKER ?= docker
+
+images:
+	$(DOCKER) build -f trainer_image/Dockerfile -t $(REGISTRY)/trainer:$(VERSION) .
+	$(DOCKER) build -f sidecar/Dockerfile -t $(REGISTRY)/sidecar:$(VERSION) .
+	$(DOCKER) build -f operator/Dockerfile -t $(REGISTRY)/operator:$(VERSION) .
+
 clean-venv:
 	rm -rf $(VENV)
