@@ -1,0 +1,130 @@
+"""kopf glue: the operator's start and stop, kopf's own settings, the shared context in
+`memo`, the `when=` filters, and the mapping of operator errors onto kopf's retry semantics.
+
+Called by `handlers.py` only. kopf keeps its progress and last-handled spec in annotations
+(`tolaria.dev/...`), never in `status`: the CRD declares only Tolaria's status fields and the
+API server would prune anything else (kopf#308). The finalizer is `tolaria.dev/finalizer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Mapping
+from typing import Any, cast
+
+import kopf
+
+from leyline.v1.cluster_pb2 import IncidentPhase
+from tolaria_operator import deadline
+from tolaria_operator import status as run_status
+from tolaria_operator.config import from_env
+from tolaria_operator.context import OperatorContext, build_context
+from tolaria_operator.errors import KubeApiError, OperatorError, SpecInvalid
+from tolaria_operator.metrics import MetricsServer
+from tolaria_operator.resources import INCIDENTS
+
+logger = logging.getLogger(__name__)
+
+CONTEXT_KEY = "tolaria"
+"""Key of the `OperatorContext` in kopf's memo; an embedding test may put its own there."""
+METRICS_KEY = "tolaria_metrics_server"
+FINALIZER = "tolaria.dev/finalizer"
+ANNOTATION_PREFIX = "tolaria.dev"
+
+
+class KopfEvents:
+    """Posts Kubernetes Events through kopf's event poster."""
+
+    def post(self, ref: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        try:
+            kopf.event(
+                cast("kopf.Body", dict(ref)), type=type_, reason=reason, message=message[:1024]
+            )
+        except Exception as err:
+            logger.debug("event %s on %s not posted: %s", reason, ref.get("metadata"), err)
+
+
+def configure_kopf(settings: kopf.OperatorSettings) -> None:
+    """kopf's persistence in annotations and Tolaria's finalizer name."""
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=ANNOTATION_PREFIX
+    )
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+
+
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
+    """Configure kopf, build the context (settings from the environment) unless one is given,
+    and start the metrics endpoint. Nothing here calls the API: kopf logs in after this."""
+    configure_kopf(settings)
+    if not isinstance(memo.get(CONTEXT_KEY), OperatorContext):
+        memo[CONTEXT_KEY] = build_context(from_env(os.environ), events=KopfEvents())
+    ctx = context(memo)
+    if ctx.settings.metrics.port > 0:
+        server = MetricsServer(ctx.metrics.registry)
+        await server.start(ctx.settings.metrics.address, ctx.settings.metrics.port)
+        memo[METRICS_KEY] = server
+
+
+async def count_open_incidents(ctx: OperatorContext) -> None:
+    """Once per process, before the first handler's work: the incidents left Open by an
+    earlier operator (the open-incidents gauge starts from them). Best effort."""
+    if ctx.incidents_counted:
+        return
+    ctx.incidents_counted = True
+    try:
+        found = await ctx.kube.list(INCIDENTS, None)
+    except KubeApiError as err:
+        logger.warning("open incidents not counted: %s", err)
+        return
+    open_names = {
+        str(i["metadata"]["name"])
+        for i in found
+        if (i.get("status") or {}).get("phase") == IncidentPhase.Name(IncidentPhase.Open)
+    }
+    ctx.metrics.reset_open_incidents(open_names)
+
+
+async def cleanup(memo: kopf.Memo) -> None:
+    server = memo.get(METRICS_KEY)
+    if isinstance(server, MetricsServer):
+        await server.stop()
+    ctx = memo.get(CONTEXT_KEY)
+    close = getattr(getattr(ctx, "kube", None), "close", None)
+    if close is not None:
+        await close()
+
+
+def context(memo: kopf.Memo) -> OperatorContext:
+    """The shared context; a handler before start-up finished retries."""
+    ctx = memo.get(CONTEXT_KEY)
+    if not isinstance(ctx, OperatorContext):
+        raise kopf.TemporaryError("the operator is still starting", delay=1)
+    return ctx
+
+
+async def handle(ctx: OperatorContext, handler: str, work: Awaitable[object]) -> None:
+    """Run `work`, mapping errors: a spec that cannot run is permanent (kopf stops retrying
+    until the spec changes); everything else heals and is retried after a delay."""
+    try:
+        await count_open_incidents(ctx)
+        await work
+    except SpecInvalid as err:
+        ctx.metrics.reconcile_errors.labels(handler).inc()
+        raise kopf.PermanentError(str(err)) from err
+    except OperatorError as err:
+        ctx.metrics.reconcile_errors.labels(handler).inc()
+        raise kopf.TemporaryError(str(err), delay=ctx.settings.status.retry_delay_seconds) from err
+
+
+def run_is_active(status: Mapping[str, Any] | None = None, **_: Any) -> bool:
+    """`when=` filter: the run is not in a final phase."""
+    return run_status.is_active(status)
+
+
+def rollback_pending(status: Mapping[str, Any] | None = None, **_: Any) -> bool:
+    """`when=` filter: a full rollback is in progress (its deadline must be watched)."""
+    return deadline.pending_in_body(status)

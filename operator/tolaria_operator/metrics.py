@@ -1,0 +1,166 @@
+"""The operator's Prometheus metrics (`tolaria_operator_*`) and the endpoint serving them.
+
+`OperatorMetrics` takes its registry (no global registry, so tests read a fresh one) and
+touches every label value at start, so a rate() over a never-seen label is 0, not absent.
+Labels are bounded: run phases, rollback tiers, incident levels and acks are Leyline enum
+names; a handler name; never a run, pod or uid. The reconciler, the deadline path and the
+escalation path record here; nothing here blocks or talks to the API.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from leyline import EmergencyLevel, RollbackTier, RunPhase
+from leyline.v1.cluster_pb2 import IncidentAck
+
+logger = logging.getLogger(__name__)
+
+HANDLERS = ("reconcile", "pod_event", "deadline", "resync", "sidecar", "delete", "escalation")
+"""Values of the `handler` label of reconcile errors."""
+
+ROLLBACK_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 12.0, 20.0, 30.0, 60.0, 120.0)
+"""Seconds; dense around the fast tier's 0.5 s and the full tier's 12 s budgets (R12)."""
+
+
+def _names(wrapper: object, skip_zero: bool = True) -> list[str]:
+    items = getattr(wrapper, "items")()  # noqa: B009 - protobuf enum wrappers are untyped here
+    return [name for name, number in items if number or not skip_zero]
+
+
+class OperatorMetrics:
+    """Every operator metric, registered on `registry`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.runs = Gauge(
+            "tolaria_operator_runs", "TolariaRuns by phase.", ["phase"], registry=registry
+        )
+        self.restarts = Counter(
+            "tolaria_operator_restarts_total",
+            "Trainer restarts and lost pods; counted=false for preemption and eviction.",
+            ["counted"],
+            registry=registry,
+        )
+        self.rollback_duration = Histogram(
+            "tolaria_operator_rollback_duration_seconds",
+            "Rollback durations reported by the sidecars.",
+            ["tier"],
+            buckets=ROLLBACK_BUCKETS,
+            registry=registry,
+        )
+        self.deadline_misses = Counter(
+            "tolaria_operator_deadline_misses_total",
+            "Full rollbacks that missed their deadline (enforced by the operator).",
+            registry=registry,
+        )
+        self.incidents_open = Gauge(
+            "tolaria_operator_incidents_open", "Open TolariaIncidents.", registry=registry
+        )
+        self.incidents = Counter(
+            "tolaria_operator_incidents_total",
+            "TolariaIncidents raised, by level.",
+            ["level"],
+            registry=registry,
+        )
+        self.signals = Counter(
+            "tolaria_operator_incident_signals_total",
+            "Runs signalled by an incident, by their answer.",
+            ["ack"],
+            registry=registry,
+        )
+        self.reconcile_errors = Counter(
+            "tolaria_operator_reconcile_errors_total",
+            "Handler failures, by handler.",
+            ["handler"],
+            registry=registry,
+        )
+        for phase in _names(RunPhase):
+            self.runs.labels(phase)
+        for counted in ("true", "false"):
+            self.restarts.labels(counted)
+        for tier in _names(RollbackTier):
+            self.rollback_duration.labels(tier)
+        for level in _names(EmergencyLevel):
+            self.incidents.labels(level.removeprefix("EMERGENCY_LEVEL_").lower())
+        for ack in _names(IncidentAck):
+            self.signals.labels(ack)
+        for handler in HANDLERS:
+            self.reconcile_errors.labels(handler)
+        self._phases: dict[tuple[str, str], str] = {}
+        self._open: set[str] = set()
+
+    def observe_phase(self, run: tuple[str, str], phase: str) -> None:
+        """Move `run` into `phase` in the runs-by-phase gauge."""
+        old = self._phases.get(run)
+        if old == phase:
+            return
+        if old is not None:
+            self.runs.labels(old).dec()
+        self._phases[run] = phase
+        self.runs.labels(phase).inc()
+
+    def forget_run(self, run: tuple[str, str]) -> None:
+        old = self._phases.pop(run, None)
+        if old is not None:
+            self.runs.labels(old).dec()
+
+    def observe_restarts(self, added: int, counted: int) -> None:
+        if counted > 0:
+            self.restarts.labels("true").inc(counted)
+        if added - counted > 0:
+            self.restarts.labels("false").inc(added - counted)
+
+    def incident_opened(self, name: str, level: str) -> None:
+        if name not in self._open:
+            self._open.add(name)
+            self.incidents.labels(level).inc()
+            self.incidents_open.set(len(self._open))
+
+    def incident_closed(self, name: str) -> None:
+        self._open.discard(name)
+        self.incidents_open.set(len(self._open))
+
+    def reset_open_incidents(self, names: set[str]) -> None:
+        """At start-up: the incidents found Open in the cluster."""
+        self._open = set(names)
+        self.incidents_open.set(len(self._open))
+
+
+class MetricsServer:
+    """`GET /metrics` on aiohttp, inside the operator's event loop."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def _serve(self, request: web.Request) -> web.Response:
+        body = generate_latest(self._registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start(self, address: str, port: int) -> int:
+        """Serve on `address:port` (0 picks a free port); returns the bound port."""
+        app = web.Application()
+        app.router.add_get("/metrics", self._serve)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.setblocking(False)
+        await web.SockSite(self._runner, sock).start()
+        self.port = int(sock.getsockname()[1])
+        logger.info("metrics served on %s:%d/metrics", address, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

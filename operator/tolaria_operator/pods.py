@@ -1,0 +1,463 @@
+"""The objects one `TolariaRun` owns, built as plain dicts: manifest ConfigMap, token Secret,
+headless sidecar Service, NetworkPolicy and the pod of each attempt (R10.1, R10.5).
+
+Called by the reconciler before it creates an attempt; pure, so every field is tested
+without a cluster. One pod per attempt: the trainer container and the rollback sidecar
+(native sidecar by default) share `/dev/shm`, the socket directory and the checkpoint
+volume; the run token is mounted in the sidecar only. Nothing here talks to the API or
+reads the clock (the caller passes the creation time), and nothing here imports kopf.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from leyline.spec import TolariaRun
+from tolaria_operator.config import GiB, MiB, TolariaSettings
+from tolaria_operator.resources import (
+    ATTEMPT_LABEL,
+    COUNTED_BEFORE_ANNOTATION,
+    CREATED_AT_ANNOTATION,
+    KUEUE_QUEUE_LABEL,
+    RESTARTS_BEFORE_ANNOTATION,
+    RUN_LABEL,
+    SIDECAR,
+    TRAINER,
+    RunObject,
+    manifest_name,
+    network_policy_name,
+    owner_reference,
+    pod_name,
+    run_labels,
+    service_name,
+    token_name,
+)
+
+MANIFEST_DIR = "/etc/tolaria"
+MANIFEST_FILE = "run.yaml"
+MANIFEST_PATH = f"{MANIFEST_DIR}/{MANIFEST_FILE}"
+SOCKET_DIR = "/run/tolaria"
+SOCKET_PATH = f"{SOCKET_DIR}/sidecar.sock"
+TOKEN_DIR = "/var/run/secrets/tolaria"  # noqa: S105 - a mount path, not a secret
+TOKEN_KEY = "token"  # noqa: S105 - the Secret's key name
+TOKEN_PATH = f"{TOKEN_DIR}/{TOKEN_KEY}"
+WORK_DIR = "/var/lib/tolaria/work"
+CHECKPOINT_DIR = "/var/lib/tolaria/checkpoints"
+SHM_DIR = "/dev/shm"  # noqa: S108 - the pod's own memory-backed emptyDir, not the host's
+TMP_DIR = "/tmp"  # noqa: S108 - an emptyDir: the root filesystem is read-only
+GPU_RESOURCE = "nvidia.com/gpu"
+ATTEMPT_ENV = "TOLARIA_ATTEMPT"
+TOKEN_BYTES = 32
+_HOME = {"name": "HOME", "value": TMP_DIR}
+"""The root filesystem is read-only: caches (torch inductor, triton, pip) go to /tmp."""
+
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?$")
+_FACTORS = {
+    None: 1,
+    "Ki": 1024,
+    "Mi": 1024**2,
+    "Gi": 1024**3,
+    "Ti": 1024**4,
+    "Pi": 1024**5,
+    "Ei": 1024**6,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+}
+
+
+def parse_quantity(text: str) -> int:
+    """Bytes in a Kubernetes quantity (`4Gi`, `500M`, `1073741824`); ValueError otherwise."""
+    match = _QUANTITY.match(text.strip())
+    if match is None or match.group(2) == "m":
+        raise ValueError(f"{text!r} is not a byte quantity")
+    return int(float(match.group(1)) * _FACTORS[match.group(2)])
+
+
+def quantity(nbytes: int) -> str:
+    """The shortest exact binary quantity: `4Gi`, `1088Mi`, or plain bytes."""
+    for suffix, factor in (("Gi", GiB), ("Mi", MiB), ("Ki", 1024)):
+        if nbytes % factor == 0:
+            return f"{nbytes // factor}{suffix}"
+    return str(nbytes)
+
+
+def shm_size_bytes(run: TolariaRun, settings: TolariaSettings) -> int:
+    """Size limit of `/dev/shm`: `spec.pod.shmSizeLimit` when set; else the slots' byte budget
+    (`spec.snapshots.maxBytes`) plus a margin for the control block; else the default; never
+    below the minimum. The operator cannot know the model's state size, the trainer can."""
+    pods = settings.pods
+    if run.spec.pod.shm_size_limit:
+        return parse_quantity(run.spec.pod.shm_size_limit)
+    if run.spec.snapshots.max_bytes > 0:
+        wanted = run.spec.snapshots.max_bytes + pods.shm_margin_bytes
+        wanted = -(-wanted // MiB) * MiB  # whole MiB, rounded up
+    else:
+        wanted = pods.default_shm_bytes
+    return max(wanted, pods.min_shm_bytes)
+
+
+def new_token() -> str:
+    """A fresh run token: 32 random bytes, URL-safe base64."""
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def _metadata(run: RunObject, name: str, **extra_labels: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": run.namespace,
+        "labels": {**run_labels(run), **extra_labels},
+        "ownerReferences": [owner_reference(run)],
+    }
+
+
+def run_manifest(run: RunObject, settings: TolariaSettings) -> str:
+    """The manifest both containers read with `--manifest`: the run's validated spec, with
+    `spec.telemetry.metricsAddress` opened to 0.0.0.0 so the trainer's metrics port can be
+    scraped (the NetworkPolicy limits who may)."""
+    doc = run.run.model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc.pop("status", None)
+    doc["metadata"] = {"name": run.name, "namespace": run.namespace}
+    doc["spec"]["telemetry"]["metricsAddress"] = "0.0.0.0"  # noqa: S104 - pod-internal bind
+    doc["spec"]["telemetry"]["metricsPort"] = settings.pods.trainer_metrics_port
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def manifest_config_map(run: RunObject, settings: TolariaSettings) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(run, manifest_name(run.name)),
+        "data": {MANIFEST_FILE: run_manifest(run, settings)},
+    }
+
+
+def token_secret(run: RunObject, token: str) -> dict[str, Any]:
+    """The run token (R10.5); created once per run and reused by every attempt."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _metadata(run, token_name(run.name)),
+        "data": {TOKEN_KEY: base64.b64encode(token.encode("ascii")).decode("ascii")},
+    }
+
+
+def read_token(secret: Mapping[str, Any]) -> str:
+    """The token in a run's Secret; ValueError when it has none."""
+    data = secret.get("data") or {}
+    encoded = data.get(TOKEN_KEY)
+    if not encoded:
+        raise ValueError(f"secret has no data.{TOKEN_KEY}")
+    return base64.b64decode(encoded).decode("ascii").strip()
+
+
+def _ports(settings: TolariaSettings) -> list[tuple[str, int]]:
+    pods = settings.pods
+    return [
+        ("control", pods.control_port),
+        ("sidecar-metrics", pods.sidecar_metrics_port),
+        ("trainer-metrics", pods.trainer_metrics_port),
+    ]
+
+
+def sidecar_service(run: RunObject, settings: TolariaSettings) -> dict[str, Any]:
+    """Headless Service of the sidecar's control port and both metrics ports. It publishes the
+    pod while it is not ready: a crashing trainer makes the pod NotReady exactly when the
+    operator must still reach the sidecar."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(run, service_name(run.name)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {RUN_LABEL: run.name},
+            "ports": [
+                {"name": name, "port": port, "targetPort": port, "protocol": "TCP"}
+                for name, port in _ports(settings)
+            ],
+        },
+    }
+
+
+def network_policy(run: RunObject, settings: TolariaSettings) -> dict[str, Any]:
+    """Ingress to the run's pod: the control port from the operator's pods only; the metrics
+    ports from the run's namespace or the configured Prometheus. Everything else is denied."""
+    net, pods = settings.network, settings.pods
+    operator_peer: dict[str, Any] = {"podSelector": {"matchLabels": dict(net.operator_pod_labels)}}
+    operator_peer["namespaceSelector"] = (
+        {"matchLabels": {"kubernetes.io/metadata.name": net.operator_namespace}}
+        if net.operator_namespace
+        else {}
+    )
+    metrics_peer: dict[str, Any] = {"podSelector": {"matchLabels": dict(net.metrics_pod_labels)}}
+    if net.metrics_namespace_labels:
+        metrics_peer["namespaceSelector"] = {"matchLabels": dict(net.metrics_namespace_labels)}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(run, network_policy_name(run.name)),
+        "spec": {
+            "podSelector": {"matchLabels": {RUN_LABEL: run.name}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [operator_peer],
+                    "ports": [{"protocol": "TCP", "port": pods.control_port}],
+                },
+                {
+                    "from": [metrics_peer],
+                    "ports": [
+                        {"protocol": "TCP", "port": pods.sidecar_metrics_port},
+                        {"protocol": "TCP", "port": pods.trainer_metrics_port},
+                    ],
+                },
+            ],
+        },
+    }
+
+
+def pod_labels(run: RunObject, attempt: int) -> dict[str, str]:
+    """Run labels plus the attempt, Kueue's queue and the escalation group label."""
+    labels = {**run_labels(run), ATTEMPT_LABEL: str(attempt)}
+    queue = run.labels.get(KUEUE_QUEUE_LABEL)
+    if queue:
+        labels[KUEUE_QUEUE_LABEL] = queue
+    group = run.run.spec.escalation.group_label
+    if group and group in run.labels:
+        labels[group] = run.labels[group]
+    return labels
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _trainer_resources(run: TolariaRun) -> dict[str, Any]:
+    res = run.spec.pod.resources
+    amounts: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
+    if res.gpus > 0:
+        amounts[GPU_RESOURCE] = str(res.gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _sidecar_resources(shm_bytes: int, settings: TolariaSettings) -> dict[str, Any]:
+    memory = quantity(settings.pods.sidecar_memory_bytes + shm_bytes)
+    amounts = {"cpu": settings.pods.sidecar_cpu, "memory": memory}
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def trainer_container(run: RunObject, attempt: int, settings: TolariaSettings) -> dict[str, Any]:
+    """The trainer: `python -m tolaria_trainer.worker ... --pod`, which reports its outcome in
+    the termination message and exits 0 for every final outcome, so `restartPolicy:
+    OnFailure` restarts only crashes, in place, with /dev/shm intact (R10.2)."""
+    pod = run.run.spec.pod
+    return {
+        "name": TRAINER,
+        "image": pod.image,
+        "imagePullPolicy": pod.image_pull_policy,
+        "command": ["python", "-m", "tolaria_trainer.worker"],
+        "args": [
+            "--manifest",
+            MANIFEST_PATH,
+            "--workdir",
+            WORK_DIR,
+            "--socket",
+            SOCKET_PATH,
+            "--attempt",
+            str(attempt),
+            "--log-format",
+            "json",
+            "--metrics-port",
+            str(settings.pods.trainer_metrics_port),
+            "--pod",
+        ],
+        "env": [{"name": ATTEMPT_ENV, "value": str(attempt)}, _HOME],
+        "ports": [
+            {
+                "name": "trainer-metrics",
+                "containerPort": settings.pods.trainer_metrics_port,
+                "protocol": "TCP",
+            }
+        ],
+        "resources": _trainer_resources(run.run),
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": _container_security(),
+        "volumeMounts": [
+            {"name": "dshm", "mountPath": SHM_DIR},
+            {"name": "socket", "mountPath": SOCKET_DIR},
+            {"name": "checkpoints", "mountPath": CHECKPOINT_DIR},
+            {"name": "manifest", "mountPath": MANIFEST_DIR, "readOnly": True},
+            {"name": "work", "mountPath": WORK_DIR},
+            {"name": "tmp", "mountPath": TMP_DIR},
+        ],
+    }
+
+
+def sidecar_container(
+    run: RunObject, shm_bytes: int, settings: TolariaSettings, *, native: bool
+) -> dict[str, Any]:
+    """The rollback/emergency sidecar; as a native sidecar (`restartPolicy: Always` in
+    `initContainers`) its TCP startup probe holds the trainer back until it serves."""
+    pods = settings.pods
+    container: dict[str, Any] = {
+        "name": SIDECAR,
+        "image": run.run.spec.pod.sidecar_image,
+        "imagePullPolicy": run.run.spec.pod.image_pull_policy,
+        "command": ["python", "-m", "tolaria_sidecar"],
+        "args": [
+            "--manifest",
+            MANIFEST_PATH,
+            "--run-id",
+            run.name,
+            "--socket",
+            SOCKET_PATH,
+            "--control-address",
+            f"0.0.0.0:{pods.control_port}",
+            "--token-file",
+            TOKEN_PATH,
+            "--metrics-port",
+            str(pods.sidecar_metrics_port),
+            "--metrics-address",
+            "0.0.0.0",  # noqa: S104 - scraped through the Service; the NetworkPolicy limits who
+            "--checkpoint-dir",
+            CHECKPOINT_DIR,
+        ],
+        "env": [_HOME],
+        "ports": [
+            {"name": "control", "containerPort": pods.control_port, "protocol": "TCP"},
+            {
+                "name": "sidecar-metrics",
+                "containerPort": pods.sidecar_metrics_port,
+                "protocol": "TCP",
+            },
+        ],
+        "resources": _sidecar_resources(shm_bytes, settings),
+        "startupProbe": {
+            "tcpSocket": {"port": pods.control_port},
+            "periodSeconds": pods.startup_probe_period_seconds,
+            "failureThreshold": pods.startup_probe_failure_threshold,
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": _container_security(),
+        "volumeMounts": [
+            {"name": "dshm", "mountPath": SHM_DIR},
+            {"name": "socket", "mountPath": SOCKET_DIR},
+            {"name": "checkpoints", "mountPath": CHECKPOINT_DIR},
+            {"name": "manifest", "mountPath": MANIFEST_DIR, "readOnly": True},
+            {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": TMP_DIR},
+        ],
+    }
+    if native:
+        container["restartPolicy"] = "Always"
+    return container
+
+
+def _volumes(run: RunObject, shm_bytes: int) -> list[dict[str, Any]]:
+    volume = run.run.spec.pod.checkpoint_volume
+    checkpoints: dict[str, Any] = (
+        {"name": "checkpoints", "persistentVolumeClaim": {"claimName": volume.claim_name}}
+        if volume.claim_name
+        else {"name": "checkpoints", "emptyDir": {"sizeLimit": volume.size_limit}}
+    )
+    return [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": quantity(shm_bytes)}},
+        checkpoints,
+        {"name": "socket", "emptyDir": {}},
+        {"name": "manifest", "configMap": {"name": manifest_name(run.name)}},
+        {
+            "name": "token",
+            "secret": {"secretName": token_name(run.name), "defaultMode": 0o440},
+        },
+        {"name": "work", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+
+
+def attempt_pod(
+    run: RunObject,
+    attempt: int,
+    settings: TolariaSettings,
+    *,
+    restarts_before: int,
+    counted_before: int,
+    created_at: str,
+) -> dict[str, Any]:
+    """The pod of attempt `attempt`, named `<run>-a<attempt>`.
+
+    `restarts_before`/`counted_before` are the run's counters before this attempt; they ride
+    on the pod as annotations so the counters can be recomputed from the pod alone.
+    """
+    spec = run.run.spec.pod
+    shm = shm_size_bytes(run.run, settings)
+    uid = settings.pods.run_as_user
+    native = settings.pods.native_sidecar
+    sidecar = sidecar_container(run, shm, settings, native=native)
+    trainer = trainer_container(run, attempt, settings)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "OnFailure",
+        "terminationGracePeriodSeconds": settings.pods.termination_grace_period_seconds,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": uid,
+            "runAsGroup": uid,
+            "fsGroup": uid,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "initContainers": [sidecar] if native else [],
+        "containers": [trainer] if native else [sidecar, trainer],
+        "volumes": _volumes(run, shm),
+    }
+    if not native:
+        del pod_spec["initContainers"]
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [
+            t.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=False)
+            for t in spec.tolerations
+        ]
+        for toleration in pod_spec["tolerations"]:
+            for key in ("key", "value", "effect"):
+                if toleration.get(key) == "":
+                    del toleration[key]
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    meta = _metadata(run, pod_name(run.name, attempt))
+    meta["labels"] = pod_labels(run, attempt)
+    meta["annotations"] = {
+        RESTARTS_BEFORE_ANNOTATION: str(restarts_before),
+        COUNTED_BEFORE_ANNOTATION: str(counted_before),
+        CREATED_AT_ANNOTATION: created_at,
+    }
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def owned_objects(run: RunObject, settings: TolariaSettings) -> list[dict[str, Any]]:
+    """The run's long-lived objects besides the token Secret, in creation order."""
+    return [
+        manifest_config_map(run, settings),
+        sidecar_service(run, settings),
+        network_policy(run, settings),
+    ]

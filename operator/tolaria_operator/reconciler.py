@@ -1,0 +1,316 @@
+"""The reconcile loop of one run: read, plan (`status.plan_run`), act, write status (R10.1-R10.3).
+
+Called by every kopf handler that touches a run (create, resume, spec update, pod events,
+the deadline timer, the resync timer, the sidecar follower). One reconcile of a run at a
+time (a per-run lock), so the status has a single writer in this process; level-based, so
+running it twice or after a restart changes nothing.
+
+Order of the actions, and why: idempotent side effects first (the deadline incident has a
+deterministic name), then pod deletions, then the status patch (the new attempt number is
+recorded before its pod exists, so a crash in between creates the same pod again instead
+of counting a loss), then - only once every other pod of the run is gone - the new pod, and
+the pod's name last. It never deletes a pod it did not plan to delete, and never creates a
+second pod while one of the run's pods still exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from leyline import RunPhase
+from leyline.spec.status import CheckpointStatus, TolariaRunStatus
+from tolaria_operator import escalation
+from tolaria_operator.clock import format_time
+from tolaria_operator.context import OperatorContext, RunKey
+from tolaria_operator.errors import (
+    ObjectExists,
+    PodNotGone,
+    SidecarCallFailed,
+    SidecarUnavailable,
+)
+from tolaria_operator.observation import view_pod
+from tolaria_operator.pods import attempt_pod, new_token, owned_objects, token_secret
+from tolaria_operator.resources import (
+    CONFIGMAPS,
+    NETWORK_POLICIES,
+    PODS,
+    RUN_LABEL,
+    RUNS,
+    SECRETS,
+    SERVICES,
+    RunObject,
+    enum_name,
+    manifest_name,
+    network_policy_name,
+    owned_by,
+    parse_run,
+    pod_name,
+    service_name,
+    status_patch,
+    status_wire,
+    token_name,
+)
+from tolaria_operator.status import Plan, plan_run
+from tolaria_operator.view import to_datetime
+
+logger = logging.getLogger(__name__)
+
+_RESOURCE_BY_KIND = {
+    "ConfigMap": CONFIGMAPS,
+    "Service": SERVICES,
+    "NetworkPolicy": NETWORK_POLICIES,
+}
+
+
+async def sync_run(
+    ctx: OperatorContext, namespace: str, name: str, *, gone: Mapping[str, Any] | None = None
+) -> None:
+    """Reconcile one run now. Raises `SpecInvalid` (give up until the spec changes),
+    `KubeApiError` and `PodNotGone` (retry later)."""
+    async with ctx.lock((namespace, name)):
+        for _ in range(2):  # a second pass once deleted pods are gone (e.g. Suspended)
+            if not await _sync_once(ctx, namespace, name, gone):
+                return
+            gone = None
+
+
+async def _sync_once(
+    ctx: OperatorContext, namespace: str, name: str, gone: Mapping[str, Any] | None
+) -> bool:
+    """One read-plan-act pass; True when deleted pods are gone and another pass is due."""
+    body = await ctx.kube.get(RUNS, namespace, name)
+    if body is None:
+        return False
+    run = parse_run(body)
+    if run.deleting:
+        return False
+    pods = await run_pods(ctx, run)
+    now = ctx.clock.now()
+    plan = plan_run(
+        run,
+        [view_pod(p) for p in pods],
+        view_pod(gone) if gone else None,
+        ctx.views.get(run.key),
+        now,
+        ctx.settings,
+    )
+    return await _execute(ctx, run, plan, now)
+
+
+async def run_pods(ctx: OperatorContext, run: RunObject) -> list[dict[str, Any]]:
+    """The run's pods (by label and owner uid)."""
+    pods = await ctx.kube.list(PODS, run.namespace, {RUN_LABEL: run.name})
+    return [p for p in pods if owned_by(p, run)]
+
+
+async def _execute(ctx: OperatorContext, run: RunObject, plan: Plan, now: datetime) -> bool:
+    status = plan.status
+    if plan.deadline_missed is not None:
+        ctx.metrics.deadline_misses.inc()
+        logger.error(
+            "%s/%s: full rollback %s missed its deadline %s",
+            run.namespace,
+            run.name,
+            plan.deadline_missed.id,
+            plan.deadline_missed.deadline,
+        )
+        ref = await escalation.raise_deadline_incident(ctx, run, status)
+        if ref is not None:
+            status = status.model_copy(update={"incident": ref})
+    if plan.checkpoint_then_stop:
+        checkpoint = await checkpoint_then_stop(ctx, run)
+        if checkpoint is not None:
+            status = status.model_copy(update={"latest_checkpoint": checkpoint})
+    deleted = []
+    for pod in plan.delete_pods:
+        await ctx.kube.delete(PODS, run.namespace, pod)
+        deleted.append(pod)
+        logger.info("%s/%s: deleted pod %s", run.namespace, run.name, pod)
+    written = await write_status(ctx, run, run.raw_status, status)
+    _record(ctx, run, plan, status)
+    if plan.create is None:
+        return bool(deleted and await _gone(ctx, run, deleted, wait=False))
+    await wait_for_no_pods(ctx, run)
+    await ensure_owned(ctx, run)
+    create = plan.create
+    manifest = attempt_pod(
+        run,
+        create.attempt,
+        ctx.settings,
+        restarts_before=create.restarts_before,
+        counted_before=create.counted_before,
+        created_at=format_time(now),
+    )
+    try:
+        await ctx.kube.create(PODS, run.namespace, manifest)
+        logger.info(
+            "%s/%s: created pod %s", run.namespace, run.name, pod_name(run.name, create.attempt)
+        )
+    except ObjectExists:
+        logger.info(
+            "%s/%s: pod of attempt %d already exists", run.namespace, run.name, create.attempt
+        )
+    final = status.model_copy(update={"pod_name": pod_name(run.name, create.attempt)})
+    await write_status(ctx, run, written, final)
+    return False
+
+
+def _record(ctx: OperatorContext, run: RunObject, plan: Plan, status: TolariaRunStatus) -> None:
+    phase = enum_name(RunPhase, status.phase or RunPhase.Pending)
+    ctx.metrics.observe_phase(run.key, phase)
+    ctx.metrics.observe_restarts(plan.restarts_added, plan.counted_added)
+    for note in plan.notes:
+        ctx.events.post(run.reference(), note.type, note.reason, note.message)
+        level = (
+            logging.ERROR if status.phase in (RunPhase.Failed, RunPhase.Halted) else logging.INFO
+        )
+        logger.log(level, "%s/%s: %s: %s", run.namespace, run.name, note.reason, note.message)
+
+
+async def write_status(
+    ctx: OperatorContext, run: RunObject, prev: Mapping[str, Any], status: TolariaRunStatus
+) -> dict[str, Any]:
+    """Patch the run's status from `prev` to `status` (only what changed); returns the new
+    wire form."""
+    patch = status_patch(prev, status)
+    if patch:
+        await ctx.kube.patch(RUNS, run.namespace, run.name, {"status": patch}, subresource="status")
+    return status_wire(status)
+
+
+async def _gone(ctx: OperatorContext, run: RunObject, names: list[str], *, wait: bool) -> bool:
+    settings = ctx.settings.status
+    loop = asyncio.get_running_loop()
+    end = loop.time() + (settings.pod_gone_timeout_seconds if wait else 0.0)
+    while True:
+        left = [n for n in names if await ctx.kube.get(PODS, run.namespace, n) is not None]
+        if not left:
+            return True
+        if loop.time() >= end:
+            return False
+        await asyncio.sleep(settings.pod_gone_poll_seconds)
+
+
+async def wait_for_no_pods(ctx: OperatorContext, run: RunObject) -> None:
+    """Blocking recreate: wait (bounded) until no pod of the run exists; raises `PodNotGone`."""
+    pods = [p["metadata"]["name"] for p in await run_pods(ctx, run)]
+    if pods and not await _gone(ctx, run, pods, wait=True):
+        raise PodNotGone(", ".join(pods), ctx.settings.status.pod_gone_timeout_seconds)
+
+
+async def ensure_owned(ctx: OperatorContext, run: RunObject) -> None:
+    """The token Secret (created once, reused by every attempt), the manifest ConfigMap, the
+    headless Service and the NetworkPolicy; existing ones are left as they are."""
+    if await ctx.kube.get(SECRETS, run.namespace, token_name(run.name)) is None:
+        with contextlib.suppress(ObjectExists):
+            await ctx.kube.create(SECRETS, run.namespace, token_secret(run, new_token()))
+    for obj in owned_objects(run, ctx.settings):
+        resource = _RESOURCE_BY_KIND[obj["kind"]]
+        with contextlib.suppress(ObjectExists):
+            await ctx.kube.create(resource, run.namespace, obj)
+
+
+async def checkpoint_then_stop(ctx: OperatorContext, run: RunObject) -> CheckpointStatus | None:
+    """Ask the sidecar for a durable checkpoint and to stop the trainer after it (suspend),
+    bounded by `suspend.checkpoint_timeout_seconds`. Returns the checkpoint, or None when the
+    sidecar could not make one (the last committed checkpoint is then the resume point)."""
+    timeout = ctx.settings.suspend.checkpoint_timeout_seconds
+    try:
+        client = await ctx.sidecars.open(run.namespace, run.name)
+    except SidecarUnavailable as err:
+        _suspend_warning(ctx, run, f"no checkpoint before suspending: {err}")
+        return None
+    async with client:
+        try:
+            answer = await client.request_checkpoint("suspend", stop_after=True, timeout_s=timeout)
+        except (SidecarUnavailable, SidecarCallFailed) as err:
+            _suspend_warning(ctx, run, f"no checkpoint before suspending: {err}")
+            return None
+    record = answer.checkpoint
+    if answer.error or not record.checkpoint_id:
+        _suspend_warning(ctx, run, f"checkpoint not durable before suspending: {answer.error}")
+        return None
+    committed = to_datetime(record.committed_at)
+    logger.info(
+        "%s/%s: suspend checkpoint %s durable", run.namespace, run.name, record.checkpoint_id
+    )
+    return CheckpointStatus(
+        id=record.checkpoint_id,
+        epoch=record.epoch,
+        step=record.global_step,
+        time=format_time(committed) if committed else "",
+        bytes=record.payload_bytes,
+    )
+
+
+def _suspend_warning(ctx: OperatorContext, run: RunObject, message: str) -> None:
+    logger.warning("%s/%s: %s", run.namespace, run.name, message)
+    ctx.events.post(run.reference(), "Warning", "SuspendCheckpointMissing", message)
+
+
+async def on_pod_event(ctx: OperatorContext, event_type: str, body: Mapping[str, Any]) -> None:
+    """A pod of some run changed: reconcile its run (with the last state of a deleted pod, so a
+    preemption is told from a loss)."""
+    meta = body.get("metadata") or {}
+    run = (meta.get("labels") or {}).get(RUN_LABEL)
+    namespace = meta.get("namespace")
+    if not run or not namespace:
+        return
+    await sync_run(ctx, str(namespace), str(run), gone=body if event_type == "DELETED" else None)
+
+
+async def patch_progress(ctx: OperatorContext, key: RunKey) -> bool:
+    """Write the sidecar's progress, newest snapshot and checkpoint (the rate-limited path: no
+    phase change, no read). False when the run is gone."""
+    view = ctx.views.get(key)
+    if view is None:
+        return True
+    patch: dict[str, Any] = {}
+    for field, value in (
+        ("progress", view.progress),
+        ("latestSnapshot", view.latest_snapshot),
+        ("latestCheckpoint", view.latest_checkpoint),
+    ):
+        if value is not None:
+            patch[field] = value.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if not patch:
+        return True
+    answer = await ctx.kube.patch(RUNS, key[0], key[1], {"status": patch}, subresource="status")
+    return answer is not None
+
+
+async def delete_run(
+    ctx: OperatorContext, namespace: str, name: str, body: Mapping[str, Any]
+) -> None:
+    """The run is being deleted: remove what it owns (owner references would too, but not
+    before the finalizer is gone) and resolve the incident it raised. Reads only metadata and
+    status, so even a run whose spec no longer validates can go."""
+    uid = str((body.get("metadata") or {}).get("uid", ""))
+    for pod in await ctx.kube.list(PODS, namespace, {RUN_LABEL: name}):
+        refs = pod["metadata"].get("ownerReferences") or []
+        if not refs or any(r.get("uid") == uid for r in refs):
+            await ctx.kube.delete(PODS, namespace, pod["metadata"]["name"])
+    for resource, obj_name in (
+        (SERVICES, service_name(name)),
+        (NETWORK_POLICIES, network_policy_name(name)),
+        (CONFIGMAPS, manifest_name(name)),
+        (SECRETS, token_name(name)),
+    ):
+        await ctx.kube.delete(resource, namespace, obj_name)
+    incident = ((body.get("status") or {}).get("incident")) or {}
+    if incident.get("role") == "source" and incident.get("name"):
+        await escalation.resolve_incident(
+            ctx,
+            str(incident["name"]),
+            by="tolaria-operator",
+            reason=f"source run {namespace}/{name} deleted",
+        )
+    ctx.forget((namespace, name))
+    logger.info(
+        "%s/%s: deleted with its pods, service, policy, manifest and token", namespace, name
+    )

@@ -1,0 +1,122 @@
+"""Every operator setting's default is pinned (cf. kopf's tests/settings/test_defaults.py), and
+settings from the environment are refused at the edge naming the variable."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tolaria_operator.config import GiB, MiB, TolariaSettings, env_name, from_env
+from tolaria_operator.errors import SettingsInvalid
+
+DEFAULTS = {
+    "pods": {
+        "native_sidecar": True,
+        "control_port": 7070,
+        "trainer_metrics_port": 9401,
+        "sidecar_metrics_port": 9402,
+        "termination_grace_period_seconds": 60,
+        "run_as_user": 10001,
+        "default_shm_bytes": 4 * GiB,
+        "min_shm_bytes": 1 * GiB,
+        "shm_margin_bytes": 64 * MiB,
+        "sidecar_cpu": "500m",
+        "sidecar_memory_bytes": 512 * MiB,
+        "startup_probe_period_seconds": 1,
+        "startup_probe_failure_threshold": 120,
+    },
+    "network": {
+        "operator_pod_labels": {"app.kubernetes.io/name": "tolaria-operator"},
+        "operator_namespace": "",
+        "metrics_namespace_labels": {},
+        "metrics_pod_labels": {},
+    },
+    "status": {
+        "progress_patch_interval_seconds": 2.0,
+        "deadline_check_interval_seconds": 1.0,
+        "resync_interval_seconds": 15.0,
+        "pod_gone_timeout_seconds": 30.0,
+        "pod_gone_poll_seconds": 0.5,
+        "retry_delay_seconds": 5.0,
+        "daemon_cancellation_timeout_seconds": 5.0,
+    },
+    "sidecar": {
+        "address_template": "{service}.{namespace}.svc:{port}",
+        "connect_timeout_seconds": 2.0,
+        "call_timeout_seconds": 5.0,
+        "signal_grace_seconds": 1.0,
+        "reconnect_min_seconds": 0.5,
+        "reconnect_max_seconds": 10.0,
+    },
+    "suspend": {"checkpoint_timeout_seconds": 120.0},
+    "escalation": {"fanout_concurrency": 32, "watch_namespaces": (), "per_run_timeline_limit": 32},
+    "metrics": {"port": 9403, "address": "0.0.0.0"},
+}
+
+
+def test_every_default_is_pinned() -> None:
+    settings = TolariaSettings()
+    actual = {
+        section.name: {
+            f.name: getattr(getattr(settings, section.name), f.name)
+            for f in dataclasses.fields(getattr(settings, section.name))
+        }
+        for section in dataclasses.fields(settings)
+    }
+    assert actual == DEFAULTS
+
+
+def test_every_setting_documents_its_unit_or_reason() -> None:
+    import ast
+    import inspect
+
+    from tolaria_operator import config
+
+    tree = ast.parse(inspect.getsource(config))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name != "TolariaSettings":
+            body = node.body
+            for i, stmt in enumerate(body):
+                if isinstance(stmt, ast.AnnAssign):
+                    following = body[i + 1] if i + 1 < len(body) else None
+                    assert isinstance(following, ast.Expr) and isinstance(
+                        following.value, ast.Constant
+                    ), f"{node.name}.{ast.unparse(stmt.target)} has no docstring"
+
+
+def test_settings_come_from_the_environment() -> None:
+    settings = from_env(
+        {
+            env_name("pods", "native_sidecar"): "false",
+            env_name("status", "progress_patch_interval_seconds"): "0.5",
+            env_name("network", "operator_pod_labels"): "app=op,tier=control",
+            env_name("network", "metrics_namespace_labels"): '{"team": "obs"}',
+            env_name("escalation", "watch_namespaces"): "a, b",
+            env_name("metrics", "port"): "0",
+            "UNRELATED": "x",
+        }
+    )
+    assert settings.pods.native_sidecar is False
+    assert settings.status.progress_patch_interval_seconds == 0.5
+    assert settings.network.operator_pod_labels == {"app": "op", "tier": "control"}
+    assert settings.network.metrics_namespace_labels == {"team": "obs"}
+    assert settings.escalation.watch_namespaces == ("a", "b")
+    assert settings.metrics.port == 0
+    assert env_name("pods", "native_sidecar") == "TOLARIA_OPERATOR_PODS_NATIVE_SIDECAR"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "rule"),
+    [
+        ("TOLARIA_OPERATOR_PODS_NATIVE_SIDECAR", "maybe", "must be true or false"),
+        ("TOLARIA_OPERATOR_METRICS_PORT", "nine", "must be a number"),
+        ("TOLARIA_OPERATOR_STATUS_RESYNC_INTERVAL_SECONDS", "-1", "must be >= 0"),
+        ("TOLARIA_OPERATOR_NETWORK_OPERATOR_POD_LABELS", "novalue", "key=value"),
+        ("TOLARIA_OPERATOR_PODS_NATIVE_SIDECARS", "true", "names no setting"),
+    ],
+)
+def test_a_bad_setting_is_refused_naming_the_variable(name: str, value: str, rule: str) -> None:
+    with pytest.raises(SettingsInvalid, match=rule) as caught:
+        from_env({name: value})
+    assert caught.value.name == name

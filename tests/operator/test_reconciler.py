@@ -1,0 +1,139 @@
+"""The reconcile loop's actions against an in-memory API: blocking recreate (never two pods of
+one run), owned objects created once, the token reused (R10.1, R10.2, R10.5)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from leyline.spec.status import ProgressStatus
+from tests.operator import builders as b
+from tests.operator.fake_kube import FakeKube
+from tolaria_operator.clock import SystemClock
+from tolaria_operator.config import TolariaSettings
+from tolaria_operator.context import OperatorContext, build_context
+from tolaria_operator.errors import PodNotGone
+from tolaria_operator.reconciler import sync_run
+from tolaria_operator.resources import PODS, RUNS, SECRETS
+from tolaria_operator.watcher import Flusher
+
+
+class FixedClock(SystemClock):
+    def now(self) -> datetime:
+        return b.at(10)
+
+
+def context(kube: FakeKube) -> OperatorContext:
+    return build_context(TolariaSettings(), kube=kube, clock=FixedClock())
+
+
+async def put(kube: FakeKube, body: dict[str, Any]) -> None:
+    kube.objects[("tolariaruns", "default", body["metadata"]["name"])] = body
+
+
+@pytest.mark.req("R10.1")
+@pytest.mark.asyncio
+async def test_the_first_reconcile_creates_the_owned_objects_then_the_pod() -> None:
+    kube = FakeKube()
+    await put(kube, b.run_body("r1"))
+    await sync_run(context(kube), "default", "r1")
+    created = [(plural, name) for verb, plural, name in kube.calls if verb == "create"]
+    assert created == [
+        ("secrets", "r1-token"),
+        ("configmaps", "r1-manifest"),
+        ("services", "r1-sidecar"),
+        ("networkpolicies", "r1-sidecar"),
+        ("pods", "r1-a1"),
+    ]
+    status = (await kube.get(RUNS, "default", "r1"))["status"]
+    assert (status["attempt"], status["podName"], status["phase"]) == (1, "r1-a1", "Pending")
+
+
+@pytest.mark.req("R10.5")
+@pytest.mark.asyncio
+async def test_every_attempt_reuses_the_runs_token() -> None:
+    kube = FakeKube()
+    await put(kube, b.run_body("r1"))
+    ctx = context(kube)
+    await sync_run(ctx, "default", "r1")
+    token = (await kube.get(SECRETS, "default", "r1-token"))["data"]["token"]
+    pod = kube.objects[("pods", "default", "r1-a1")]
+    b.evicted(pod)
+    await sync_run(ctx, "default", "r1")
+    assert ("pods", "default", "r1-a2") in kube.objects
+    assert (await kube.get(SECRETS, "default", "r1-token"))["data"]["token"] == token
+
+
+@pytest.mark.req("R10.2")
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_the_next_attempt_waits_until_the_old_pod_is_gone() -> None:
+    kube = FakeKube()
+    await put(kube, b.run_body("r1"))
+    ctx = context(kube)
+    await sync_run(ctx, "default", "r1")
+    b.evicted(kube.objects[("pods", "default", "r1-a1")])
+    kube.terminating.add("r1-a1")  # a long grace period: the pod lingers after deletion
+
+    with pytest.raises(PodNotGone):
+        await sync_run(ctx, "default", "r1")
+    assert ("pods", "default", "r1-a2") not in kube.objects
+    status = (await kube.get(RUNS, "default", "r1"))["status"]
+    assert (
+        status["attempt"],
+        status["podName"],
+        status["restarts"],
+        status["restartsCounted"],
+    ) == (2, "", 1, 0)
+
+    del kube.objects[("pods", "default", "r1-a1")]  # the kubelet is done with it
+    await sync_run(ctx, "default", "r1")
+    assert ("pods", "default", "r1-a2") in kube.objects
+    status = (await kube.get(RUNS, "default", "r1"))["status"]
+    assert (
+        status["attempt"],
+        status["podName"],
+        status["restarts"],
+        status["restartsCounted"],
+    ) == (2, "r1-a2", 1, 0)
+    annotations = kube.objects[("pods", "default", "r1-a2")]["metadata"]["annotations"]
+    assert annotations["tolaria.dev/restarts-before"] == "1"
+
+
+@pytest.mark.req("R10.1")
+@pytest.mark.asyncio
+async def test_a_run_that_is_gone_or_being_deleted_is_left_alone() -> None:
+    kube = FakeKube()
+    await sync_run(context(kube), "default", "missing")
+    body = b.run_body("r1")
+    body["metadata"]["deletionTimestamp"] = "2026-11-25T12:00:00Z"
+    await put(kube, body)
+    await sync_run(context(kube), "default", "r1")
+    assert kube.calls == []
+    assert await kube.list(PODS, "default") == []
+
+
+@pytest.mark.req("R10.1")
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_progress_is_written_at_most_once_per_interval() -> None:
+    kube = FakeKube()
+    await put(kube, b.run_body("r1"))
+    ctx = context(kube)
+    view = ctx.view(("default", "r1"))
+    view.attempt = 1
+    flusher = Flusher(ctx, ("default", "r1"))
+    task = asyncio.create_task(flusher.run())
+    for step in range(20):  # a sidecar streaming ten steps a second for two seconds
+        view.progress = ProgressStatus(epoch=1, step=step)
+        flusher.mark()
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(3)
+    task.cancel()
+    patches = [c for c in kube.calls if c[0] == "patch"]
+    assert len(patches) == 2  # at once, then once the 2 s window has passed
+    status = (await kube.get(RUNS, "default", "r1"))["status"]
+    assert status["progress"]["step"] == 19
