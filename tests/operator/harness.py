@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 import tolaria_operator.handlers  # noqa: F401 - registers the handlers in kopf's default registry
 from tests.operator.fake_sidecar import FakeSidecar, closed_port
+from tolaria_operator.clock import SystemClock
 from tolaria_operator.config import MetricsSettings, TolariaSettings
 from tolaria_operator.context import OperatorContext, build_context
 from tolaria_operator.kube import KubeApi
@@ -109,6 +110,8 @@ class Cluster:
         self._task: asyncio.Task[None] | None = None
         self._stop: asyncio.Event | None = None
         self.settings = operator_settings()
+        self.clock: LoopClock | SystemClock = LoopClock()
+        """The operator's wall clock: looptime's by default, the machine's for real processes."""
 
     # -- the operator ------------------------------------------------------------------------
 
@@ -124,7 +127,7 @@ class Cluster:
         ctx = build_context(
             self.settings,
             kube=KubeApi(),  # as in production: the configuration kopf's login loaded
-            clock=LoopClock(),
+            clock=self.clock,
             resolve=self.resolve,
             registry=self.registry,
             events=self.events,
