@@ -111,6 +111,8 @@ class Cluster:
         self._stop: asyncio.Event | None = None
         self.settings = operator_settings()
         self.clock: LoopClock | SystemClock = LoopClock()
+        self.namespace = "default"
+        """The namespace the operator watches."""
         """The operator's wall clock: looptime's by default, the machine's for real processes."""
 
     # -- the operator ------------------------------------------------------------------------
@@ -143,7 +145,7 @@ class Cluster:
                 registry=kopf.get_default_registry(),
                 settings=settings,
                 standalone=True,
-                namespaces=["default"],
+                namespaces=[self.namespace],
                 memo=kopf.Memo({CONTEXT_KEY: ctx}),
                 stop_flag=self._stop,
             )
@@ -174,7 +176,7 @@ class Cluster:
     async def sidecar(self, run: str, namespace: str = "default") -> FakeSidecar:
         """A fake sidecar for `run`; start it before the operator, which cancels every task
         started while it runs when it stops (gRPC's server tasks included)."""
-        fake = FakeSidecar(run, self.token(namespace, run), LoopClock().now)
+        fake = FakeSidecar(run, self.token(namespace, run), self.clock.now)
         await fake.start()
         self.sidecars[(namespace, run)] = fake
         return fake
@@ -227,7 +229,9 @@ class Cluster:
             "application/merge-patch+json",
         )
 
-    async def trainer_running(self, pod: str, node: str = "node-a") -> None:
+    async def trainer_running(
+        self, pod: str, node: str = "node-a", namespace: str = "default"
+    ) -> None:
         await self.kubelet(
             pod,
             {
@@ -247,6 +251,7 @@ class Cluster:
                     }
                 ],
             },
+            namespace,
             spec={"nodeName": node},
         )
 
