@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -47,6 +47,8 @@ def _type_text(info: FieldInfo) -> str:
     if marker is not None:
         return " \\| ".join(f"`{n}`" for n in marker.names())
     annotation = info.annotation
+    if get_origin(annotation) is Literal:
+        return " \\| ".join(f"`{v}`" for v in get_args(annotation))
     model = _model_of(annotation)
     origin = get_origin(annotation)
     if model is not None and origin is dict:
