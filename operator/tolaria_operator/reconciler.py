@@ -55,7 +55,7 @@ from tolaria_operator.resources import (
     status_wire,
     token_name,
 )
-from tolaria_operator.status import Plan, plan_run
+from tolaria_operator.status import FINAL, Plan, plan_run
 from tolaria_operator.view import to_datetime
 
 logger = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ async def _execute(ctx: OperatorContext, run: RunObject, plan: Plan, now: dateti
         logger.info("%s/%s: deleted pod %s", run.namespace, run.name, pod)
     written = await write_status(ctx, run, run.raw_status, status)
     _record(ctx, run, plan, status)
+    await _resolve_if_source_ended(ctx, run, status)
     if plan.create is None:
         return bool(deleted and await _gone(ctx, run, deleted, wait=False))
     await wait_for_no_pods(ctx, run)
@@ -158,6 +159,25 @@ async def _execute(ctx: OperatorContext, run: RunObject, plan: Plan, now: dateti
     final = status.model_copy(update={"pod_name": pod_name(run.name, create.attempt)})
     await write_status(ctx, run, written, final)
     return False
+
+
+async def _resolve_if_source_ended(
+    ctx: OperatorContext, run: RunObject, status: TolariaRunStatus
+) -> None:
+    """A run that raised an incident and then ended (halted, failed, succeeded) has nothing
+    left to recover: its emergency ended with its pod, so the incident resolves and the runs
+    it reached are released (those that halted meanwhile stay halted)."""
+    ref = status.incident
+    if status.phase not in FINAL or ref is None or ref.role != "source" or not ref.name:
+        return
+    phase = enum_name(RunPhase, status.phase)
+    detail = f": {status.reason}" if status.reason else ""
+    await escalation.resolve_incident(
+        ctx,
+        ref.name,
+        by=escalation.OPERATOR,
+        reason=f"source run {run.namespace}/{run.name} ended {phase}{detail}",
+    )
 
 
 def _record(ctx: OperatorContext, run: RunObject, plan: Plan, status: TolariaRunStatus) -> None:

@@ -190,6 +190,20 @@ async def test_status_written_for_real_processes_and_a_group_incident_survives_t
         assert final["latestCheckpoint"]["id"], "the halt leaves a durable checkpoint"
         ready = {c["type"]: c for c in final["conditions"]}["Ready"]
         assert ready["status"] == "False" and ready["lastTransitionTime"], ready
+        name = incident["metadata"]["name"]
+        resolved = await cluster.eventually(
+            "the incident resolves once its source has ended",
+            lambda: (
+                (cluster.get("tolariaincidents", None, name) or {})
+                .get("status", {})
+                .get("resolution")
+            ),
+        )
+        assert resolved["reason"].startswith(f"source run {ns}/src ended Halted"), resolved
+        await cluster.eventually(
+            "the peer is released", lambda: "incident" not in cluster.run_status("peer", ns)
+        )
+        assert cluster.run_status("peer", ns)["phase"] == "Running"
     finally:
         await cluster.stop_operator()
         await kubelet.close()

@@ -17,7 +17,7 @@ from tolaria_operator.config import TolariaSettings
 from tolaria_operator.context import OperatorContext, build_context
 from tolaria_operator.errors import PodNotGone
 from tolaria_operator.reconciler import sync_run
-from tolaria_operator.resources import PODS, RUNS, SECRETS
+from tolaria_operator.resources import INCIDENTS, PODS, RUNS, SECRETS
 from tolaria_operator.watcher import Flusher
 
 
@@ -137,3 +137,31 @@ async def test_progress_is_written_at_most_once_per_interval() -> None:
     assert len(patches) == 2  # at once, then once the 2 s window has passed
     status = (await kube.get(RUNS, "default", "r1"))["status"]
     assert status["progress"]["step"] == 19
+
+
+@pytest.mark.req("R10.4")
+@pytest.mark.asyncio
+async def test_an_incident_resolves_when_its_source_run_ends() -> None:
+    kube = FakeKube()
+    await put(kube, b.run_body("r1"))
+    ctx = context(kube)
+    await sync_run(ctx, "default", "r1")
+    ref = {"name": "inc-1", "level": "critical", "role": "source"}
+    await kube.patch(RUNS, "default", "r1", {"status": {"incident": ref}}, subresource="status")
+    kube.objects[("tolariaincidents", None, "inc-1")] = {
+        "metadata": {"name": "inc-1"},
+        "spec": {
+            "level": "critical",
+            "sourceRun": {"namespace": "default", "name": "r1"},
+            "scope": "run",
+        },
+        "status": {"phase": "Open", "runs": []},
+    }
+    b.finished(kube.objects[("pods", "default", "r1-a1")], "Halted", "CRITICAL unresolved")
+    await sync_run(ctx, "default", "r1")
+    run_status = (await kube.get(RUNS, "default", "r1"))["status"]
+    assert run_status["phase"] == "Halted"
+    assert "incident" not in run_status
+    incident = (await kube.get(INCIDENTS, None, "inc-1"))["status"]
+    assert incident["phase"] == "Resolved"
+    assert incident["resolution"]["reason"].startswith("source run default/r1 ended Halted")
