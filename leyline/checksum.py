@@ -1,14 +1,20 @@
 """The checksums every Tolaria component uses, defined once (R6.4).
 
-Data (snapshot slots, checkpoint payloads) is hashed with xxh3-64, about
-14 GB/s here and released from the GIL, so a background hash does not stall
-training. Small fixed headers (WAL records) use CRC32C (hardware SSE4.2).
-zlib.crc32 (2.5 GB/s) is never used for data.
+Data is hashed with xxh3-64: about 9 GB/s from memory and 22 GB/s from cache
+on one core here, and released from the GIL, so a background hash does not
+stall training. Snapshot regions (slot headers and snapshot manifests) use the
+chunked form, `region_digest`: a digest of per-1-MiB-chunk digests, so a
+restore can copy and verify chunk by chunk on every core, hashing each chunk
+while it is still in cache (one pass over memory instead of two). Checkpoint
+files hash their payload as one xxh3-64 stream while writing. Small fixed
+headers (WAL records) use CRC32C (hardware SSE4.2). zlib.crc32 (2.5 GB/s) is
+never used for data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import struct
+from collections.abc import Iterable, Sequence
 
 import google_crc32c
 import xxhash
@@ -16,6 +22,11 @@ import xxhash
 from leyline.v1.resilience_pb2 import ChecksumAlgorithm
 
 DATA_ALGORITHM = ChecksumAlgorithm.CHECKSUM_ALGORITHM_XXH3_64
+"""Checkpoint file payloads: one xxh3-64 stream."""
+REGION_ALGORITHM = ChecksumAlgorithm.CHECKSUM_ALGORITHM_XXH3_64_CHUNKED_1MIB
+"""Snapshot regions (slot headers, snapshot manifests): `region_digest`."""
+REGION_CHUNK_BYTES = 1 << 20
+"""Chunk of `region_digest`: small enough to stay in L2/L3 between its copy and its hash."""
 CHUNK_BYTES = 8 << 20
 """Hash in 8 MiB pieces so a reader of a live region can be interrupted between pieces."""
 
@@ -36,6 +47,27 @@ def xxh3_chunks(chunks: Iterable[bytes | bytearray | memoryview]) -> int:
 def xxh3_region(view: memoryview) -> int:
     """xxh3-64 of a (possibly huge) region, hashed piecewise."""
     return xxh3_chunks(view[i : i + CHUNK_BYTES] for i in range(0, len(view), CHUNK_BYTES))
+
+
+def region_chunks(length: int) -> int:
+    """How many chunks `region_digest` splits a region of `length` bytes into."""
+    return -(-length // REGION_CHUNK_BYTES)
+
+
+def combine_chunk_digests(digests: Sequence[int]) -> int:
+    """The region digest from its chunks' xxh3-64 digests, in chunk order."""
+    return xxh3(struct.pack(f"<{len(digests)}Q", *digests))
+
+
+def region_digest(view: memoryview, algorithm: int = REGION_ALGORITHM) -> int:
+    """Digest of a snapshot region with `algorithm` (the chunked form unless a stored record
+    says otherwise). Raises ValueError naming an algorithm that is not a data hash."""
+    if algorithm == REGION_ALGORITHM:
+        step = REGION_CHUNK_BYTES
+        return combine_chunk_digests([xxh3(view[i : i + step]) for i in range(0, len(view), step)])
+    if algorithm == DATA_ALGORITHM:
+        return xxh3_region(view)
+    raise ValueError(f"checksum algorithm {algorithm} is not a region hash")
 
 
 def crc32c(data: bytes | bytearray | memoryview) -> int:

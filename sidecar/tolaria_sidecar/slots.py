@@ -49,7 +49,7 @@ from leyline import (
     SnapshotManifest,
     SnapshotRejection,
 )
-from leyline.checksum import DATA_ALGORITHM, digest_int, xxh3_region
+from leyline.checksum import REGION_ALGORITHM, digest_bytes, digest_int, region_digest
 from leyline.shm import (
     PAGE,
     SLOT_FLAG_EPOCH_BOUNDARY,
@@ -553,8 +553,11 @@ class SlotManager:
 
     def _check(self, slot: Slot, header: SlotHeader) -> str | None:
         """Why the slot must not be restored, or None when it verifies."""
-        if header.checksum_algorithm != DATA_ALGORITHM:
-            return f"checksum algorithm {header.checksum_algorithm} is not xxh3-64"
+        if header.checksum_algorithm != REGION_ALGORITHM:
+            return (
+                f"checksum algorithm {header.checksum_algorithm} is not the chunked xxh3-64 "
+                f"({REGION_ALGORITHM})"
+            )
         try:
             manifest = SnapshotManifest.FromString(slot.manifest_bytes(header))
         except TornHeader as err:
@@ -563,7 +566,7 @@ class SlotManager:
             return f"manifest does not parse: {err}"
         if manifest.data_bytes and manifest.data_bytes != header.data_length:
             return f"manifest data_bytes {manifest.data_bytes} != header {header.data_length}"
-        found = xxh3_region(slot.data[: header.data_length])
+        found = region_digest(slot.data[: header.data_length])
         if found != header.data_checksum:
             return f"data checksum {found:#018x} != header {header.data_checksum:#018x}"
         return None
@@ -790,12 +793,21 @@ class SlotManager:
             raise CheckpointLoadFailed(
                 f"{record.file_name}: manifest does not parse: {err}"
             ) from err
-        found = xxh3_region(slot.data[:length])
-        if manifest.checksum and found != digest_int(manifest.checksum):
+        # The manifest names the algorithm its checksum was made with (files written before
+        # the chunked digest carry plain xxh3-64); the slot header always gets the chunked one.
+        algorithm = manifest.checksum_algorithm or REGION_ALGORITHM
+        try:
+            checked = region_digest(slot.data[:length], algorithm)
+        except ValueError as err:
+            raise CheckpointLoadFailed(f"{record.file_name}: manifest {err}") from err
+        if manifest.checksum and checked != digest_int(manifest.checksum):
             raise CheckpointLoadFailed(
-                f"{record.file_name}: data xxh3 {found:#018x} != manifest "
+                f"{record.file_name}: data checksum {checked:#018x} != manifest "
                 f"{digest_int(manifest.checksum):#018x}"
             )
+        found = checked if algorithm == REGION_ALGORITHM else region_digest(slot.data[:length])
+        manifest.checksum_algorithm = REGION_ALGORITHM
+        manifest.checksum = digest_bytes(found)
         generation = newest + 1
         manifest.generation = generation
         flags = SLOT_FLAG_FROM_CHECKPOINT | (
@@ -806,7 +818,7 @@ class SlotManager:
             manifest=manifest.SerializeToString(),
             data_length=length,
             data_checksum=found,
-            checksum_algorithm=DATA_ALGORITHM,
+            checksum_algorithm=REGION_ALGORITHM,
             global_step=record.global_step,
             epoch=record.epoch,
             flags=flags,

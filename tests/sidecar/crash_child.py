@@ -13,7 +13,7 @@ import struct
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from leyline.checksum import DATA_ALGORITHM, xxh3
+from leyline.checksum import REGION_ALGORITHM, region_digest
 from leyline.shm import Slot, TornHeader, slot_name
 from tests.sidecar.scenarios import RUN_ID, SPEC, content, write_index, write_new_epoch
 from tolaria_sidecar.checkpoints import DurableStore
@@ -84,8 +84,8 @@ def publish_snapshots(shm_dir: str, seed: int, start: int, conn: Connection) -> 
             generation=generation,
             manifest=manifest,
             data_length=len(data),
-            data_checksum=xxh3(data),
-            checksum_algorithm=DATA_ALGORITHM,
+            data_checksum=region_digest(memoryview(data)),
+            checksum_algorithm=REGION_ALGORITHM,
             global_step=generation,
             epoch=0,
             flags=0,

@@ -20,7 +20,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from leyline import SCHEMA_VERSION, Participant, SnapshotManifest
-from leyline.checksum import DATA_ALGORITHM, digest_bytes, xxh3
+from leyline.checksum import REGION_ALGORITHM, digest_bytes, region_digest
 from leyline.shm import SLOT_FLAG_EPOCH_BOUNDARY, ControlBlock, Slot
 from leyline.spec import TolariaRun, validate_manifest
 
@@ -119,6 +119,7 @@ class TrainerDouble:
         corrupt: bool = False,
         epoch_end: bool = False,
         manifest_checksum: bool = True,
+        algorithm: int = REGION_ALGORITHM,
     ) -> SnapshotManifest:
         """Writes one snapshot as the trainer's writer does: hide, copy, publish last.
 
@@ -127,7 +128,7 @@ class TrainerDouble:
         slot = self.slots[index]
         slot.invalidate()
         slot.data[: len(data)] = data
-        checksum = xxh3(data)
+        checksum = region_digest(memoryview(data), algorithm)
         if corrupt:
             slot.data[len(data) // 2] = (data[len(data) // 2] + 1) % 256
         manifest = SnapshotManifest(
@@ -137,7 +138,7 @@ class TrainerDouble:
             global_step=step,
             epoch=epoch,
             data_bytes=len(data),
-            checksum_algorithm=DATA_ALGORITHM,
+            checksum_algorithm=algorithm,
             layout_fingerprint=fingerprint,
             epoch_boundary=epoch_end,
         )
@@ -148,7 +149,7 @@ class TrainerDouble:
             manifest=manifest.SerializeToString(),
             data_length=len(data),
             data_checksum=checksum,
-            checksum_algorithm=DATA_ALGORITHM,
+            checksum_algorithm=algorithm,
             global_step=step,
             epoch=epoch,
             flags=SLOT_FLAG_EPOCH_BOUNDARY if epoch_end else 0,

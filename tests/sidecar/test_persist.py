@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from leyline import CheckpointRecord, RollbackPhase, SnapshotManifest
-from leyline.checksum import xxh3
+from leyline.checksum import (
+    DATA_ALGORITHM,
+    REGION_ALGORITHM,
+    digest_bytes,
+    digest_int,
+    region_digest,
+    xxh3,
+)
 from leyline.shm import SLOT_FLAG_FROM_CHECKPOINT, ControlBlock
 from leyline.v1.resilience_pb2 import CheckpointOutcome
 from tests.fakes import FakeClock
@@ -222,7 +229,7 @@ def test_a_full_rollback_loads_the_latest_checkpoint_into_the_oldest_unpinned_sl
     header = trainer.slots[1].header()
     assert header.flags & SLOT_FLAG_FROM_CHECKPOINT
     assert (header.epoch, header.data_length) == (3, STATE_BYTES)
-    assert header.data_checksum == xxh3(payload(STATE_BYTES, 4))
+    assert header.data_checksum == region_digest(memoryview(payload(STATE_BYTES, 4)))
     assert bytes(trainer.slots[1].data[:STATE_BYTES]) == payload(STATE_BYTES, 4)
     manifest = SnapshotManifest.FromString(trainer.slots[1].manifest_bytes(header))
     assert manifest.generation == 6
@@ -313,3 +320,62 @@ def test_persists_run_one_at_a_time_and_a_newer_request_replaces_a_queued_one() 
     assert isinstance(outcome, CheckpointRecord) and outcome.snapshot_generation == 3
     assert slots.persisted == [1, 3]
     assert persister.stop(30)
+
+
+@pytest.mark.req("R6.3")
+def test_a_checkpoint_with_a_plain_xxh3_manifest_loads_into_a_slot_with_the_chunked_digest(
+    slots: SlotManager,
+    trainer: TrainerDouble,
+    store: DurableStore,
+    clock: FakeClock,
+) -> None:
+    """Files written before the chunked region digest stay loadable: the manifest names its
+    algorithm, the load verifies with it and the slot gets the digest restores check."""
+    data = payload(STATE_BYTES, 9)
+    legacy = SnapshotManifest(
+        run_id=RUN_ID,
+        generation=3,
+        global_step=30,
+        epoch=2,
+        data_bytes=len(data),
+        checksum_algorithm=DATA_ALGORITHM,
+        checksum=digest_bytes(xxh3(data)),
+    )
+    store.write(
+        manifest=legacy.SerializeToString(),
+        data=memoryview(data),
+        epoch=2,
+        global_step=30,
+        snapshot_generation=3,
+    )
+    loaded = slots.load_checkpoint(deadline_ns=clock.now_ns() + 12 * 10**9)
+    header = trainer.slots[loaded.slot.index].header()
+    assert header.checksum_algorithm == REGION_ALGORITHM
+    assert header.data_checksum == region_digest(memoryview(data))
+    manifest = SnapshotManifest.FromString(trainer.slots[loaded.slot.index].manifest_bytes(header))
+    assert manifest.checksum_algorithm == REGION_ALGORITHM
+    assert digest_int(manifest.checksum) == header.data_checksum
+
+
+@pytest.mark.req("R6.3")
+def test_a_checkpoint_whose_data_does_not_match_its_legacy_manifest_is_refused(
+    slots: SlotManager, trainer: TrainerDouble, store: DurableStore, clock: FakeClock
+) -> None:
+    del trainer  # attached: the slots exist
+    data = payload(STATE_BYTES, 9)
+    legacy = SnapshotManifest(
+        run_id=RUN_ID,
+        generation=3,
+        data_bytes=len(data),
+        checksum_algorithm=DATA_ALGORITHM,
+        checksum=digest_bytes(xxh3(data) ^ 1),
+    )
+    store.write(
+        manifest=legacy.SerializeToString(),
+        data=memoryview(data),
+        epoch=2,
+        global_step=30,
+        snapshot_generation=3,
+    )
+    with pytest.raises(CheckpointLoadFailed, match="data checksum"):
+        slots.load_checkpoint(deadline_ns=clock.now_ns() + 12 * 10**9)

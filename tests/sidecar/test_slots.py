@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from leyline import Participant
+from leyline.checksum import REGION_ALGORITHM
 from leyline.shm import PAGE, ControlBlock, EmergencyRecord, Slot, control_name, slot_name
 from leyline.spec import RollbackSpec, SnapshotSpec, TolariaRun
 from leyline.v1.resilience_pb2 import SlotCondition
@@ -223,13 +224,13 @@ def test_a_verification_overtaken_by_the_trainer_is_discarded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     trainer.write(0, 1, payload(STATE_BYTES))
-    real_hash = slots_module.xxh3_region
+    real_hash = slots_module.region_digest
 
-    def trainer_writes_meanwhile(view: memoryview) -> int:
+    def trainer_writes_meanwhile(view: memoryview, algorithm: int = REGION_ALGORITHM) -> int:
         trainer.write(0, 2, payload(STATE_BYTES, 2))
-        return real_hash(view)
+        return real_hash(view, algorithm)
 
-    monkeypatch.setattr(slots_module, "xxh3_region", trainer_writes_meanwhile)
+    monkeypatch.setattr(slots_module, "region_digest", trainer_writes_meanwhile)
     assert slots.verify(0, 1) is None
     state = control.slot_state(0)
     assert (state.verified_generation, state.rejected_generation) == (0, 0)

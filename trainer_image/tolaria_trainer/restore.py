@@ -34,6 +34,7 @@ from leyline import (
     SnapshotRejection,
     TensorEntry,
 )
+from leyline.checksum import REGION_ALGORITHM
 from leyline.shm import ControlBlock, ShmError, Slot, SlotHeader
 from tolaria_trainer.clock import ms_to_ns
 from tolaria_trainer.errors import StateMismatch, TrainerError
@@ -130,6 +131,11 @@ class Restorer:
             raise SnapshotRejected(
                 f"slot {slot.index}: manifest generation {manifest.generation} "
                 f"!= header {header.generation}"
+            )
+        if header.checksum_algorithm != REGION_ALGORITHM:
+            raise SnapshotRejected(
+                f"slot {slot.index}: checksum algorithm {header.checksum_algorithm} is not "
+                f"the chunked xxh3-64 ({REGION_ALGORITHM})"
             )
         if manifest.layout_fingerprint != fingerprint:
             raise SnapshotRejected(

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from leyline import SCHEMA_VERSION, SnapshotManifest
-from leyline.checksum import DATA_ALGORITHM, digest_bytes
+from leyline.checksum import REGION_ALGORITHM, digest_bytes
 from leyline.shm import SLOT_FLAG_EPOCH_BOUNDARY, ControlBlock, Slot, TornHeader
 from leyline.spec import SnapshotSpec
 from tolaria_trainer.latency import LatencyStats
@@ -135,7 +135,7 @@ class SnapshotWriter:
             tensors=[t.entry() for t in layout.tensors],
             documents=self._state.documents(),
             data_bytes=layout.data_bytes,
-            checksum_algorithm=DATA_ALGORITHM,
+            checksum_algorithm=REGION_ALGORITHM,
             layout_fingerprint=layout.fingerprint,
             epoch_boundary=epoch_end,
         )
@@ -216,7 +216,7 @@ class SnapshotWriter:
                 manifest=manifest.SerializeToString(),
                 data_length=layout.data_bytes,
                 data_checksum=checksum,
-                checksum_algorithm=DATA_ALGORITHM,
+                checksum_algorithm=REGION_ALGORITHM,
                 global_step=result.global_step,
                 epoch=result.epoch,
                 flags=flags,
