@@ -70,6 +70,22 @@ def test_loss_spike_rolls_back_once_within_the_phase_budgets_and_continues(drill
     assert emergency["final_state"] == "EMERGENCY_STATE_RESOLVED"
 
 
+@pytest.mark.req("R6.1a")
+def test_with_the_reshuffle_policy_a_loss_spike_window_is_reshuffled_not_skipped(
+    drill: Any,
+) -> None:
+    doc = small_manifest("reshuffle", epochs=4)
+    doc["spec"]["rollback"] = {"replayPolicy": "reshuffle"}
+    done = drill(doc, "--inject", "loss-spike@step=40")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = done.report
+    assert report["status"] == "Succeeded" and report["epochs_completed"] == 4
+    (rollback,) = report["rollbacks"]
+    assert rollback["skipped"]["policy"] == "REPLAY_POLICY_RESHUFFLE"
+    steps = [e["global_step"] for e in report["epochs"]]
+    assert steps[-1] == 4 * 16, "no batch was dropped: every step of every epoch ran"
+
+
 @pytest.mark.req("R6.1")
 def test_a_nan_loss_rolls_back_instead_of_poisoning_the_model(drill: Any) -> None:
     done = drill(small_manifest("nan", epochs=3), "--inject", "nan@step=30")

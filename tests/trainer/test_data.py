@@ -157,6 +157,26 @@ def test_a_resumed_pass_with_skips_is_the_full_pass_minus_what_was_left_out(
     assert samples_of(resumed) == [full[i] for i in expected]
 
 
+@pytest.mark.req("R6.1a")
+def test_a_reshuffle_keeps_the_batches_before_it_and_permutes_the_same_samples_after() -> None:
+    shuffled = plan(samples=40, batch_size=4, seed=3)
+    full = samples_of(list(shuffled.batches(2)))
+    again = samples_of(list(shuffled.batches(2, reshuffles=[(5, 0)])))
+    assert again[:5] == full[:5]
+    after = [i for batch in again[5:] for i in batch]
+    assert sorted(after) == sorted(i for batch in full[5:] for i in batch)
+    assert again[5:] != full[5:], "the rest of the epoch is batched differently"
+
+
+@pytest.mark.req("R6.1a")
+def test_a_reshuffle_is_reproducible_and_a_resume_inside_it_sees_the_same_batches() -> None:
+    shuffled = plan(samples=40, batch_size=4, seed=3)
+    first = samples_of(list(shuffled.batches(2, reshuffles=[(5, 0), (7, 1)])))
+    resumed = samples_of(list(shuffled.batches(2, start=8, reshuffles=[(5, 0), (7, 1)])))
+    assert resumed == first[8:]
+    assert samples_of(list(shuffled.batches(2, reshuffles=[(5, 1)]))) != first
+
+
 def test_a_general_dataset_batches_like_the_tensor_fast_path() -> None:
     general = BatchPlan(ListDataset(10), 4, seed=3, shuffle=True, device=CPU)
     fast = plan(samples=10, batch_size=4, seed=3)

@@ -18,7 +18,7 @@ to the device.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,8 +123,18 @@ class BatchPlan:
             return torch.arange(self._length)
         return torch.randperm(self._length, generator=generator_for(self._seed, "order", epoch))
 
-    def batches(self, epoch: int, start: int = 0, skip: Collection[int] = ()) -> Iterator[Batch]:
+    def batches(
+        self,
+        epoch: int,
+        start: int = 0,
+        skip: Collection[int] = (),
+        reshuffles: Sequence[tuple[int, int]] = (),
+    ) -> Iterator[Batch]:
         """The batches of `epoch` from batch index `start`, leaving out the indexes in `skip`.
+
+        Each `(first, nonce)` in `reshuffles` permutes the epoch's samples from batch `first`
+        on again, with a generator seeded from `(seed, epoch, nonce)`: the same samples, other
+        batches (the reshuffle replay policy). Applied in order, so a resume sees the same.
 
         `start` may equal `num_batches()` (an epoch resumed at its end yields
         nothing); outside `0..num_batches()` it raises ValueError at the call,
@@ -134,7 +144,7 @@ class BatchPlan:
         total = self.num_batches()
         if not 0 <= start <= total:
             raise ValueError(f"start batch {start} is outside 0..{total} for this plan")
-        return self._iterate(epoch, start, frozenset(skip), total)
+        return self._iterate(epoch, start, frozenset(skip), total, tuple(reshuffles))
 
     def state_dict(self) -> dict[str, Any]:
         """What the order depends on, JSON-serialisable, for snapshots and checkpoints."""
@@ -162,8 +172,25 @@ class BatchPlan:
                 "batch plan does not match the saved one: " + "; ".join(differences)
             )
 
-    def _iterate(self, epoch: int, start: int, skip: frozenset[int], total: int) -> Iterator[Batch]:
+    def reshuffled_order(self, epoch: int, reshuffles: Sequence[tuple[int, int]]) -> Tensor:
+        """`order(epoch)` with each reshuffle applied (see `batches`)."""
         order = self.order(epoch)
+        for first, nonce in reshuffles:
+            begin = min(first * self._batch_size, self._length)
+            tail = order[begin:]
+            generator = generator_for(self._seed, "reshuffle", epoch, nonce)
+            order = torch.cat([order[:begin], tail[torch.randperm(len(tail), generator=generator)]])
+        return order
+
+    def _iterate(
+        self,
+        epoch: int,
+        start: int,
+        skip: frozenset[int],
+        total: int,
+        reshuffles: tuple[tuple[int, int], ...],
+    ) -> Iterator[Batch]:
+        order = self.reshuffled_order(epoch, reshuffles)
         if self._tensors is not None:
             # Index where the tensors live: one index copy per epoch, not per batch.
             order = order.to(self._tensors[0].device)

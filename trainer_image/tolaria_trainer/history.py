@@ -22,6 +22,7 @@ from leyline import (
     DrillRecord,
     EmergencyRecord,
     EpochRecord,
+    ReplayPolicy,
     ResumeRecord,
     RollbackReport,
     SkippedWindow,
@@ -70,9 +71,19 @@ class RunHistory:
         """Batch indexes of `epoch` to skip (windows before data-dependent anomalies)."""
         out: set[int] = set()
         for w in self.skipped:
-            if w.epoch == epoch:
+            if w.epoch == epoch and w.policy == ReplayPolicy.REPLAY_POLICY_SKIP:
                 out.update(range(w.first_batch, w.last_batch + 1))
         return frozenset(out)
+
+    def reshuffles_for(self, epoch: int) -> list[tuple[int, int]]:
+        """`(first batch, nonce)` of each reshuffle of `epoch`, in the order they happened: the
+        epoch's order from that batch on is permuted again (policy reshuffle, R6.1a). The
+        nonce is the window's place in the history, so a resumed run reshuffles identically."""
+        return [
+            (int(w.first_batch), n)
+            for n, w in enumerate(self.skipped)
+            if w.epoch == epoch and w.policy == ReplayPolicy.REPLAY_POLICY_RESHUFFLE
+        ]
 
     def state_dict(self) -> JsonDict:
         return {

@@ -149,7 +149,10 @@ class EpochLoop:
         started = self._clock.now_ns()
         self.steps.new_epoch()
         for batch in self._train.batches(
-            epoch, start=self.pos.next_batch, skip=self.history.skips_for(epoch)
+            epoch,
+            start=self.pos.next_batch,
+            skip=self.history.skips_for(epoch),
+            reshuffles=self.history.reshuffles_for(epoch),
         ):
             if (response := self._boundary()) is not None:
                 return response  # freeze, halt or an emergency from outside (R7)

@@ -560,8 +560,8 @@ class Resilience:
             return
         self._history.window_end_step = max(self._history.window_end_step, anomaly.global_step)
         policy = self._spec.rollback.replay_policy
-        if policy != ReplayPolicy.REPLAY_POLICY_SKIP:
-            return
+        if policy == ReplayPolicy.REPLAY_POLICY_REPLAY:
+            return  # the same batches again, in the same order
         last_batch = self._batches() - 1
         for epoch in range(pos.epoch, anomaly.epoch + 1):
             first = pos.next_batch if epoch == pos.epoch else 0
