@@ -39,7 +39,9 @@ class RichView:
     """Progress bar within the epoch, one table row per finished epoch."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self._console = console or Console(stderr=False)
+        # soft_wrap: a long epoch line stays one line in logs and pipes (rich would fold it
+        # at 80 columns there); a terminal wraps it itself
+        self._console = console or Console(stderr=False, soft_wrap=True)
         self._progress: Progress | None = None
         self._task: int | None = None
         self._steps = 0
