@@ -110,6 +110,8 @@ class ProcessKubelet:
         self._node = node
         self.pods: dict[tuple[str, str], PodProcesses] = {}
         self._task: asyncio.Task[None] | None = None
+        self.error: Exception | None = None
+        """Why the node loop stopped (a pod that could not start), re-raised by `close`."""
 
     # -- the operator's view ------------------------------------------------------------------
 
@@ -139,12 +141,21 @@ class ProcessKubelet:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task  # a failure is in self.error, raised below
         # The node goes away with the test: a short grace, the hung trainer is killed.
         await asyncio.gather(*(asyncio.to_thread(p.stop, 2.0) for p in self.pods.values()))
+        if self.error is not None:
+            raise RuntimeError(f"the process kubelet stopped: {self.error}") from self.error
 
     async def _loop(self) -> None:
+        try:
+            await self._run()
+        except Exception as err:  # surfaced by close(): a dead node must fail the test
+            self.error = err
+            raise
+
+    async def _run(self) -> None:
         while True:
             for pod in self._list_pods():
                 meta = pod["metadata"]
