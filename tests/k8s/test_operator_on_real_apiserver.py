@@ -23,7 +23,6 @@ from kubernetes.client.rest import ApiException
 from tests.k8s.hybrid_api import HybridApi
 from tests.operator.builders import run_body
 from tests.operator.harness import Cluster
-from tests.operator.process_kubelet import ProcessKubelet
 from tolaria_operator.clock import SystemClock
 
 pytestmark = [
@@ -126,20 +125,7 @@ async def test_status_written_for_real_processes_and_a_group_incident_survives_t
 ) -> None:
     cluster, hybrid = world
     ns = cluster.namespace
-    kubelet = ProcessKubelet(
-        get=cluster.get,
-        list_pods=lambda: [
-            dict(obj.raw)
-            for (resource, _, _), obj in cluster.kmock.objects.items()
-            if resource.plural == "pods" and not obj.deleted
-        ],
-        patch_status=cluster.kubelet,
-        workdir=tmp_path,
-        drills={"src": ["--inject", "hang@step=40"]},
-    )
-    cluster.resolve = lambda namespace, run, port: (  # type: ignore[method-assign]
-        kubelet.address_of(namespace, run) or f"127.0.0.1:{cluster.dead_port}"
-    )
+    kubelet = cluster.run_pods_as_processes(tmp_path, {"src": ["--inject", "hang@step=40"]})
     kubelet.start()
     try:
         await cluster.start_operator()

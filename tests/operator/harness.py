@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 import tolaria_operator.handlers  # noqa: F401 - registers the handlers in kopf's default registry
 from tests.operator.fake_sidecar import FakeSidecar, closed_port
+from tests.operator.process_kubelet import ProcessKubelet
 from tolaria_operator.clock import SystemClock
 from tolaria_operator.config import MetricsSettings, TolariaSettings
 from tolaria_operator.context import OperatorContext, build_context
@@ -161,6 +162,36 @@ class Cluster:
         self._task = None
         if self.ctx is not None:
             await self.ctx.kube.close()
+
+    def pods(self) -> list[dict[str, Any]]:
+        """Every pod kmock holds (not deleted)."""
+        return [
+            dict(obj.raw)
+            for (resource, _, _), obj in self.kmock.objects.items()
+            if resource.plural == "pods" and not obj.deleted
+        ]
+
+    def run_pods_as_processes(
+        self, workdir: Path, drills: dict[str, list[str]] | None = None
+    ) -> ProcessKubelet:
+        """A node that runs the operator's pods as local processes (start it, close it). Each
+        run's sidecar resolves to its pod's control port, as the headless Service would, and
+        the operator uses the machine's clock: real processes, real time."""
+        node = ProcessKubelet(
+            get=self.get,
+            list_pods=self.pods,
+            patch_status=self.kubelet,
+            workdir=workdir,
+            drills=drills,
+        )
+
+        def resolve(namespace: str, run: str, port: int) -> str:
+            del port
+            return node.address_of(namespace, run) or f"127.0.0.1:{self.dead_port}"
+
+        self.resolve = resolve  # type: ignore[method-assign]
+        self.clock = SystemClock()
+        return node
 
     # -- sidecars ----------------------------------------------------------------------------
 

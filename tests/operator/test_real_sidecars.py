@@ -20,7 +20,6 @@ import pytest_asyncio
 from tests.operator.builders import run_body
 from tests.operator.harness import Cluster
 from tests.operator.process_kubelet import ProcessKubelet
-from tolaria_operator.clock import SystemClock
 
 pytestmark = [
     pytest.mark.slow,
@@ -52,34 +51,8 @@ def spec(epochs: int, **extra: Any) -> dict[str, Any]:
 
 @pytest_asyncio.fixture
 async def node(cluster: Cluster, tmp_path: Path) -> AsyncIterator[ProcessKubelet]:
-    """A node running the operator's pods as processes; the operator resolves each run's
-    sidecar to the pod's real control port, as the headless Service would."""
-
-    def list_pods() -> list[dict[str, Any]]:
-        return [
-            dict(obj.raw)
-            for (resource, _, _), obj in cluster.kmock.objects.items()
-            if resource.plural == "pods" and not obj.deleted
-        ]
-
-    async def patch_status(
-        pod: str, status: dict[str, Any], namespace: str, spec: dict[str, Any] | None
-    ) -> None:
-        await cluster.kubelet(pod, status, namespace, spec)
-
-    kubelet = ProcessKubelet(
-        get=cluster.get,
-        list_pods=list_pods,
-        patch_status=patch_status,
-        workdir=tmp_path,
-    )
-
-    def resolve(namespace: str, run: str, port: int) -> str:
-        del port
-        return kubelet.address_of(namespace, run) or f"127.0.0.1:{cluster.dead_port}"
-
-    cluster.resolve = resolve  # type: ignore[method-assign]
-    cluster.clock = SystemClock()
+    """A node running the operator's pods as processes (see `Cluster.run_pods_as_processes`)."""
+    kubelet = cluster.run_pods_as_processes(tmp_path)
     kubelet.start()
     try:
         yield kubelet

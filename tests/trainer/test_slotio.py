@@ -51,7 +51,7 @@ def layout(live: list[torch.Tensor]) -> tuple[list[Placement], int]:
 def test_a_snapshot_copy_returns_the_region_digest_of_what_it_wrote(slot: Slot) -> None:
     slot.data[: 8 * REGION_CHUNK_BYTES] = b"\xff" * (8 * REGION_CHUNK_BYTES)  # stale bytes
     placements, total = layout(tensors())
-    found = copy_hashing(slot, placements, to_slot=True, total_bytes=total)
+    found = copy_hashing(slot, placements, total_bytes=total)
     assert found == region_digest(slot.data[:total])
 
 
@@ -62,7 +62,7 @@ def test_a_verified_restore_brings_back_every_tensor_and_the_same_digest(
 ) -> None:
     saved = tensors()
     placements, total = layout(saved)
-    written = copy_hashing(slot, placements, to_slot=True, total_bytes=total)
+    written = copy_hashing(slot, placements, total_bytes=total)
     live = [torch.zeros_like(t) for t in saved]
     live[4] = torch.zeros(64, 32).t()  # the strided target stays strided
     targets = [Placement(p.offset, p.nbytes, t) for p, t in zip(placements, live, strict=True)]
@@ -76,7 +76,7 @@ def test_a_verified_restore_brings_back_every_tensor_and_the_same_digest(
 def test_a_restore_over_damaged_bytes_reports_a_different_digest(slot: Slot) -> None:
     saved = tensors()
     placements, total = layout(saved)
-    written = copy_hashing(slot, placements, to_slot=True, total_bytes=total)
+    written = copy_hashing(slot, placements, total_bytes=total)
     slot.data[REGION_CHUNK_BYTES + 3] ^= 0x40
     live = [torch.zeros_like(t) for t in saved]
     targets = [Placement(p.offset, p.nbytes, t) for p, t in zip(placements, live, strict=True)]

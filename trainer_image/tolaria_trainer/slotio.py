@@ -53,16 +53,10 @@ def _host_contiguous(tensor: torch.Tensor) -> bool:
     return tensor.is_contiguous() and tensor.device.type == "cpu"
 
 
-def copy_hashing(
-    slot: Slot,
-    placements: Iterable[Placement],
-    *,
-    to_slot: bool,
-    total_bytes: int,
-) -> int:
-    """Copies every placement (live -> slot if `to_slot`, else slot -> live) and returns the
-    region digest of the region's first `total_bytes` bytes. Padding is zeroed when writing.
-    Placements must be in offset order and must not overlap."""
+def copy_hashing(slot: Slot, placements: Iterable[Placement], *, total_bytes: int) -> int:
+    """Copies every placement into the slot and returns the region digest of the region's first
+    `total_bytes` bytes; padding is zeroed. Placements must be in offset order and must not
+    overlap. (Reading a slot back is `restore_verifying`'s job.)"""
     region = region_tensor(slot)
     data = slot.data
     digests: list[int] = []
@@ -76,24 +70,20 @@ def copy_hashing(
 
     done = 0
     for p in placements:
-        if p.offset > done and to_slot:
+        if p.offset > done:
             region[done : p.offset].zero_()
         live = p.live
         if not _host_contiguous(live):
-            _copy_whole(region, p, to_slot=to_slot)
+            _copy_whole(region, p, to_slot=True)
         else:
             live_bytes = as_bytes(live)
             for start in range(0, p.nbytes, REGION_CHUNK_BYTES):
                 end = min(start + REGION_CHUNK_BYTES, p.nbytes)
-                dst_slice = region[p.offset + start : p.offset + end]
-                if to_slot:
-                    dst_slice.copy_(live_bytes[start:end])
-                else:
-                    live_bytes[start:end].copy_(dst_slice)
+                region[p.offset + start : p.offset + end].copy_(live_bytes[start:end])
                 hash_ready(p.offset + end)
         done = p.offset + p.nbytes
         hash_ready(done)
-    if total_bytes > done and to_slot:
+    if total_bytes > done:
         region[done:total_bytes].zero_()
     hash_ready(total_bytes)
     if hashed < total_bytes:

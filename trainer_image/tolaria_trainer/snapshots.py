@@ -209,7 +209,7 @@ class SnapshotWriter:
         start = time.perf_counter_ns()
         try:
             placements = [Placement(t.offset, t.nbytes, t.tensor) for t in layout.tensors]
-            checksum = copy_hashing(slot, placements, to_slot=True, total_bytes=layout.data_bytes)
+            checksum = copy_hashing(slot, placements, total_bytes=layout.data_bytes)
             manifest.checksum = digest_bytes(checksum)
             slot.publish(
                 generation=result.generation,
