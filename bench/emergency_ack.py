@@ -40,7 +40,7 @@ from pathlib import Path
 PARTICIPANT_IDS = (1, 2, 3, 5, 6, 7)
 """Control-block lines the subscribers use: TRAINER, KASMINA, TAMIYO, then spare lines (4 is
 the sidecar's own)."""
-RUN = "bench-m7"
+RUN = "bench-m7-instance"
 TIMEOUT_S = 10.0
 """A message whose acks take longer than this is recorded at this value (never seen so far)."""
 
@@ -113,7 +113,7 @@ def wait_for_stdin_eof() -> None:
 def run_subscriber(args: argparse.Namespace) -> None:
     from leyline.shm import ControlBlock, ShmError
 
-    control = ControlBlock.attach(Path(args.shm_dir) / f"tolaria-{RUN}-ctl")
+    control = ControlBlock.attach(Path(args.shm_dir) / f"tolaria-{RUN}-ctl", instance_id=RUN)
     participant = args.participant
     if args.switch_interval_ms:
         sys.setswitchinterval(args.switch_interval_ms / 1e3)
@@ -259,7 +259,7 @@ def measure_critical(
     logging.getLogger("tolaria_sidecar").setLevel(logging.CRITICAL + 1)  # one line per raise
     path = shm_dir / f"tolaria-{RUN}-ctl"
     path.unlink(missing_ok=True)
-    control = ControlBlock.create(path, 5)
+    control = ControlBlock.create(path, 5, instance_id=RUN)
     machine = EmergencyMachine(
         run_id=RUN,
         control=control,

@@ -201,9 +201,18 @@ class _Snapshotter:
         )
         self.state_bytes = state.estimated_bytes()
         capacity = int(self.state_bytes * 1.1) + (1 << 20)
-        self.control = ControlBlock.create(self._dir / "tolaria-bench-ctl", 2)
+        self.control = ControlBlock.create(
+            self._dir / "tolaria-bench-ctl", 2, instance_id="bench-hook-latency"
+        )
         self.slots = [
-            Slot.create(self._dir / f"tolaria-bench-slot-{i}", i, capacity, 1 << 20, prefault=True)
+            Slot.create(
+                self._dir / f"tolaria-bench-slot-{i}",
+                i,
+                capacity,
+                1 << 20,
+                prefault=True,
+                instance_id="bench-hook-latency",
+            )
             for i in range(2)
         ]
         self.writer = SnapshotWriter(

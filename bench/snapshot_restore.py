@@ -316,10 +316,15 @@ class Rig:
         self.optimizer.zero_grad(set_to_none=True)
         layout = self.state.layout()
         base = shm_dir()
-        self.control = ControlBlock.create(base / control_name(run_id), SLOTS)
+        self.control = ControlBlock.create(base / control_name(run_id), SLOTS, instance_id=run_id)
         self.slots = [
             Slot.create(
-                base / slot_name(run_id, i), i, layout.data_bytes, MANIFEST_BYTES, prefault=True
+                base / slot_name(run_id, i),
+                i,
+                layout.data_bytes,
+                MANIFEST_BYTES,
+                prefault=True,
+                instance_id=run_id,
             )
             for i in range(SLOTS)
         ]
@@ -529,8 +534,11 @@ def reattach_child(
 
     def attach_restore() -> int:
         begin = time.perf_counter_ns()
-        control = ControlBlock.attach(base / control_name(run_id))
-        slots = [Slot.attach(base / slot_name(run_id, i)) for i in range(config["slots"])]
+        control = ControlBlock.attach(base / control_name(run_id), instance_id=run_id)
+        slots = [
+            Slot.attach(base / slot_name(run_id, i), instance_id=run_id)
+            for i in range(config["slots"])
+        ]
         with torch.no_grad():
             Restorer(state=state, control=control).restore(
                 slots, before_step=None, budgets_ms=budgets

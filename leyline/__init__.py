@@ -43,7 +43,10 @@ from leyline.v1.report_pb2 import (
     PriorityCount,
     RebuildKind,
     RebuildOutcome,
+    RecoveryAction,
+    RecoveryDecision,
     ResumeRecord,
+    ResumeSource,
     RunPhase,
     RunReport,
 )
@@ -51,6 +54,7 @@ from leyline.v1.resilience_pb2 import (
     AnomalyKind,
     CheckpointFailure,
     CheckpointRecord,
+    CheckpointRejection,
     ChecksumAlgorithm,
     EmergencyAck,
     EmergencyAction,
@@ -74,6 +78,7 @@ from leyline.v1.resilience_pb2 import (
     StateDocument,
     TensorDtype,
     TensorEntry,
+    WalRecovery,
 )
 from leyline.v1.runtime_pb2 import (
     BreakerId,
@@ -95,6 +100,7 @@ __all__ = [
     "BreakerSummary",
     "CheckpointFailure",
     "CheckpointRecord",
+    "CheckpointRejection",
     "ChecksumAlgorithm",
     "CircuitBreakerState",
     "CommandCircuitBreaker",
@@ -131,8 +137,11 @@ __all__ = [
     "PriorityCount",
     "RebuildKind",
     "RebuildOutcome",
+    "RecoveryAction",
+    "RecoveryDecision",
     "ReplayPolicy",
     "ResumeRecord",
+    "ResumeSource",
     "RollbackOutcome",
     "RollbackPhase",
     "RollbackPhaseTiming",
@@ -158,4 +167,5 @@ __all__ = [
     "TensorDtype",
     "TensorEntry",
     "TraceSpan",
+    "WalRecovery",
 ]

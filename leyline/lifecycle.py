@@ -1,4 +1,4 @@
-"""The process contract between `tolaria run` and its children (trainer, sidecar).
+"""The process contract between `tolaria run` (or a pod) and its children (trainer, sidecar).
 
 A supervising parent sets `TOLARIA_PARENT_PID` and `TOLARIA_PARENT_DEATH_SIGNAL`
 in a child's environment; the child calls `adopt_parent_death_signal()` first
@@ -17,6 +17,14 @@ import signal
 
 PARENT_PID_ENV = "TOLARIA_PARENT_PID"
 PARENT_DEATH_SIGNAL_ENV = "TOLARIA_PARENT_DEATH_SIGNAL"
+INSTANCE_ENV = "TOLARIA_INSTANCE_ID"
+"""The run instance shared by a trainer and its sidecar (R13.1): set by `tolaria run` for
+both children, and from the pod's UID (downward API) in a pod."""
+LINEAGE_ENV = "TOLARIA_LINEAGE_ID"
+"""The run an instance continues: the resumed instance's lineage, or the TolariaRun's UID."""
+RESUME_ENV = "TOLARIA_RESUME"
+"""`1`: this instance was asked to continue its lineage from the newest valid checkpoint
+(`tolaria run --resume`, or a recreated pod)."""
 _PR_SET_PDEATHSIG = 1
 
 

@@ -1,23 +1,34 @@
-"""The shared-memory layout shared by the trainer and the sidecar (layout version 1).
+"""The shared-memory layout shared by the trainer and the sidecar (layout version 2).
 
 Two kinds of segment live in `/dev/shm` (a memory-backed emptyDir in a pod),
-named from the run: one control block, `tolaria-<run>-ctl`, and N snapshot
-slots, `tolaria-<run>-slot-<i>`. The sidecar creates and owns them, so they
-outlive a trainer crash; the trainer maps them. All integers are
-little-endian; every multi-field record that another process reads while it
-may change is written under a seqlock (sequence odd while writing) AND carries
-an xxh3 checksum, so a torn read is detected on any memory model. Single
-8-byte words (acks, heartbeats, slot states) are written with one aligned
-store by their single owner.
+named from the run *instance* (R13.1): one control block,
+`tolaria-<instance>-ctl`, and N snapshot slots, `tolaria-<instance>-slot-<i>`.
+An instance is one local `tolaria run` or one pod attempt, so runs with the
+same name, or names that are prefixes of each other, never meet; nothing is
+ever found by a name prefix. The sidecar creates and owns the segments, so
+they outlive a trainer crash; the trainer maps them.
+
+Segments are created with `O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600, and mapped
+again only when they are regular files owned by this user, not readable or
+writable by anyone else, and their header names this instance
+(`ForeignSegment` otherwise): another local user cannot plant or swap a
+segment, and one instance never maps another's.
+
+All integers are little-endian; every multi-field record that another process
+reads while it may change is written under a seqlock (sequence odd while
+writing) AND carries an xxh3 checksum, so a torn read is detected on any
+memory model. Single 8-byte words (acks, heartbeats, slot states) are written
+with one aligned store by their single owner.
 
 Control block (4096 bytes)::
 
-    0     magic "TOLCTL01" | u32 layout version | u32 size | u32 participants
-          | u32 slot count | u64 created ns | u64 xxh3 of bytes 0..32
-    64    emergency record (writer: sidecar): u64 seq | u64 generation | u32 level
+    0     magic "TOLCTL02" | u32 layout version | u32 size | u32 participants
+          | u32 slot count | u64 created ns | 48 B instance id (ASCII, NUL padded)
+          | u64 xxh3 of bytes 0..80
+    128   emergency record (writer: sidecar): u64 seq | u64 generation | u32 level
           | u32 action | u32 kind | u32 state | u64 raised ns | u64 step | u32 source
-          | u32 reason length | 120 B reason | u64 xxh3 of 72..240
-    256   8 participant lines x 64 B (writer: that participant): u64 ack generation
+          | u32 reason length | 120 B reason | u64 xxh3 of 136..304
+    512   8 participant lines x 64 B (writer: that participant): u64 ack generation
           | u64 acked ns | u32 acked level | u32 flags | u64 heartbeat ns
           | u64 heartbeat step | u32 pid | u32 attempt | u64 heartbeat epoch
     1024  32 slot-state lines x 32 B (writer: sidecar): u64 verified generation
@@ -28,13 +39,13 @@ Control block (4096 bytes)::
 
 Slot (header 4096 bytes, then the manifest region, then the data region)::
 
-    0     magic "TOLSLOT1" | u32 layout version | u32 index | u64 data capacity
+    0     magic "TOLSLOT2" | u32 layout version | u32 index | u64 data capacity
           | u64 manifest capacity | u64 manifest offset | u64 data offset
-          | u64 xxh3 of 0..48
-    64    dynamic header (writer: trainer, or the sidecar loading a checkpoint):
+          | 48 B instance id | u64 xxh3 of 0..96
+    128   dynamic header (writer: trainer, or the sidecar loading a checkpoint):
           u64 seq | u64 generation | u32 committed | u32 checksum algorithm
           | u64 manifest length | u64 data length | u64 step | u32 epoch | u32 flags
-          | u64 manifest xxh3 | u64 data xxh3 | u64 committed ns | u64 xxh3 of 72..144
+          | u64 manifest xxh3 | u64 data xxh3 | u64 committed ns | u64 xxh3 of 136..208
 
 A slot is visible only when committed with a non-zero generation and its
 manifest and data checksums are written. A reader refuses an unknown magic or
@@ -47,8 +58,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import mmap
 import os
+import re
+import secrets
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -58,15 +73,19 @@ from typing import Any, TypeVar
 
 from leyline.checksum import xxh3
 
-LAYOUT_VERSION = 1
-CONTROL_MAGIC = b"TOLCTL01"
-SLOT_MAGIC = b"TOLSLOT1"
+LAYOUT_VERSION = 2
+CONTROL_MAGIC = b"TOLCTL02"
+SLOT_MAGIC = b"TOLSLOT2"
 PAGE = 4096
 CONTROL_SIZE = 4096
 SLOT_HEADER_SIZE = 4096
 MAX_PARTICIPANTS = 8
 MAX_SLOTS = 32
 REASON_BYTES = 120
+INSTANCE_BYTES = 48
+INSTANCE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9-]{7,47}$"
+"""An instance id: a pod UID (36 characters) or a local random id; safe in a file name."""
+_INSTANCE_RE = re.compile(INSTANCE_PATTERN)
 SEQLOCK_RETRIES = 1000
 SEQLOCK_SPINS = 100
 SEQLOCK_TIMEOUT_S = 0.05
@@ -76,21 +95,25 @@ SLOT_FLAG_FROM_CHECKPOINT = 2
 PARTICIPANT_FLAG_FROZEN = 1
 PARTICIPANT_FLAG_ATTACHED = 2
 
-_STATIC = struct.Struct("<8sIIIIQ")  # magic, version, size, participants, slots, created
+_STATIC = struct.Struct(f"<8sIIIIQ{INSTANCE_BYTES}s")  # magic .. created, instance
 _EMERGENCY = struct.Struct(f"<QIIIIQQII{REASON_BYTES}s")  # after seq: generation..reason
 _PARTICIPANT = struct.Struct("<QQIIQQIIQ")
 _SLOT_STATE = struct.Struct("<QQQQ")
 _ROLLBACK = struct.Struct("<QIIQQQQ")  # after seq: id, tier, phase, started, deadline, from, to
-_SLOT_STATIC = struct.Struct("<8sIIQQQQ")
+_SLOT_STATIC = struct.Struct(f"<8sIIQQQQ{INSTANCE_BYTES}s")
 _SLOT_DYNAMIC = struct.Struct("<QIIQQQIIQQQ")  # after seq: generation..committed ns
 
-_EMERGENCY_AT = 64
-_PARTICIPANTS_AT = 256
+_STATIC_SUM_AT = _STATIC.size  # 80
+_SLOT_STATIC_SUM_AT = _SLOT_STATIC.size  # 96
+_EMERGENCY_AT = 128
+_PARTICIPANTS_AT = 512
 _PARTICIPANT_STRIDE = 64
 _SLOT_STATES_AT = 1024
 _SLOT_STATE_STRIDE = 32
 _ROLLBACK_AT = 2048
-_SLOT_DYNAMIC_AT = 64
+SLOT_DYNAMIC_AT = 128
+"""Where the dynamic (seqlock) header of a slot starts."""
+_SLOT_DYNAMIC_AT = SLOT_DYNAMIC_AT
 
 
 class ShmError(RuntimeError):
@@ -105,23 +128,102 @@ class TornHeader(ShmError):
     """A header could not be read consistently (checksum or seqlock): treat it as absent."""
 
 
+class ForeignSegment(ShmError):
+    """The segment belongs to another instance or user, or is not a plain 0600 file: never
+    map it (R13.1)."""
+
+
+class ShmFull(ShmError):
+    """The shared-memory filesystem cannot hold a segment: says how much was needed and how
+    much was free, so the fix (a larger /dev/shm, fewer or smaller slots) is obvious."""
+
+    def __init__(self, path: Path, needed_bytes: int, available_bytes: int) -> None:
+        self.path = path
+        self.needed_bytes = needed_bytes
+        self.available_bytes = available_bytes
+        super().__init__(
+            f"{path.parent} is full: {path.name} needs {needed_bytes} bytes "
+            f"({needed_bytes / 2**20:.1f} MiB), {available_bytes} bytes "
+            f"({available_bytes / 2**20:.1f} MiB) are available; enlarge /dev/shm "
+            "(docker --shm-size, the pod's shm sizeLimit) or lower spec.snapshots.slots "
+            "or spec.snapshots.maxBytes"
+        )
+
+
+def new_instance_id() -> str:
+    """A fresh local instance id: 64 random bits as 16 hex characters."""
+    return secrets.token_hex(8)
+
+
+def check_instance_id(value: str) -> str:
+    """Returns `value` when it is a valid instance id; raises `ValueError` naming the rule."""
+    if not _INSTANCE_RE.fullmatch(value):
+        raise ValueError(
+            f"instance id {value!r} must be 8-48 letters, digits or '-', starting with a "
+            "letter or digit"
+        )
+    return value
+
+
+def available_bytes(directory: Path) -> int:
+    """Free bytes of the filesystem holding `directory` (for `ShmFull`)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return 0
+    return int(st.f_bavail * st.f_frsize)
+
+
 def shm_dir() -> Path:
     """Where segments live: `$TOLARIA_SHM_DIR` or /dev/shm."""
-    return Path(os.environ.get("TOLARIA_SHM_DIR", "/dev/shm"))  # noqa: S108 - the shared tmpfs  # noqa: S108 - the shared tmpfs
+    return Path(os.environ.get("TOLARIA_SHM_DIR", "/dev/shm"))  # noqa: S108 - the shared tmpfs
 
 
-def control_name(run_id: str) -> str:
-    return f"tolaria-{run_id}-ctl"
+def control_name(instance_id: str) -> str:
+    return f"tolaria-{check_instance_id(instance_id)}-ctl"
 
 
-def slot_name(run_id: str, index: int) -> str:
-    return f"tolaria-{run_id}-slot-{index}"
+def slot_name(instance_id: str, index: int) -> str:
+    if not 0 <= index < MAX_SLOTS:
+        raise ValueError(f"slot index must be 0..{MAX_SLOTS - 1}, got {index}")
+    return f"tolaria-{check_instance_id(instance_id)}-slot-{index}"
 
 
-def run_segments(run_id: str, directory: Path | None = None) -> list[Path]:
-    """Every segment of a run that exists now (for cleanup and re-attach)."""
+def instance_segments(instance_id: str, directory: Path | None = None) -> list[Path]:
+    """Every segment of one instance that exists now, by exact name (never by prefix)."""
     base = directory or shm_dir()
-    return sorted(base.glob(f"tolaria-{run_id}-*"))
+    names = [control_name(instance_id)] + [slot_name(instance_id, i) for i in range(MAX_SLOTS)]
+    return [base / name for name in names if (base / name).exists()]
+
+
+def unlink_own(path: Path) -> None:
+    """Removes `path` if it is a regular file of this user; absent is fine. Raises
+    `ForeignSegment` (and removes nothing) for a symlink, a directory or another user's file."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        raise ForeignSegment(f"{path} exists and is not a segment of this user: left alone")
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def remove_instance_segments(instance_id: str, directory: Path | None = None) -> list[Path]:
+    """Unlinks the instance's segments that are regular files owned by this user; returns
+    what was removed. A planted symlink or another user's file is left alone."""
+    removed = []
+    for path in instance_segments(instance_id, directory):
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def monotonic_ns() -> int:
@@ -138,15 +240,28 @@ class Segment:
 
     @classmethod
     def create(cls, path: Path, size: int, *, prefault: bool) -> Segment:
-        """Creates (or truncates) a segment of `size` bytes, pages allocated up front if asked."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        """Creates a new segment of `size` bytes (mode 0600), pages allocated up front if asked.
+
+        Never opens an existing file or follows a symlink (`FileExistsError`; the caller
+        removes its own stale segment first). A full filesystem raises `ShmFull` and leaves
+        nothing behind.
+        """
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags, 0o600)
         try:
+            os.fchmod(fd, 0o600)
             os.ftruncate(fd, size)
             if prefault:
                 os.posix_fallocate(fd, 0, size)
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+        except OSError as err:
             os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            if err.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                raise ShmFull(path, size, available_bytes(path.parent)) from err
+            raise
+        os.close(fd)
         seg = cls(path, mm)
         if prefault:
             seg.prefault()
@@ -154,13 +269,26 @@ class Segment:
 
     @classmethod
     def attach(cls, path: Path) -> Segment:
-        """Maps an existing segment read-write; raises `FileNotFoundError` if absent."""
-        fd = os.open(path, os.O_RDWR)
+        """Maps an existing segment read-write; raises `FileNotFoundError` if absent and
+        `ForeignSegment` unless it is a regular file of this user with mode 0600."""
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
         try:
-            size = os.fstat(fd).st_size
-            if size == 0:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ForeignSegment(f"{path}: not a regular file")
+            if st.st_uid != os.geteuid():
+                raise ForeignSegment(f"{path}: owned by uid {st.st_uid}, not {os.geteuid()}")
+            if stat.S_IMODE(st.st_mode) & 0o077:
+                raise ForeignSegment(
+                    f"{path}: mode {stat.S_IMODE(st.st_mode):04o} lets others in (must be 0600)"
+                )
+            if st.st_size == 0:
                 raise LayoutMismatch(f"{path}: empty segment")
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise ForeignSegment(f"{path}: a symbolic link, never followed") from err
+            raise
         finally:
             os.close(fd)
         return cls(path, mm)
@@ -249,6 +377,19 @@ def _check_static(seg: Segment, magic: bytes, fields: tuple[Any, ...]) -> None:
         )
 
 
+def _encode_instance(instance_id: str) -> bytes:
+    return check_instance_id(instance_id).encode("ascii")
+
+
+def _decode_instance(raw: bytes) -> str:
+    return raw.rstrip(b"\0").decode("ascii", errors="replace")
+
+
+def _check_instance(seg: Segment, found: str, expected: str | None) -> None:
+    if expected is not None and found != expected:
+        raise ForeignSegment(f"{seg.path}: belongs to instance {found!r}, not {expected!r}")
+
+
 # -- control block -----------------------------------------------------------------------------
 
 
@@ -304,21 +445,28 @@ class RollbackRecord:
 class ControlBlock:
     """The run's control block; see the module docstring for the layout."""
 
-    def __init__(self, seg: Segment) -> None:
+    def __init__(self, seg: Segment, *, instance_id: str | None) -> None:
         self.seg = seg
+        if len(seg.buf) < CONTROL_SIZE:
+            raise LayoutMismatch(f"{seg.path}: {len(seg.buf)} bytes < {CONTROL_SIZE}")
         fields = _STATIC.unpack_from(seg.buf, 0)
-        stored = struct.unpack_from("<Q", seg.buf, 32)[0]
+        stored = struct.unpack_from("<Q", seg.buf, _STATIC_SUM_AT)[0]
         _check_static(seg, CONTROL_MAGIC, fields)
-        if xxh3(seg.buf[0:32]) != stored:
+        if xxh3(seg.buf[0:_STATIC_SUM_AT]) != stored:
             raise TornHeader(f"{seg.path}: control block header checksum mismatch")
+        self.instance_id = _decode_instance(fields[6])
+        _check_instance(seg, self.instance_id, instance_id)
+        if not 0 < int(fields[4]) <= MAX_SLOTS:
+            raise LayoutMismatch(f"{seg.path}: slot count {fields[4]} outside 1..{MAX_SLOTS}")
         self.slot_count = int(fields[4])
         self._emergency = _Seqlock(seg, _EMERGENCY_AT)
         self._rollback = _Seqlock(seg, _ROLLBACK_AT)
 
     @classmethod
-    def create(cls, path: Path, slot_count: int) -> ControlBlock:
+    def create(cls, path: Path, slot_count: int, *, instance_id: str) -> ControlBlock:
         if not 0 < slot_count <= MAX_SLOTS:
             raise ValueError(f"slot count must be 1..{MAX_SLOTS}, got {slot_count}")
+        instance = _encode_instance(instance_id)
         seg = Segment.create(path, CONTROL_SIZE, prefault=True)
         seg.buf[:CONTROL_SIZE] = bytes(CONTROL_SIZE)
         _STATIC.pack_into(
@@ -330,15 +478,17 @@ class ControlBlock:
             MAX_PARTICIPANTS,
             slot_count,
             monotonic_ns(),
+            instance,
         )
-        struct.pack_into("<Q", seg.buf, 32, xxh3(seg.buf[0:32]))
-        return cls(seg)
+        struct.pack_into("<Q", seg.buf, _STATIC_SUM_AT, xxh3(seg.buf[0:_STATIC_SUM_AT]))
+        return cls(seg, instance_id=instance_id)
 
     @classmethod
-    def attach(cls, path: Path) -> ControlBlock:
+    def attach(cls, path: Path, *, instance_id: str | None) -> ControlBlock:
+        """Maps an existing control block; `instance_id` None accepts any instance (tools)."""
         seg = Segment.attach(path)
         try:
-            return cls(seg)
+            return cls(seg, instance_id=instance_id)
         except ShmError:
             seg.close()
             raise
@@ -518,22 +668,31 @@ class SlotHeader:
 class Slot:
     """One snapshot slot: header, manifest region, data region."""
 
-    def __init__(self, seg: Segment) -> None:
+    def __init__(self, seg: Segment, *, instance_id: str | None) -> None:
         self.seg = seg
+        if len(seg.buf) < SLOT_HEADER_SIZE:
+            raise LayoutMismatch(f"{seg.path}: {len(seg.buf)} bytes < {SLOT_HEADER_SIZE}")
         fields = _SLOT_STATIC.unpack_from(seg.buf, 0)
-        stored = struct.unpack_from("<Q", seg.buf, 48)[0]
+        stored = struct.unpack_from("<Q", seg.buf, _SLOT_STATIC_SUM_AT)[0]
         _check_static(seg, SLOT_MAGIC, fields)
-        if xxh3(seg.buf[0:48]) != stored:
+        if xxh3(seg.buf[0:_SLOT_STATIC_SUM_AT]) != stored:
             raise TornHeader(f"{seg.path}: slot static header checksum mismatch")
+        self.instance_id = _decode_instance(fields[7])
+        _check_instance(seg, self.instance_id, instance_id)
         self.index = int(fields[2])
         self.capacity = int(fields[3])
         self.manifest_capacity = int(fields[4])
         self.manifest_offset = int(fields[5])
         self.data_offset = int(fields[6])
-        if self.data_offset + self.capacity > len(seg.mm):
+        if (
+            self.manifest_offset < SLOT_HEADER_SIZE
+            or self.manifest_offset + self.manifest_capacity > self.data_offset
+            or self.data_offset + self.capacity > len(seg.mm)
+        ):
             raise LayoutMismatch(
-                f"{seg.path}: data region {self.data_offset}+{self.capacity} beyond the "
-                f"{len(seg.mm)}-byte segment"
+                f"{seg.path}: regions (manifest {self.manifest_offset}+"
+                f"{self.manifest_capacity}, data {self.data_offset}+{self.capacity}) do not fit "
+                f"the {len(seg.mm)}-byte segment"
             )
         self._lock = _Seqlock(seg, _SLOT_DYNAMIC_AT)
 
@@ -544,8 +703,16 @@ class Slot:
 
     @classmethod
     def create(
-        cls, path: Path, index: int, capacity: int, manifest_capacity: int, *, prefault: bool
+        cls,
+        path: Path,
+        index: int,
+        capacity: int,
+        manifest_capacity: int,
+        *,
+        prefault: bool,
+        instance_id: str,
     ) -> Slot:
+        instance = _encode_instance(instance_id)
         manifest = -(-manifest_capacity // PAGE) * PAGE
         seg = Segment.create(path, cls.size_for(capacity, manifest), prefault=prefault)
         seg.buf[:SLOT_HEADER_SIZE] = bytes(SLOT_HEADER_SIZE)
@@ -559,15 +726,17 @@ class Slot:
             manifest,
             SLOT_HEADER_SIZE,
             SLOT_HEADER_SIZE + manifest,
+            instance,
         )
-        struct.pack_into("<Q", seg.buf, 48, xxh3(seg.buf[0:48]))
-        return cls(seg)
+        struct.pack_into("<Q", seg.buf, _SLOT_STATIC_SUM_AT, xxh3(seg.buf[0:_SLOT_STATIC_SUM_AT]))
+        return cls(seg, instance_id=instance_id)
 
     @classmethod
-    def attach(cls, path: Path) -> Slot:
+    def attach(cls, path: Path, *, instance_id: str | None) -> Slot:
+        """Maps an existing slot; `instance_id` None accepts any instance (tools)."""
         seg = Segment.attach(path)
         try:
-            return cls(seg)
+            return cls(seg, instance_id=instance_id)
         except ShmError:
             seg.close()
             raise

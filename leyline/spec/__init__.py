@@ -15,6 +15,7 @@ from leyline.spec.cluster import (
     TolerationSpec,
 )
 from leyline.spec.control import RebuildSpec, TamiyoSpec
+from leyline.spec.digest import TrainingIdentity, training_differences, training_identity
 from leyline.spec.errors import FieldError, field_errors
 from leyline.spec.guards import BreakerSpec, BudgetsSpec, ConservativeSpec
 from leyline.spec.loader import ManifestInvalid, load_manifest, parse_document, validate_manifest
@@ -93,9 +94,12 @@ __all__ = [
     "TolariaRunSpec",
     "TolariaRunStatus",
     "TolerationSpec",
+    "TrainingIdentity",
     "TrainingSpec",
     "field_errors",
     "load_manifest",
     "parse_document",
+    "training_differences",
+    "training_identity",
     "validate_manifest",
 ]

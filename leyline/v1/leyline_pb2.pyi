@@ -860,6 +860,8 @@ class TelemetryPacket(_message.Message):
     SPANS_FIELD_NUMBER: _builtins.int
     SYSTEM_HEALTH_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
     packet_id: _builtins.str
     source_subsystem: _builtins.str
     level: Global___TelemetryLevel.ValueType
@@ -867,6 +869,11 @@ class TelemetryPacket(_message.Message):
     """Additive (Tolaria): the delivery class. The Esper design smuggled it into
     system_health.indicators["priority"]; a typed field replaces the string.
     """
+    instance_id: _builtins.str
+    """Additive (Tolaria): which run instance emitted it (R13.1); one instance per local
+    `tolaria run` or pod attempt.
+    """
+    run_id: _builtins.str
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -889,10 +896,12 @@ class TelemetryPacket(_message.Message):
         spans: _abc.Iterable[Global___TraceSpan] | None = ...,
         system_health: Global___SystemHealth | None = ...,
         priority: Global___MessagePriority.ValueType = ...,
+        instance_id: _builtins.str = ...,
+        run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["system_health", b"system_health", "timestamp", b"timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "level", b"level", "metrics", b"metrics", "packet_id", b"packet_id", "priority", b"priority", "source_subsystem", b"source_subsystem", "spans", b"spans", "system_health", b"system_health", "timestamp", b"timestamp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "instance_id", b"instance_id", "level", b"level", "metrics", b"metrics", "packet_id", b"packet_id", "priority", b"priority", "run_id", b"run_id", "source_subsystem", b"source_subsystem", "spans", b"spans", "system_health", b"system_health", "timestamp", b"timestamp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -41,6 +41,8 @@ class _RunPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunPhase.Val
     Suspended: _RunPhase.ValueType  # 6
     Restarting: _RunPhase.ValueType  # 7
     RollingBack: _RunPhase.ValueType  # 8
+    Stopped: _RunPhase.ValueType  # 9
+    """ended by SIGINT/SIGTERM before the last epoch (exit code 130/143)"""
 
 class RunPhase(_RunPhase, metaclass=_RunPhaseEnumTypeWrapper):
     """Kubernetes-style phase of a run. Value names are the user-facing phase
@@ -58,6 +60,8 @@ Halted: RunPhase.ValueType  # 5
 Suspended: RunPhase.ValueType  # 6
 Restarting: RunPhase.ValueType  # 7
 RollingBack: RunPhase.ValueType  # 8
+Stopped: RunPhase.ValueType  # 9
+"""ended by SIGINT/SIGTERM before the last epoch (exit code 130/143)"""
 Global___RunPhase: _TypeAlias = RunPhase  # noqa: Y015
 
 class _LrChangeSource:
@@ -129,6 +133,64 @@ REBUILD_OUTCOME_FAILED_RESTORED: RebuildOutcome.ValueType  # 2
 REBUILD_OUTCOME_SKIPPED_STORM_GUARD: RebuildOutcome.ValueType  # 3
 REBUILD_OUTCOME_SKIPPED_BREAKER_OPEN: RebuildOutcome.ValueType  # 4
 Global___RebuildOutcome: _TypeAlias = RebuildOutcome  # noqa: Y015
+
+class _ResumeSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResumeSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResumeSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESUME_SOURCE_UNSPECIFIED: _ResumeSource.ValueType  # 0
+    RESUME_SOURCE_SHARED_MEMORY: _ResumeSource.ValueType  # 1
+    RESUME_SOURCE_CHECKPOINT: _ResumeSource.ValueType  # 2
+    RESUME_SOURCE_FRESH: _ResumeSource.ValueType  # 3
+
+class ResumeSource(_ResumeSource, metaclass=_ResumeSourceEnumTypeWrapper):
+    """Where a (re)started trainer got its state from (R6.2, R13.4): its own shared
+    memory, a durable checkpoint, or nothing (freshly built tensors).
+    """
+
+RESUME_SOURCE_UNSPECIFIED: ResumeSource.ValueType  # 0
+RESUME_SOURCE_SHARED_MEMORY: ResumeSource.ValueType  # 1
+RESUME_SOURCE_CHECKPOINT: ResumeSource.ValueType  # 2
+RESUME_SOURCE_FRESH: ResumeSource.ValueType  # 3
+Global___ResumeSource: _TypeAlias = ResumeSource  # noqa: Y015
+
+class _RecoveryAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RecoveryActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RecoveryAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RECOVERY_ACTION_UNSPECIFIED: _RecoveryAction.ValueType  # 0
+    RECOVERY_ACTION_LOG: _RecoveryAction.ValueType  # 1
+    """MINOR: logged and resolved"""
+    RECOVERY_ACTION_ROLL_BACK: _RecoveryAction.ValueType  # 2
+    """restore an older state on `tier`"""
+    RECOVERY_ACTION_FREEZE: _RecoveryAction.ValueType  # 3
+    """CRITICAL: freeze and wait for a verdict"""
+    RECOVERY_ACTION_HALT: _RecoveryAction.ValueType  # 4
+    """stop the run now (exit code 3)"""
+    RECOVERY_ACTION_CONTINUE: _RecoveryAction.ValueType  # 5
+    """nothing to restore without a sidecar: step dropped"""
+
+class RecoveryAction(_RecoveryAction, metaclass=_RecoveryActionEnumTypeWrapper):
+    """What the recovery planner decided for one anomaly (R13.3). The report lists every
+    decision; the last one explains how the run ended when recovery ended it.
+    """
+
+RECOVERY_ACTION_UNSPECIFIED: RecoveryAction.ValueType  # 0
+RECOVERY_ACTION_LOG: RecoveryAction.ValueType  # 1
+"""MINOR: logged and resolved"""
+RECOVERY_ACTION_ROLL_BACK: RecoveryAction.ValueType  # 2
+"""restore an older state on `tier`"""
+RECOVERY_ACTION_FREEZE: RecoveryAction.ValueType  # 3
+"""CRITICAL: freeze and wait for a verdict"""
+RECOVERY_ACTION_HALT: RecoveryAction.ValueType  # 4
+"""stop the run now (exit code 3)"""
+RECOVERY_ACTION_CONTINUE: RecoveryAction.ValueType  # 5
+"""nothing to restore without a sidecar: step dropped"""
+Global___RecoveryAction: _TypeAlias = RecoveryAction  # noqa: Y015
 
 @_typing.final
 class LatencySummary(_message.Message):
@@ -502,11 +564,22 @@ class ResumeRecord(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     RESTORE_MS_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
     source: _resilience_pb2.RollbackTier.ValueType
     step: _builtins.int
     epoch: _builtins.int
     restore_ms: _builtins.float
     attempt: _builtins.int
+    origin: Global___ResumeSource.ValueType
+    checkpoint_id: _builtins.str
+    """origin CHECKPOINT: the checkpoint restored"""
+    instance_id: _builtins.str
+    """the instance whose state was restored"""
+    detail: _builtins.str
+    """why this origin (e.g. "3 slots rejected: ...")"""
     def __init__(
         self,
         *,
@@ -515,14 +588,82 @@ class ResumeRecord(_message.Message):
         epoch: _builtins.int = ...,
         restore_ms: _builtins.float = ...,
         attempt: _builtins.int = ...,
+        origin: Global___ResumeSource.ValueType = ...,
+        checkpoint_id: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
+        detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "epoch", b"epoch", "restore_ms", b"restore_ms", "source", b"source", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "checkpoint_id", b"checkpoint_id", "detail", b"detail", "epoch", b"epoch", "instance_id", b"instance_id", "origin", b"origin", "restore_ms", b"restore_ms", "source", b"source", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResumeRecord: _TypeAlias = ResumeRecord  # noqa: Y015
+
+@_typing.final
+class RecoveryDecision(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    BATCH_INDEX_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    WINDOW_POLICY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ROLLBACKS_IN_EPOCH_FIELD_NUMBER: _builtins.int
+    ROLLBACKS_IN_RUN_FIELD_NUMBER: _builtins.int
+    ROLLBACKS_WITHOUT_PROGRESS_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """1, 2, ... in the order decided"""
+    kind: _resilience_pb2.AnomalyKind.ValueType
+    level: _resilience_pb2.EmergencyLevel.ValueType
+    step: _builtins.int
+    """the anomaly's step"""
+    epoch: _builtins.int
+    batch_index: _builtins.int
+    action: Global___RecoveryAction.ValueType
+    tier: _resilience_pb2.RollbackTier.ValueType
+    window_policy: _resilience_pb2.ReplayPolicy.ValueType
+    """what happens to the window on a roll back"""
+    reason: _builtins.str
+    """why this action, in numbers"""
+    rollbacks_in_epoch: _builtins.int
+    """before this decision"""
+    rollbacks_in_run: _builtins.int
+    rollbacks_without_progress: _builtins.int
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        kind: _resilience_pb2.AnomalyKind.ValueType = ...,
+        level: _resilience_pb2.EmergencyLevel.ValueType = ...,
+        step: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+        batch_index: _builtins.int = ...,
+        action: Global___RecoveryAction.ValueType = ...,
+        tier: _resilience_pb2.RollbackTier.ValueType = ...,
+        window_policy: _resilience_pb2.ReplayPolicy.ValueType = ...,
+        reason: _builtins.str = ...,
+        rollbacks_in_epoch: _builtins.int = ...,
+        rollbacks_in_run: _builtins.int = ...,
+        rollbacks_without_progress: _builtins.int = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "at", b"at", "batch_index", b"batch_index", "epoch", b"epoch", "kind", b"kind", "level", b"level", "reason", b"reason", "rollbacks_in_epoch", b"rollbacks_in_epoch", "rollbacks_in_run", b"rollbacks_in_run", "rollbacks_without_progress", b"rollbacks_without_progress", "sequence", b"sequence", "step", b"step", "tier", b"tier", "window_policy", b"window_policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecoveryDecision: _TypeAlias = RecoveryDecision  # noqa: Y015
 
 @_typing.final
 class RunReport(_message.Message):
@@ -571,6 +712,15 @@ class RunReport(_message.Message):
     CHECKPOINT_FAILURES_FIELD_NUMBER: _builtins.int
     SNAPSHOTS_COMMITTED_FIELD_NUMBER: _builtins.int
     SNAPSHOT_STALL_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    LINEAGE_ID_FIELD_NUMBER: _builtins.int
+    SIDECAR_RESTARTS_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_REJECTIONS_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    WAL_RECOVERIES_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    HISTORY_OMITTED_FIELD_NUMBER: _builtins.int
+    RESUMED_FROM_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     run_id: _builtins.str
     status: Global___RunPhase.ValueType
@@ -589,6 +739,15 @@ class RunReport(_message.Message):
     device: _builtins.str
     experiment_name: _builtins.str
     snapshots_committed: _builtins.int
+    instance_id: _builtins.str
+    """this run instance (R13.1)"""
+    lineage_id: _builtins.str
+    """the run it continues (itself unless --resume)"""
+    sidecar_restarts: _builtins.int
+    history_omitted: _builtins.int
+    """oldest history records dropped to bound snapshots"""
+    resumed_from: _builtins.str
+    """--resume: the checkpoint this run continued"""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -641,6 +800,16 @@ class RunReport(_message.Message):
     def snapshot_stall(self) -> Global___LatencySummary:
         """time the loop waited on snapshot copies"""
 
+    @_builtins.property
+    def checkpoint_rejections(self) -> _containers.RepeatedCompositeFieldContainer[_resilience_pb2.CheckpointRejection]: ...
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecoveryDecision]: ...
+    @_builtins.property
+    def wal_recoveries(self) -> _containers.RepeatedCompositeFieldContainer[_resilience_pb2.WalRecovery]: ...
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """what the run could not do but survived (disk full, ...)"""
+
     def __init__(
         self,
         *,
@@ -687,10 +856,19 @@ class RunReport(_message.Message):
         checkpoint_failures: _abc.Iterable[_resilience_pb2.CheckpointFailure] | None = ...,
         snapshots_committed: _builtins.int = ...,
         snapshot_stall: Global___LatencySummary | None = ...,
+        instance_id: _builtins.str = ...,
+        lineage_id: _builtins.str = ...,
+        sidecar_restarts: _builtins.int = ...,
+        checkpoint_rejections: _abc.Iterable[_resilience_pb2.CheckpointRejection] | None = ...,
+        decisions: _abc.Iterable[Global___RecoveryDecision] | None = ...,
+        wal_recoveries: _abc.Iterable[_resilience_pb2.WalRecovery] | None = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
+        history_omitted: _builtins.int = ...,
+        resumed_from: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "hook_latency", b"hook_latency", "lr_step_latency", b"lr_step_latency", "snapshot_stall", b"snapshot_stall", "started_at", b"started_at", "tamiyo_latency", b"tamiyo_latency", "training_loss", b"training_loss", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss", "validation_time", b"validation_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker_trips", b"breaker_trips", "breakers", b"breakers", "checkpoint_failures", b"checkpoint_failures", "checkpoints", b"checkpoints", "conservative_intervals", b"conservative_intervals", "device", b"device", "drills", b"drills", "emergencies", b"emergencies", "epochs", b"epochs", "epochs_completed", b"epochs_completed", "epochs_planned", b"epochs_planned", "exit_code", b"exit_code", "experiment_name", b"experiment_name", "fallback_commands", b"fallback_commands", "final_health", b"final_health", "finished_at", b"finished_at", "global_step", b"global_step", "hook_latency", b"hook_latency", "lr_changes", b"lr_changes", "lr_integrity_breaches", b"lr_integrity_breaches", "lr_step_latency", b"lr_step_latency", "optimizer_rebuilds", b"optimizer_rebuilds", "reason", b"reason", "restarts", b"restarts", "resumes", b"resumes", "rollbacks", b"rollbacks", "run_id", b"run_id", "skipped_batches", b"skipped_batches", "snapshot_rejections", b"snapshot_rejections", "snapshot_stall", b"snapshot_stall", "snapshots_committed", b"snapshots_committed", "started_at", b"started_at", "status", b"status", "tamiyo_latency", b"tamiyo_latency", "task", b"task", "telemetry", b"telemetry", "trace_paths", b"trace_paths", "training_loss", b"training_loss", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss", "validation_time", b"validation_time", "version", b"version", "wall_seconds", b"wall_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker_trips", b"breaker_trips", "breakers", b"breakers", "checkpoint_failures", b"checkpoint_failures", "checkpoint_rejections", b"checkpoint_rejections", "checkpoints", b"checkpoints", "conservative_intervals", b"conservative_intervals", "decisions", b"decisions", "device", b"device", "drills", b"drills", "emergencies", b"emergencies", "epochs", b"epochs", "epochs_completed", b"epochs_completed", "epochs_planned", b"epochs_planned", "exit_code", b"exit_code", "experiment_name", b"experiment_name", "fallback_commands", b"fallback_commands", "final_health", b"final_health", "finished_at", b"finished_at", "global_step", b"global_step", "history_omitted", b"history_omitted", "hook_latency", b"hook_latency", "instance_id", b"instance_id", "lineage_id", b"lineage_id", "lr_changes", b"lr_changes", "lr_integrity_breaches", b"lr_integrity_breaches", "lr_step_latency", b"lr_step_latency", "optimizer_rebuilds", b"optimizer_rebuilds", "reason", b"reason", "restarts", b"restarts", "resumed_from", b"resumed_from", "resumes", b"resumes", "rollbacks", b"rollbacks", "run_id", b"run_id", "sidecar_restarts", b"sidecar_restarts", "skipped_batches", b"skipped_batches", "snapshot_rejections", b"snapshot_rejections", "snapshot_stall", b"snapshot_stall", "snapshots_committed", b"snapshots_committed", "started_at", b"started_at", "status", b"status", "tamiyo_latency", b"tamiyo_latency", "task", b"task", "telemetry", b"telemetry", "trace_paths", b"trace_paths", "training_loss", b"training_loss", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss", "validation_time", b"validation_time", "version", b"version", "wal_recoveries", b"wal_recoveries", "wall_seconds", b"wall_seconds", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -133,6 +133,8 @@ class _AnomalyKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AnomalyKi
     ANOMALY_KIND_MANUAL: _AnomalyKind.ValueType  # 14
     ANOMALY_KIND_CHECKPOINT_IO: _AnomalyKind.ValueType  # 15
     ANOMALY_KIND_SNAPSHOT_CORRUPT: _AnomalyKind.ValueType  # 16
+    ANOMALY_KIND_NO_ROLLBACK_TARGET: _AnomalyKind.ValueType  # 17
+    """nothing valid and older to restore"""
 
 class AnomalyKind(_AnomalyKind, metaclass=_AnomalyKindEnumTypeWrapper):
     """Why an anomaly, rollback or emergency happened (R7.2). Used as the reason
@@ -156,6 +158,8 @@ ANOMALY_KIND_ROLLBACK_LOOP: AnomalyKind.ValueType  # 13
 ANOMALY_KIND_MANUAL: AnomalyKind.ValueType  # 14
 ANOMALY_KIND_CHECKPOINT_IO: AnomalyKind.ValueType  # 15
 ANOMALY_KIND_SNAPSHOT_CORRUPT: AnomalyKind.ValueType  # 16
+ANOMALY_KIND_NO_ROLLBACK_TARGET: AnomalyKind.ValueType  # 17
+"""nothing valid and older to restore"""
 Global___AnomalyKind: _TypeAlias = AnomalyKind  # noqa: Y015
 
 class _EmergencyState:
@@ -930,6 +934,10 @@ class SnapshotManifest(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     LAYOUT_FINGERPRINT_FIELD_NUMBER: _builtins.int
     EPOCH_BOUNDARY_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    LINEAGE_ID_FIELD_NUMBER: _builtins.int
+    MANIFEST_DIGEST_FIELD_NUMBER: _builtins.int
+    TRAINING_SPEC_JSON_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     run_id: _builtins.str
     generation: _builtins.int
@@ -944,6 +952,14 @@ class SnapshotManifest(_message.Message):
     layout_fingerprint: _builtins.str
     """tensor names, dtypes and shapes"""
     epoch_boundary: _builtins.bool
+    instance_id: _builtins.str
+    """the run instance that captured it (R13.1)"""
+    lineage_id: _builtins.str
+    """the run it belongs to (itself, or the one it resumed)"""
+    manifest_digest: _builtins.str
+    """xxh3-64 hex of `training_spec_json`"""
+    training_spec_json: _builtins.bytes
+    """canonical JSON of spec.training (what --resume compares)"""
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorEntry]: ...
     @_builtins.property
@@ -967,10 +983,14 @@ class SnapshotManifest(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         layout_fingerprint: _builtins.str = ...,
         epoch_boundary: _builtins.bool = ...,
+        instance_id: _builtins.str = ...,
+        lineage_id: _builtins.str = ...,
+        manifest_digest: _builtins.str = ...,
+        training_spec_json: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_index", b"batch_index", "checksum", b"checksum", "checksum_algorithm", b"checksum_algorithm", "created_at", b"created_at", "data_bytes", b"data_bytes", "documents", b"documents", "epoch", b"epoch", "epoch_boundary", b"epoch_boundary", "generation", b"generation", "global_step", b"global_step", "layout_fingerprint", b"layout_fingerprint", "run_id", b"run_id", "tensors", b"tensors", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_index", b"batch_index", "checksum", b"checksum", "checksum_algorithm", b"checksum_algorithm", "created_at", b"created_at", "data_bytes", b"data_bytes", "documents", b"documents", "epoch", b"epoch", "epoch_boundary", b"epoch_boundary", "generation", b"generation", "global_step", b"global_step", "instance_id", b"instance_id", "layout_fingerprint", b"layout_fingerprint", "lineage_id", b"lineage_id", "manifest_digest", b"manifest_digest", "run_id", b"run_id", "tensors", b"tensors", "training_spec_json", b"training_spec_json", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -993,6 +1013,10 @@ class CheckpointRecord(_message.Message):
     SNAPSHOT_GENERATION_FIELD_NUMBER: _builtins.int
     COMMITTED_AT_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    LINEAGE_ID_FIELD_NUMBER: _builtins.int
+    MANIFEST_DIGEST_FIELD_NUMBER: _builtins.int
+    RECOVERED_FROM_FILE_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     checkpoint_id: _builtins.str
     sequence: _builtins.int
@@ -1007,6 +1031,14 @@ class CheckpointRecord(_message.Message):
     payload_checksum: _builtins.bytes
     snapshot_generation: _builtins.int
     run_id: _builtins.str
+    instance_id: _builtins.str
+    """the instance whose snapshot it is (R13.1)"""
+    lineage_id: _builtins.str
+    manifest_digest: _builtins.str
+    recovered_from_file: _builtins.bool
+    """Set when the WAL did not list it (its record was damaged or lost) and the file
+    verified alone: adopted by recovery instead of being hidden or deleted.
+    """
     @_builtins.property
     def committed_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -1025,14 +1057,119 @@ class CheckpointRecord(_message.Message):
         snapshot_generation: _builtins.int = ...,
         committed_at: _timestamp_pb2.Timestamp | None = ...,
         run_id: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
+        lineage_id: _builtins.str = ...,
+        manifest_digest: _builtins.str = ...,
+        recovered_from_file: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["committed_at", b"committed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "checksum_algorithm", b"checksum_algorithm", "committed_at", b"committed_at", "epoch", b"epoch", "file_name", b"file_name", "global_step", b"global_step", "payload_bytes", b"payload_bytes", "payload_checksum", b"payload_checksum", "run_id", b"run_id", "sequence", b"sequence", "snapshot_generation", b"snapshot_generation", "transaction_id", b"transaction_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "checksum_algorithm", b"checksum_algorithm", "committed_at", b"committed_at", "epoch", b"epoch", "file_name", b"file_name", "global_step", b"global_step", "instance_id", b"instance_id", "lineage_id", b"lineage_id", "manifest_digest", b"manifest_digest", "payload_bytes", b"payload_bytes", "payload_checksum", b"payload_checksum", "recovered_from_file", b"recovered_from_file", "run_id", b"run_id", "sequence", b"sequence", "snapshot_generation", b"snapshot_generation", "transaction_id", b"transaction_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CheckpointRecord: _TypeAlias = CheckpointRecord  # noqa: Y015
+
+@_typing.final
+class CheckpointRejection(_message.Message):
+    """A durable checkpoint that was refused at load (R6.3): damaged, of another
+    instance, or of another layout. Never restored; the next older one is tried.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_NAME_FIELD_NUMBER: _builtins.int
+    GLOBAL_STEP_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    file_name: _builtins.str
+    global_step: _builtins.int
+    epoch: _builtins.int
+    reason: _builtins.str
+    instance_id: _builtins.str
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        file_name: _builtins.str = ...,
+        global_step: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "epoch", b"epoch", "file_name", b"file_name", "global_step", b"global_step", "instance_id", b"instance_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointRejection: _TypeAlias = CheckpointRejection  # noqa: Y015
+
+@_typing.final
+class WalRecovery(_message.Message):
+    """What opening the checkpoint directory found and did (R6.3, R13.5): damage in
+    the WAL is reported, never silently cut, and never costs an intact checkpoint.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALID_BYTES_FIELD_NUMBER: _builtins.int
+    DAMAGED_BYTES_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TORN_TAIL_FIELD_NUMBER: _builtins.int
+    ADOPTED_FILES_FIELD_NUMBER: _builtins.int
+    REMOVED_FILES_FIELD_NUMBER: _builtins.int
+    DAMAGED_FILES_FIELD_NUMBER: _builtins.int
+    PRESERVED_COPY_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    valid_bytes: _builtins.int
+    """records kept"""
+    damaged_bytes: _builtins.int
+    """bytes no record could be read from"""
+    reason: _builtins.str
+    """the first damage, or "" for a clean log"""
+    torn_tail: _builtins.bool
+    """only an unfinished last append (a normal crash)"""
+    preserved_copy: _builtins.str
+    """the damaged log, moved aside for inspection"""
+    @_builtins.property
+    def adopted_files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """intact checkpoints the WAL did not list"""
+
+    @_builtins.property
+    def removed_files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """provably uncommitted writes"""
+
+    @_builtins.property
+    def damaged_files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """kept on disk, never restored"""
+
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        valid_bytes: _builtins.int = ...,
+        damaged_bytes: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        torn_tail: _builtins.bool = ...,
+        adopted_files: _abc.Iterable[_builtins.str] | None = ...,
+        removed_files: _abc.Iterable[_builtins.str] | None = ...,
+        damaged_files: _abc.Iterable[_builtins.str] | None = ...,
+        preserved_copy: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted_files", b"adopted_files", "at", b"at", "damaged_bytes", b"damaged_bytes", "damaged_files", b"damaged_files", "preserved_copy", b"preserved_copy", "reason", b"reason", "removed_files", b"removed_files", "torn_tail", b"torn_tail", "valid_bytes", b"valid_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WalRecovery: _TypeAlias = WalRecovery  # noqa: Y015
 
 @_typing.final
 class SnapshotRejection(_message.Message):

@@ -90,6 +90,7 @@ class AttachRequest(_message.Message):
     PID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     MANIFEST_BYTES_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     run_id: _builtins.str
     state_bytes: _builtins.int
@@ -99,6 +100,8 @@ class AttachRequest(_message.Message):
     attempt: _builtins.int
     manifest_bytes: _builtins.int
     """estimate of one serialized SnapshotManifest"""
+    instance_id: _builtins.str
+    """must be the sidecar's own instance (R13.1)"""
     def __init__(
         self,
         *,
@@ -109,10 +112,11 @@ class AttachRequest(_message.Message):
         pid: _builtins.int = ...,
         attempt: _builtins.int = ...,
         manifest_bytes: _builtins.int = ...,
+        instance_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "layout_fingerprint", b"layout_fingerprint", "manifest_bytes", b"manifest_bytes", "pid", b"pid", "run_id", b"run_id", "state_bytes", b"state_bytes", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "instance_id", b"instance_id", "layout_fingerprint", b"layout_fingerprint", "manifest_bytes", b"manifest_bytes", "pid", b"pid", "run_id", b"run_id", "state_bytes", b"state_bytes", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -132,12 +136,17 @@ class AttachResponse(_message.Message):
     RESUME_SLOT_FIELD_NUMBER: _builtins.int
     ACTIVE_EMERGENCY_FIELD_NUMBER: _builtins.int
     LAST_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    LINEAGE_ID_FIELD_NUMBER: _builtins.int
+    WAL_RECOVERY_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     layout_version: _builtins.int
     control_block_name: _builtins.str
     fast_tier_feasible: _builtins.bool
     degraded_reason: _builtins.str
     measured_copy_gbps: _builtins.float
+    instance_id: _builtins.str
+    lineage_id: _builtins.str
     @_builtins.property
     def slots(self) -> _containers.RepeatedCompositeFieldContainer[Global___SlotInfo]: ...
     @_builtins.property
@@ -148,6 +157,10 @@ class AttachResponse(_message.Message):
     def active_emergency(self) -> _resilience_pb2.EmergencySignal: ...
     @_builtins.property
     def last_checkpoint(self) -> _resilience_pb2.CheckpointRecord: ...
+    @_builtins.property
+    def wal_recovery(self) -> _resilience_pb2.WalRecovery:
+        """The checkpoint directory as this sidecar found it when it opened the store."""
+
     def __init__(
         self,
         *,
@@ -161,10 +174,13 @@ class AttachResponse(_message.Message):
         resume_slot: Global___SlotInfo | None = ...,
         active_emergency: _resilience_pb2.EmergencySignal | None = ...,
         last_checkpoint: _resilience_pb2.CheckpointRecord | None = ...,
+        instance_id: _builtins.str = ...,
+        lineage_id: _builtins.str = ...,
+        wal_recovery: _resilience_pb2.WalRecovery | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["active_emergency", b"active_emergency", "last_checkpoint", b"last_checkpoint", "resume_slot", b"resume_slot"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["active_emergency", b"active_emergency", "last_checkpoint", b"last_checkpoint", "resume_slot", b"resume_slot", "wal_recovery", b"wal_recovery"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_emergency", b"active_emergency", "control_block_name", b"control_block_name", "degraded_reason", b"degraded_reason", "fast_tier_feasible", b"fast_tier_feasible", "last_checkpoint", b"last_checkpoint", "layout_version", b"layout_version", "measured_copy_gbps", b"measured_copy_gbps", "resume_slot", b"resume_slot", "slots", b"slots", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_emergency", b"active_emergency", "control_block_name", b"control_block_name", "degraded_reason", b"degraded_reason", "fast_tier_feasible", b"fast_tier_feasible", "instance_id", b"instance_id", "last_checkpoint", b"last_checkpoint", "layout_version", b"layout_version", "lineage_id", b"lineage_id", "measured_copy_gbps", b"measured_copy_gbps", "resume_slot", b"resume_slot", "slots", b"slots", "version", b"version", "wal_recovery", b"wal_recovery"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -272,6 +288,7 @@ class PrepareFullRollbackResponse(_message.Message):
     DEADLINE_UNIX_MS_FIELD_NUMBER: _builtins.int
     PHASES_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    REJECTIONS_FIELD_NUMBER: _builtins.int
     ready: _builtins.bool
     deadline_unix_ms: _builtins.int
     error: _builtins.str
@@ -283,6 +300,10 @@ class PrepareFullRollbackResponse(_message.Message):
     def checkpoint(self) -> _resilience_pb2.CheckpointRecord: ...
     @_builtins.property
     def phases(self) -> _containers.RepeatedCompositeFieldContainer[_resilience_pb2.RollbackPhaseTiming]: ...
+    @_builtins.property
+    def rejections(self) -> _containers.RepeatedCompositeFieldContainer[_resilience_pb2.CheckpointRejection]:
+        """newer checkpoints refused, newest first"""
+
     def __init__(
         self,
         *,
@@ -292,14 +313,53 @@ class PrepareFullRollbackResponse(_message.Message):
         deadline_unix_ms: _builtins.int = ...,
         phases: _abc.Iterable[_resilience_pb2.RollbackPhaseTiming] | None = ...,
         error: _builtins.str = ...,
+        rejections: _abc.Iterable[_resilience_pb2.CheckpointRejection] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "slot", b"slot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "deadline_unix_ms", b"deadline_unix_ms", "error", b"error", "phases", b"phases", "ready", b"ready", "slot", b"slot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "deadline_unix_ms", b"deadline_unix_ms", "error", b"error", "phases", b"phases", "ready", b"ready", "rejections", b"rejections", "slot", b"slot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PrepareFullRollbackResponse: _TypeAlias = PrepareFullRollbackResponse  # noqa: Y015
+
+@_typing.final
+class LoadCheckpointRequest(_message.Message):
+    """Load a durable checkpoint into a slot without starting a rollback deadline: crash resume
+    and `--resume` (R6.2, R13.1). Only this instance's checkpoints, or its lineage's when the
+    sidecar was started with --resume, are considered.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    MAX_STEP_FIELD_NUMBER: _builtins.int
+    LAYOUT_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    run_id: _builtins.str
+    max_step: _builtins.int
+    """newest at or below this step; 0: any step"""
+    layout_fingerprint: _builtins.str
+    """skip checkpoints of another layout"""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        run_id: _builtins.str = ...,
+        max_step: _builtins.int = ...,
+        layout_fingerprint: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["layout_fingerprint", b"layout_fingerprint", "max_step", b"max_step", "reason", b"reason", "run_id", b"run_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadCheckpointRequest: _TypeAlias = LoadCheckpointRequest  # noqa: Y015
 
 @_typing.final
 class RaiseEmergencyResponse(_message.Message):
@@ -474,6 +534,10 @@ class SidecarStatus(_message.Message):
     CHECKPOINT_FAILURES_FIELD_NUMBER: _builtins.int
     CHECKPOINTS_FIELD_NUMBER: _builtins.int
     DEGRADED_REASON_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    LINEAGE_ID_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_REJECTIONS_FIELD_NUMBER: _builtins.int
+    WAL_RECOVERY_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     phase: _report_pb2.RunPhase.ValueType
     epoch: _builtins.int
@@ -483,6 +547,8 @@ class SidecarStatus(_message.Message):
     health: _leyline_pb2.HealthStatus.ValueType
     degraded_reason: _builtins.str
     """why the fast tier is infeasible"""
+    instance_id: _builtins.str
+    lineage_id: _builtins.str
     @_builtins.property
     def last_heartbeat(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -505,6 +571,12 @@ class SidecarStatus(_message.Message):
     def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[_resilience_pb2.CheckpointRecord]:
         """committed and kept, oldest first"""
 
+    @_builtins.property
+    def checkpoint_rejections(self) -> _containers.RepeatedCompositeFieldContainer[_resilience_pb2.CheckpointRejection]:
+        """newest last, bounded"""
+
+    @_builtins.property
+    def wal_recovery(self) -> _resilience_pb2.WalRecovery: ...
     def __init__(
         self,
         *,
@@ -524,10 +596,14 @@ class SidecarStatus(_message.Message):
         checkpoint_failures: _abc.Iterable[_resilience_pb2.CheckpointFailure] | None = ...,
         checkpoints: _abc.Iterable[_resilience_pb2.CheckpointRecord] | None = ...,
         degraded_reason: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
+        lineage_id: _builtins.str = ...,
+        checkpoint_rejections: _abc.Iterable[_resilience_pb2.CheckpointRejection] | None = ...,
+        wal_recovery: _resilience_pb2.WalRecovery | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["active_emergency", b"active_emergency", "active_rollback", b"active_rollback", "last_checkpoint", b"last_checkpoint", "last_heartbeat", b"last_heartbeat"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["active_emergency", b"active_emergency", "active_rollback", b"active_rollback", "last_checkpoint", b"last_checkpoint", "last_heartbeat", b"last_heartbeat", "wal_recovery", b"wal_recovery"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_emergency", b"active_emergency", "active_rollback", b"active_rollback", "checkpoint_failures", b"checkpoint_failures", "checkpoints", b"checkpoints", "degraded_reason", b"degraded_reason", "emergencies", b"emergencies", "epoch", b"epoch", "fast_tier_feasible", b"fast_tier_feasible", "global_step", b"global_step", "health", b"health", "last_checkpoint", b"last_checkpoint", "last_heartbeat", b"last_heartbeat", "phase", b"phase", "run_id", b"run_id", "slots", b"slots", "trainer_attached", b"trainer_attached"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_emergency", b"active_emergency", "active_rollback", b"active_rollback", "checkpoint_failures", b"checkpoint_failures", "checkpoint_rejections", b"checkpoint_rejections", "checkpoints", b"checkpoints", "degraded_reason", b"degraded_reason", "emergencies", b"emergencies", "epoch", b"epoch", "fast_tier_feasible", b"fast_tier_feasible", "global_step", b"global_step", "health", b"health", "instance_id", b"instance_id", "last_checkpoint", b"last_checkpoint", "last_heartbeat", b"last_heartbeat", "lineage_id", b"lineage_id", "phase", b"phase", "run_id", b"run_id", "slots", b"slots", "trainer_attached", b"trainer_attached", "wal_recovery", b"wal_recovery"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -55,6 +55,11 @@ class TrainerLinkStub:
                 request_serializer=leyline_dot_v1_dot_resilience__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=leyline_dot_v1_dot_sidecar__pb2.PrepareFullRollbackResponse.FromString,
                 _registered_method=True)
+        self.LoadCheckpoint = channel.unary_unary(
+                '/esper.leyline.v1.TrainerLink/LoadCheckpoint',
+                request_serializer=leyline_dot_v1_dot_sidecar__pb2.LoadCheckpointRequest.SerializeToString,
+                response_deserializer=leyline_dot_v1_dot_sidecar__pb2.PrepareFullRollbackResponse.FromString,
+                _registered_method=True)
         self.ReportRollback = channel.unary_unary(
                 '/esper.leyline.v1.TrainerLink/ReportRollback',
                 request_serializer=leyline_dot_v1_dot_resilience__pb2.RollbackReport.SerializeToString,
@@ -109,6 +114,12 @@ class TrainerLinkServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PrepareFullRollback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadCheckpoint(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -172,6 +183,11 @@ def add_TrainerLinkServicer_to_server(servicer, server):
             'PrepareFullRollback': grpc.unary_unary_rpc_method_handler(
                     servicer.PrepareFullRollback,
                     request_deserializer=leyline_dot_v1_dot_resilience__pb2.RollbackRequest.FromString,
+                    response_serializer=leyline_dot_v1_dot_sidecar__pb2.PrepareFullRollbackResponse.SerializeToString,
+            ),
+            'LoadCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadCheckpoint,
+                    request_deserializer=leyline_dot_v1_dot_sidecar__pb2.LoadCheckpointRequest.FromString,
                     response_serializer=leyline_dot_v1_dot_sidecar__pb2.PrepareFullRollbackResponse.SerializeToString,
             ),
             'ReportRollback': grpc.unary_unary_rpc_method_handler(
@@ -312,6 +328,33 @@ class TrainerLink:
             target,
             '/esper.leyline.v1.TrainerLink/PrepareFullRollback',
             leyline_dot_v1_dot_resilience__pb2.RollbackRequest.SerializeToString,
+            leyline_dot_v1_dot_sidecar__pb2.PrepareFullRollbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esper.leyline.v1.TrainerLink/LoadCheckpoint',
+            leyline_dot_v1_dot_sidecar__pb2.LoadCheckpointRequest.SerializeToString,
             leyline_dot_v1_dot_sidecar__pb2.PrepareFullRollbackResponse.FromString,
             options,
             channel_credentials,

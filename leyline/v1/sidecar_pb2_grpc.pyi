@@ -42,6 +42,7 @@ class TrainerLinkStub:
     CommitSnapshot: _grpc.UnaryUnaryMultiCallable[_sidecar_pb2.CommitSnapshotRequest, _sidecar_pb2.CommitSnapshotResponse]
     PersistSnapshot: _grpc.UnaryUnaryMultiCallable[_sidecar_pb2.PersistRequest, _sidecar_pb2.PersistResponse]
     PrepareFullRollback: _grpc.UnaryUnaryMultiCallable[_resilience_pb2.RollbackRequest, _sidecar_pb2.PrepareFullRollbackResponse]
+    LoadCheckpoint: _grpc.UnaryUnaryMultiCallable[_sidecar_pb2.LoadCheckpointRequest, _sidecar_pb2.PrepareFullRollbackResponse]
     ReportRollback: _grpc.UnaryUnaryMultiCallable[_resilience_pb2.RollbackReport, _sidecar_pb2.LinkAck]
     RaiseEmergency: _grpc.UnaryUnaryMultiCallable[_resilience_pb2.EmergencySignal, _sidecar_pb2.RaiseEmergencyResponse]
     ResolveEmergency: _grpc.UnaryUnaryMultiCallable[_resilience_pb2.EmergencyResolution, _sidecar_pb2.LinkAck]
@@ -57,6 +58,7 @@ class TrainerLinkAsyncStub(TrainerLinkStub):
     CommitSnapshot: _aio.UnaryUnaryMultiCallable[_sidecar_pb2.CommitSnapshotRequest, _sidecar_pb2.CommitSnapshotResponse]  # type: ignore[assignment]
     PersistSnapshot: _aio.UnaryUnaryMultiCallable[_sidecar_pb2.PersistRequest, _sidecar_pb2.PersistResponse]  # type: ignore[assignment]
     PrepareFullRollback: _aio.UnaryUnaryMultiCallable[_resilience_pb2.RollbackRequest, _sidecar_pb2.PrepareFullRollbackResponse]  # type: ignore[assignment]
+    LoadCheckpoint: _aio.UnaryUnaryMultiCallable[_sidecar_pb2.LoadCheckpointRequest, _sidecar_pb2.PrepareFullRollbackResponse]  # type: ignore[assignment]
     ReportRollback: _aio.UnaryUnaryMultiCallable[_resilience_pb2.RollbackReport, _sidecar_pb2.LinkAck]  # type: ignore[assignment]
     RaiseEmergency: _aio.UnaryUnaryMultiCallable[_resilience_pb2.EmergencySignal, _sidecar_pb2.RaiseEmergencyResponse]  # type: ignore[assignment]
     ResolveEmergency: _aio.UnaryUnaryMultiCallable[_resilience_pb2.EmergencyResolution, _sidecar_pb2.LinkAck]  # type: ignore[assignment]
@@ -91,6 +93,13 @@ class TrainerLinkServicer(metaclass=_abc_1.ABCMeta):
     def PrepareFullRollback(
         self,
         request: _resilience_pb2.RollbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sidecar_pb2.PrepareFullRollbackResponse, _abc.Awaitable[_sidecar_pb2.PrepareFullRollbackResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def LoadCheckpoint(
+        self,
+        request: _sidecar_pb2.LoadCheckpointRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_sidecar_pb2.PrepareFullRollbackResponse, _abc.Awaitable[_sidecar_pb2.PrepareFullRollbackResponse]]: ...
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from leyline.lifecycle import INSTANCE_ENV, LINEAGE_ENV, RESUME_ENV
+from leyline.shm import INSTANCE_PATTERN
 from leyline.spec import TolariaRun
 from tolaria_operator.config import GiB, MiB, TolariaSettings
 from tolaria_operator.resources import (
@@ -56,6 +58,23 @@ ATTEMPT_ENV = "TOLARIA_ATTEMPT"
 TOKEN_BYTES = 32
 _HOME = {"name": "HOME", "value": TMP_DIR}
 """The root filesystem is read-only: caches (torch inductor, triton, pip) go to /tmp."""
+_INSTANCE = re.compile(INSTANCE_PATTERN)
+
+
+def identity_env(run: RunObject, attempt: int) -> list[dict[str, Any]]:
+    """The run instance both containers share (R13.1): the pod's own UID, so every attempt is
+    a new instance with its own segments; the lineage is the TolariaRun's UID, so a recreated
+    pod (attempt > 1) is asked to resume the run from its newest durable checkpoint, and never
+    loads a checkpoint another TolariaRun left on a reused volume."""
+    lineage = run.uid if _INSTANCE.fullmatch(run.uid) else ""
+    env: list[dict[str, Any]] = [
+        {"name": INSTANCE_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+        {"name": RESUME_ENV, "value": "1" if attempt > 1 else "0"},
+    ]
+    if lineage:
+        env.append({"name": LINEAGE_ENV, "value": lineage})
+    return env
+
 
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?$")
 _FACTORS = {
@@ -287,7 +306,7 @@ def trainer_container(run: RunObject, attempt: int, settings: TolariaSettings) -
             str(settings.pods.trainer_metrics_port),
             "--pod",
         ],
-        "env": [{"name": ATTEMPT_ENV, "value": str(attempt)}, _HOME],
+        "env": [{"name": ATTEMPT_ENV, "value": str(attempt)}, _HOME, *identity_env(run, attempt)],
         "ports": [
             {
                 "name": "trainer-metrics",
@@ -311,7 +330,7 @@ def trainer_container(run: RunObject, attempt: int, settings: TolariaSettings) -
 
 
 def sidecar_container(
-    run: RunObject, shm_bytes: int, settings: TolariaSettings, *, native: bool
+    run: RunObject, shm_bytes: int, settings: TolariaSettings, *, native: bool, attempt: int = 1
 ) -> dict[str, Any]:
     """The rollback/emergency sidecar; as a native sidecar (`restartPolicy: Always` in
     `initContainers`) its TCP startup probe holds the trainer back until it serves."""
@@ -339,7 +358,7 @@ def sidecar_container(
             "--checkpoint-dir",
             CHECKPOINT_DIR,
         ],
-        "env": [_HOME],
+        "env": [_HOME, *identity_env(run, attempt)],
         "ports": [
             {"name": "control", "containerPort": pods.control_port, "protocol": "TCP"},
             {
@@ -409,7 +428,7 @@ def attempt_pod(
     shm = shm_size_bytes(run.run, settings)
     uid = settings.pods.run_as_user
     native = settings.pods.native_sidecar
-    sidecar = sidecar_container(run, shm, settings, native=native)
+    sidecar = sidecar_container(run, shm, settings, native=native, attempt=attempt)
     trainer = trainer_container(run, attempt, settings)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "OnFailure",

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from leyline.lifecycle import adopt_parent_death_signal
+from leyline.lifecycle import INSTANCE_ENV, LINEAGE_ENV, RESUME_ENV, adopt_parent_death_signal
 from leyline.spec import ManifestInvalid, load_manifest
 from tolaria_sidecar.config import SidecarConfig
 from tolaria_sidecar.errors import ConfigInvalid
@@ -34,6 +35,22 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--manifest", type=Path, required=True, help="the run's TolariaRun YAML")
     p.add_argument("--run-id", help="run id (default: metadata.name)")
+    p.add_argument(
+        "--instance-id",
+        default=os.environ.get(INSTANCE_ENV),
+        help=f"this run instance: names the segments (default ${INSTANCE_ENV}, else random)",
+    )
+    p.add_argument(
+        "--lineage-id",
+        default=os.environ.get(LINEAGE_ENV),
+        help=f"the run this instance continues (default ${LINEAGE_ENV}, else the instance)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        default=os.environ.get(RESUME_ENV, "") == "1",
+        help="the durable tier may load checkpoints of other instances of the lineage",
+    )
     p.add_argument("--socket", type=Path, required=True, help="Unix socket for the trainer")
     p.add_argument(
         "--control-address",
@@ -85,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             run,
             socket_path=args.socket,
             run_id=args.run_id,
+            instance_id=args.instance_id,
+            lineage_id=args.lineage_id,
+            resume=args.resume,
             control_address=args.control_address,
             token_file=args.token_file,
             metrics_port=args.metrics_port,

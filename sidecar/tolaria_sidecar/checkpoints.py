@@ -54,6 +54,7 @@ import re
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import xxhash
@@ -64,6 +65,7 @@ from leyline.v1.resilience_pb2 import CheckpointFailure, CheckpointRecord
 from tolaria_sidecar.errors import (
     BufferTooSmall,
     CheckpointCorrupt,
+    CheckpointSkipped,
     CheckpointWriteFailed,
     NoCheckpoint,
     WalUnavailable,
@@ -160,11 +162,23 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+CheckpointFilter = Callable[[CheckpointRecord, bytes], "str | None"]
+"""Decides, from a checkpoint's WAL record and its (verified) manifest bytes, whether a load may
+use it: None, or the reason it is skipped (another instance, another layout)."""
+
+
 class DurableStore:
     """Checkpoints of one run in one directory; one writer, loads from any thread."""
 
     def __init__(
-        self, directory: Path, spec: CheckpointSpec, *, run_id: str, faults: Faults | None = None
+        self,
+        directory: Path,
+        spec: CheckpointSpec,
+        *,
+        run_id: str,
+        instance_id: str = "",
+        lineage_id: str = "",
+        faults: Faults | None = None,
     ) -> None:
         """Opens the directory (created if absent), replays the WAL, removes crash leftovers.
 
@@ -175,10 +189,13 @@ class DurableStore:
         self.directory = directory
         self.spec = spec
         self.run_id = run_id
+        self.instance_id = instance_id
+        """Recorded in every checkpoint this store writes (R13.1)."""
+        self.lineage_id = lineage_id or instance_id
         self._faults = faults or Faults()
         self._lock = threading.Lock()
         self.wal = WriteAheadLog(directory, spec, faults=self._faults)
-        self.last_rejections: list[tuple[CheckpointRecord, CheckpointCorrupt]] = []
+        self.last_rejections: list[tuple[CheckpointRecord, CheckpointCorrupt | str]] = []
         """Checkpoints the last `load_latest` refused, newest first, with why."""
         self.unknown_files: list[Path] = []
         """Checkpoint files the WAL does not list (kept; a cut WAL may have described them)."""
@@ -235,6 +252,7 @@ class DurableStore:
         epoch: int,
         global_step: int,
         snapshot_generation: int,
+        manifest_digest: str = "",
     ) -> CheckpointRecord:
         """Writes one checkpoint; it is durable and committed when this returns.
 
@@ -260,6 +278,9 @@ class DurableStore:
                 checksum_algorithm=DATA_ALGORITHM,
                 snapshot_generation=snapshot_generation,
                 run_id=self.run_id,
+                instance_id=self.instance_id,
+                lineage_id=self.lineage_id,
+                manifest_digest=manifest_digest,
             )
             try:
                 self.wal.begin(planned)
@@ -368,7 +389,12 @@ class DurableStore:
         committed = self.committed()
         return committed[0] if committed else None
 
-    def load(self, record: CheckpointRecord, into: memoryview) -> tuple[bytes, int]:
+    def load(
+        self,
+        record: CheckpointRecord,
+        into: memoryview,
+        accept: CheckpointFilter | None = None,
+    ) -> tuple[bytes, int]:
         """Reads `record`'s checkpoint, data straight into `into`; returns (manifest, length).
 
         Every byte is verified: header checksum, the header against `record`, the manifest and
@@ -395,6 +421,8 @@ class DurableStore:
                     raise CheckpointCorrupt(
                         path, "manifest xxh3", f"{manifest_sum:#018x}", f"{found:#018x}"
                     )
+                if accept is not None and (why := accept(record, manifest)) is not None:
+                    raise CheckpointSkipped(path, why)
                 found = _read_hashed(f, target[:data_length], path)
         except OSError as err:
             raise CheckpointCorrupt(path, "readable file", "readable", f"{err}") from err
@@ -402,18 +430,31 @@ class DurableStore:
             raise CheckpointCorrupt(path, "data xxh3", f"{data_sum:#018x}", f"{found:#018x}")
         return manifest, data_length
 
-    def load_latest(self, into: memoryview) -> tuple[CheckpointRecord, bytes, int]:
-        """The newest committed checkpoint that verifies, loaded into `into`.
+    def load_latest(
+        self,
+        into: memoryview,
+        *,
+        accept: CheckpointFilter | None = None,
+        max_step: int | None = None,
+    ) -> tuple[CheckpointRecord, bytes, int]:
+        """The newest committed checkpoint at or below `max_step` that verifies and that
+        `accept` takes, loaded into `into`.
 
-        Corrupt ones are skipped (logged, and kept in `last_rejections` with their error) and
-        the next older is tried. Raises `NoCheckpoint` (with the rejections) when none
-        verifies, `BufferTooSmall` when `into` is too small for the newest one.
+        Corrupt or refused ones are skipped (logged, and kept in `last_rejections` with why)
+        and the next older is tried. Raises `NoCheckpoint` (with the rejections) when none
+        qualifies, `BufferTooSmall` when `into` is too small for one.
         """
-        rejected: list[tuple[CheckpointRecord, CheckpointCorrupt]] = []
+        rejected: list[tuple[CheckpointRecord, CheckpointCorrupt | str]] = []
         self.last_rejections = rejected
         for record in self.committed():
+            if max_step is not None and record.global_step > max_step:
+                continue
             try:
-                manifest, length = self.load(record, into)
+                manifest, length = self.load(record, into, accept)
+            except CheckpointSkipped as err:
+                logger.warning("%s; trying the next older checkpoint", err)
+                rejected.append((record, err.reason))
+                continue
             except CheckpointCorrupt as err:
                 logger.error("%s; trying the next older checkpoint", err)
                 rejected.append((record, err))

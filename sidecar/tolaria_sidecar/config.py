@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leyline.shm import shm_dir
+from leyline.shm import check_instance_id, new_instance_id, shm_dir
 from leyline.spec import (
     CheckpointSpec,
     DetectionSpec,
@@ -128,7 +128,16 @@ class SidecarConfig:
     """Everything one sidecar process needs; built by `from_run`, never edited."""
 
     run_id: str
-    """Names the shared-memory segments (`tolaria-<run>-*`) and is checked on every Attach."""
+    """The run's name, checked on every request that carries one."""
+    instance_id: str
+    """This run instance (a local `tolaria run`, a pod attempt): names the shared-memory
+    segments (`tolaria-<instance>-*`), is written into them and into every checkpoint, and
+    must match the trainer's Attach (R13.1)."""
+    lineage_id: str
+    """The run this instance continues: itself, or the instance it resumed."""
+    resume: bool
+    """The durable tier may load checkpoints of other instances of `lineage_id` (the user or
+    the operator asked to resume); otherwise only this instance's own."""
     socket_path: Path
     """Unix socket of the `TrainerLink` service (mode 0600)."""
     checkpoint_dir: Path
@@ -160,6 +169,9 @@ class SidecarConfig:
         *,
         socket_path: Path,
         run_id: str | None = None,
+        instance_id: str | None = None,
+        lineage_id: str | None = None,
+        resume: bool = False,
         control_address: str | None = None,
         token: str | None = None,
         token_file: Path | None = None,
@@ -180,6 +192,8 @@ class SidecarConfig:
             raise ConfigInvalid(
                 "--run-id", f"{rid!r} must match {NAME_PATTERN} and be <= {NAME_MAX_LENGTH} chars"
             )
+        instance = _identity("--instance-id", instance_id or new_instance_id())
+        lineage = _identity("--lineage-id", lineage_id or instance)
         if len(os.fsencode(str(socket_path))) > UNIX_PATH_MAX:
             raise ConfigInvalid(
                 "--socket",
@@ -194,6 +208,9 @@ class SidecarConfig:
             checkpoint_dir = Path(configured) if configured else socket_path.parent / "checkpoints"
         return cls(
             run_id=rid,
+            instance_id=instance,
+            lineage_id=lineage,
+            resume=resume,
             socket_path=socket_path,
             checkpoint_dir=checkpoint_dir,
             shm_dir=shm_dir(),
@@ -212,6 +229,13 @@ class SidecarConfig:
             drills=tuple(CheckpointDrill.parse(raw) for raw in inject),
             tuning=tuning or Tuning(),
         )
+
+
+def _identity(flag: str, value: str) -> str:
+    try:
+        return check_instance_id(value)
+    except ValueError as err:
+        raise ConfigInvalid(flag, str(err)) from err
 
 
 def read_token(token_file: Path | None) -> str | None:

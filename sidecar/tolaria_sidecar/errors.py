@@ -55,15 +55,27 @@ class CheckpointCorrupt(SidecarError):
         self.found = found
 
 
+class CheckpointSkipped(SidecarError):
+    """An intact checkpoint this load must not use (another instance, layout or step)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: skipped: {reason}")
+        self.path = path
+        self.reason = reason
+
+
 class NoCheckpoint(SidecarError):
     """No committed checkpoint verifies: the full tier cannot restore; escalate (R6.5)."""
 
     def __init__(
         self,
         directory: Path,
-        rejected: Sequence[tuple[CheckpointRecord, CheckpointCorrupt]] = (),
+        rejected: Sequence[tuple[CheckpointRecord, CheckpointCorrupt | str]] = (),
     ) -> None:
-        detail = "; ".join(f"{r.file_name}: {e.what}" for r, e in rejected) or "none committed"
+        detail = (
+            "; ".join(f"{r.file_name}: {e if isinstance(e, str) else e.what}" for r, e in rejected)
+            or "none committed"
+        )
         super().__init__(f"{directory}: no restorable checkpoint ({detail})")
         self.directory = directory
         self.rejected = list(rejected)
@@ -165,6 +177,24 @@ class SlotBudgetTooSmall(PreconditionFailed):
         )
         self.max_bytes = max_bytes
         self.slot_bytes = slot_bytes
+
+
+class SharedMemoryFull(SidecarError):
+    """The shared-memory filesystem cannot hold the slots (RESOURCE_EXHAUSTED): the message
+    names the bytes needed and available; enlarge /dev/shm or lower the slot count or size."""
+
+    def __init__(self, needed_bytes: int, available_bytes: int, detail: str) -> None:
+        super().__init__(detail)
+        self.needed_bytes = needed_bytes
+        self.available_bytes = available_bytes
+
+
+class ForeignSegmentFound(PreconditionFailed):
+    """A segment with this instance's exact name exists but is not ours (another user, a
+    symlink, wrong mode or instance): refuse, never map or delete it (R13.1)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("instance_id", detail)
 
 
 class PersistFailed(SidecarError):

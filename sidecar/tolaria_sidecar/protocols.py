@@ -9,7 +9,7 @@ these in their constructors and never build their own.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
 from google.protobuf.message import Message
@@ -70,6 +70,7 @@ class DurableStore(Protocol):
         epoch: int,
         global_step: int,
         snapshot_generation: int,
+        manifest_digest: str = "",
     ) -> CheckpointRecord:
         """Writes, fsyncs and commits one checkpoint; returns its WAL record.
 
@@ -86,10 +87,23 @@ class DurableStore(Protocol):
         """Committed checkpoints still kept, newest first."""
         ...
 
-    def load_latest(self, into: memoryview) -> tuple[CheckpointRecord, bytes, int]:
-        """Reads and verifies the newest restorable checkpoint's data into `into`.
+    def load_latest(
+        self,
+        into: memoryview,
+        *,
+        accept: Callable[[CheckpointRecord, bytes], str | None] | None = None,
+        max_step: int | None = None,
+    ) -> tuple[CheckpointRecord, bytes, int]:
+        """Reads and verifies the newest restorable checkpoint's data into `into`: at or below
+        `max_step`, and one `accept` (given the record and the manifest bytes) does not refuse.
 
         Returns (record, manifest bytes, data length). Raises `NoCheckpoint` when none
-        verifies and `BufferTooSmall` when `into` cannot hold the data.
+        qualifies and `BufferTooSmall` when `into` cannot hold the data. The refused ones are
+        in `last_rejections` afterwards.
         """
+        ...
+
+    @property
+    def last_rejections(self) -> Sequence[tuple[CheckpointRecord, object]]:
+        """What the last `load_latest` refused, newest first, with the error or reason."""
         ...

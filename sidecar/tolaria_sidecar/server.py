@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from prometheus_client import CollectorRegistry
 from leyline import (
     CheckpointFailure,
     CheckpointRecord,
+    CheckpointRejection,
     EmergencyLevel,
     HealthStatus,
     RollbackReport,
@@ -46,9 +48,11 @@ from leyline import (
 from leyline.shm import (
     PARTICIPANT_FLAG_ATTACHED,
     ControlBlock,
+    ForeignSegment,
     ShmError,
     control_name,
-    run_segments,
+    remove_instance_segments,
+    unlink_own,
 )
 from leyline.v1 import sidecar_pb2 as pb
 from leyline.v1.sidecar_pb2_grpc import (
@@ -77,16 +81,20 @@ FAILURES_KEPT = 100
 
 
 def open_control_block(config: SidecarConfig) -> ControlBlock:
-    """Re-attaches the run's control block when valid and large enough, else creates it.
+    """Re-attaches this instance's control block when valid and large enough, else creates it.
 
     A recreated block gets a new inode (stale mappings stay harmless) and keeps the old
-    emergency record when it was readable, so generations keep increasing.
+    emergency record when it was readable, so generations keep increasing. A file at the
+    control block's name that is not this user's plain 0600 segment is refused
+    (`ConfigInvalid`), never mapped or removed (R13.1).
     """
-    path = config.shm_dir / control_name(config.run_id)
+    path = config.shm_dir / control_name(config.instance_id)
     carried = None
-    if path.exists():
+    if path.exists() or path.is_symlink():
         try:
-            control = ControlBlock.attach(path)
+            control = ControlBlock.attach(path, instance_id=config.instance_id)
+        except ForeignSegment as err:
+            raise ConfigInvalid("--instance-id", f"{err}; refusing to use it") from err
         except (ShmError, OSError) as err:
             logger.warning("control block %s unusable (%s); recreating it", path, err)
         else:
@@ -107,8 +115,13 @@ def open_control_block(config: SidecarConfig) -> ControlBlock:
             )
             control.close()
     config.shm_dir.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-    control = ControlBlock.create(path, config.snapshots.slots)
+    try:
+        unlink_own(path)
+        control = ControlBlock.create(path, config.snapshots.slots, instance_id=config.instance_id)
+    except (ForeignSegment, FileExistsError) as err:
+        raise ConfigInvalid("--instance-id", f"{path}: {err}; refusing to use it") from err
+    except ShmError as err:
+        raise ConfigInvalid("shared memory", str(err)) from err
     if carried is not None and carried.generation:
         control.write_emergency(carried)
     return control
@@ -249,6 +262,9 @@ class TrainerView:
     active_rollback: RollbackRequest | None = None
     stop_reason: str = ""
     failures: deque[CheckpointFailure] = field(default_factory=lambda: deque(maxlen=FAILURES_KEPT))
+    rejections: deque[CheckpointRejection] = field(
+        default_factory=lambda: deque(maxlen=FAILURES_KEPT)
+    )
 
 
 class _Events:
@@ -304,6 +320,8 @@ class Sidecar:
                     config.checkpoint_dir,
                     config.checkpoints,
                     run_id=config.run_id,
+                    instance_id=config.instance_id,
+                    lineage_id=config.lineage_id,
                     faults=self.guard,
                 )
             except OSError as err:
@@ -316,6 +334,9 @@ class Sidecar:
         self.store: StoreProtocol = store
         self.slots = SlotManager(
             run_id=config.run_id,
+            instance_id=config.instance_id,
+            lineage_id=config.lineage_id,
+            resume=config.resume,
             control=self.control,
             directory=config.shm_dir,
             snapshots=config.snapshots,
@@ -378,12 +399,12 @@ class Sidecar:
             self._own_store = None
 
     def release(self, *, unlink: bool) -> None:
-        """Unmaps the segments; `unlink` removes every segment of the run (local mode)."""
+        """Unmaps the segments; `unlink` removes this instance's segments (local mode), by
+        exact name: another run's segments are never touched."""
         self.slots.close(unlink=unlink)
         self.control.close()
         if unlink:
-            for path in run_segments(self.config.run_id, self.config.shm_dir):
-                path.unlink(missing_ok=True)
+            remove_instance_segments(self.config.instance_id, self.config.shm_dir)
 
     # -- what the servicers report ------------------------------------------------------------
 
@@ -483,6 +504,14 @@ class Sidecar:
                 self.view.stop_reason = f"checkpoint-then-stop: {reason}"
             logger.warning("checkpoint durable; the trainer is asked to stop (%s)", reason)
 
+    def checkpoints_rejected(self, rejections: Sequence[CheckpointRejection]) -> None:
+        """Remembers checkpoints a load refused, for the status and the run report."""
+        with self._lock:
+            known = {(r.file_name, r.reason) for r in self.view.rejections}
+            for rejection in rejections:
+                if (rejection.file_name, rejection.reason) not in known:
+                    self.view.rejections.append(rejection)
+
     def checkpoint_of(self, generation: int) -> CheckpointRecord | None:
         return next(
             (r for r in self.store.committed() if r.snapshot_generation == generation), None
@@ -502,6 +531,9 @@ class Sidecar:
                 degraded_reason=feasibility.degraded_reason if feasibility else "",
                 health=v.health,
                 checkpoint_failures=list(v.failures),
+                checkpoint_rejections=list(v.rejections),
+                instance_id=self.config.instance_id,
+                lineage_id=self.config.lineage_id,
             )
             if v.heartbeat_wall_ns:
                 status.last_heartbeat.FromNanoseconds(v.heartbeat_wall_ns)
@@ -542,6 +574,7 @@ class _TimedStore:
         epoch: int,
         global_step: int,
         snapshot_generation: int,
+        manifest_digest: str = "",
     ) -> CheckpointRecord:
         appends = self._store.wal.appends
         try:
@@ -551,6 +584,7 @@ class _TimedStore:
                 epoch=epoch,
                 global_step=global_step,
                 snapshot_generation=snapshot_generation,
+                manifest_digest=manifest_digest,
             )
         finally:
             if self._store.wal.appends > appends:
@@ -562,8 +596,18 @@ class _TimedStore:
     def committed(self) -> list[CheckpointRecord]:
         return self._store.committed()
 
-    def load_latest(self, into: memoryview) -> tuple[CheckpointRecord, bytes, int]:
-        return self._store.load_latest(into)
+    def load_latest(
+        self,
+        into: memoryview,
+        *,
+        accept: Callable[[CheckpointRecord, bytes], str | None] | None = None,
+        max_step: int | None = None,
+    ) -> tuple[CheckpointRecord, bytes, int]:
+        return self._store.load_latest(into, accept=accept, max_step=max_step)
+
+    @property
+    def last_rejections(self) -> Sequence[tuple[CheckpointRecord, object]]:
+        return self._store.last_rejections
 
 
 # -- servers ----------------------------------------------------------------------------------

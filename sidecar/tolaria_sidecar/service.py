@@ -53,6 +53,7 @@ from tolaria_sidecar.errors import (
     PersistFailed,
     PreconditionFailed,
     RequestInvalid,
+    SharedMemoryFull,
     SidecarError,
 )
 
@@ -69,6 +70,7 @@ _CODES: tuple[tuple[type[SidecarError], grpc.StatusCode], ...] = (
     (RequestInvalid, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (AckTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (SharedMemoryFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (SidecarError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
@@ -153,6 +155,11 @@ class TrainerLinkService(TrainerLinkServicer):
         if request.pid == 0:
             raise RequestInvalid("pid", "must be > 0")
         s = self._s
+        if request.instance_id and request.instance_id != s.config.instance_id:
+            raise RequestInvalid(
+                "instance_id",
+                f"{request.instance_id!r} is not this sidecar's instance {s.config.instance_id!r}",
+            )
         feasibility = s.slots.attach(
             state_bytes=request.state_bytes, manifest_bytes=request.manifest_bytes
         )
@@ -160,7 +167,9 @@ class TrainerLinkService(TrainerLinkServicer):
         response = pb.AttachResponse(
             version=SCHEMA_VERSION,
             layout_version=LAYOUT_VERSION,
-            control_block_name=control_name(s.config.run_id),
+            control_block_name=control_name(s.config.instance_id),
+            instance_id=s.config.instance_id,
+            lineage_id=s.config.lineage_id,
             slots=s.slots.infos(),
             fast_tier_feasible=feasibility.fast_tier_feasible,
             degraded_reason=feasibility.degraded_reason,
@@ -238,17 +247,55 @@ class TrainerLinkService(TrainerLinkServicer):
             started.requested_at.GetCurrentTime()
         s.rollback_started(started)
         response = pb.PrepareFullRollbackResponse(deadline_unix_ms=started.deadline_unix_ms)
+        max_step = request.max_target_step or None
         try:
-            loaded = s.slots.load_checkpoint(deadline_ns=deadline_ns)
+            loaded = s.slots.load_checkpoint(deadline_ns=deadline_ns, max_step=max_step)
         except (NoCheckpoint, BufferTooSmall, CheckpointCorrupt, CheckpointLoadFailed) as err:
             logger.error("full rollback %s cannot load a checkpoint: %s", request.rollback_id, err)
             response.ready = False
             response.error = str(err)
+            response.rejections.extend(s.slots.last_rejections)
+            s.checkpoints_rejected(s.slots.last_rejections)
             return response
+        s.checkpoints_rejected(loaded.rejections)
         response.ready = True
         response.slot.CopyFrom(loaded.slot)
         response.checkpoint.CopyFrom(loaded.record)
         response.phases.extend(loaded.phases)
+        response.rejections.extend(loaded.rejections)
+        return response
+
+    @guarded
+    def LoadCheckpoint(  # noqa: N802 - gRPC method name
+        self, request: pb.LoadCheckpointRequest, context: grpc.ServicerContext
+    ) -> pb.PrepareFullRollbackResponse:
+        """Crash resume and `--resume`: the newest checkpoint this instance may use, put into
+        a slot; no rollback deadline starts (nothing is being rolled back)."""
+        check_version(request.version)
+        self._run(request.run_id, required=False)
+        s = self._s
+        deadline_s = s.config.rollback.full_deadline_seconds
+        deadline_ns = s.clock.now_ns() + int(deadline_s * 1e9)
+        response = pb.PrepareFullRollbackResponse()
+        try:
+            loaded = s.slots.load_checkpoint(
+                deadline_ns=deadline_ns,
+                max_step=request.max_step or None,
+                layout_fingerprint=request.layout_fingerprint,
+            )
+        except (NoCheckpoint, BufferTooSmall, CheckpointCorrupt, CheckpointLoadFailed) as err:
+            logger.warning("no checkpoint to load for %s: %s", request.reason or "resume", err)
+            response.ready = False
+            response.error = str(err)
+            response.rejections.extend(s.slots.last_rejections)
+            s.checkpoints_rejected(s.slots.last_rejections)
+            return response
+        s.checkpoints_rejected(loaded.rejections)
+        response.ready = True
+        response.slot.CopyFrom(loaded.slot)
+        response.checkpoint.CopyFrom(loaded.record)
+        response.phases.extend(loaded.phases)
+        response.rejections.extend(loaded.rejections)
         return response
 
     @guarded

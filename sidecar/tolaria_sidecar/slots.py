@@ -43,6 +43,7 @@ from google.protobuf.message import DecodeError
 from leyline import (
     CheckpointFailure,
     CheckpointRecord,
+    CheckpointRejection,
     Participant,
     RollbackPhase,
     RollbackPhaseTiming,
@@ -55,11 +56,15 @@ from leyline.shm import (
     SLOT_FLAG_EPOCH_BOUNDARY,
     SLOT_FLAG_FROM_CHECKPOINT,
     ControlBlock,
+    ForeignSegment,
     ShmError,
+    ShmFull,
     Slot,
     SlotHeader,
     TornHeader,
+    available_bytes,
     slot_name,
+    unlink_own,
 )
 from leyline.spec import RollbackSpec, SnapshotSpec
 from leyline.v1.resilience_pb2 import CheckpointOutcome, SlotCondition
@@ -69,9 +74,11 @@ from tolaria_sidecar.config import CheckpointDrill, Tuning
 from tolaria_sidecar.errors import (
     CheckpointLoadFailed,
     CheckpointWriteFailed,
+    ForeignSegmentFound,
     PersistFailed,
     PreconditionFailed,
     RequestInvalid,
+    SharedMemoryFull,
     SlotBudgetTooSmall,
 )
 from tolaria_sidecar.faults import Faults
@@ -213,6 +220,23 @@ class LoadedCheckpoint:
     slot: SlotInfo
     record: CheckpointRecord
     phases: list[RollbackPhaseTiming]
+    rejections: list[CheckpointRejection]
+
+
+def rejections_of(store: DurableStore) -> list[CheckpointRejection]:
+    """The store's last refusals as Leyline messages, newest checkpoint first."""
+    out = []
+    for record, why in store.last_rejections:
+        rejection = CheckpointRejection(
+            file_name=record.file_name,
+            global_step=record.global_step,
+            epoch=record.epoch,
+            reason=why if isinstance(why, str) else str(why),
+            instance_id=record.instance_id,
+        )
+        rejection.at.GetCurrentTime()
+        out.append(rejection)
+    return out
 
 
 class SlotManager:
@@ -222,7 +246,10 @@ class SlotManager:
         self,
         *,
         run_id: str,
+        instance_id: str,
         control: ControlBlock,
+        lineage_id: str = "",
+        resume: bool = False,
         directory: Path,
         snapshots: SnapshotSpec,
         rollback: RollbackSpec,
@@ -236,6 +263,11 @@ class SlotManager:
     ) -> None:
         """`copy_bytes_per_second` skips the bandwidth measurement (tests)."""
         self._run_id = run_id
+        self._instance = instance_id
+        self._lineage = lineage_id or instance_id
+        self._resume = resume
+        self.last_rejections: list[CheckpointRejection] = []
+        """Checkpoints the last `load_checkpoint` refused, with why (for the report)."""
         self._control = control
         self._directory = directory
         self._snapshots = snapshots
@@ -264,7 +296,7 @@ class SlotManager:
             return len(self._slots)
 
     def _path(self, index: int) -> Path:
-        return self._directory / slot_name(self._run_id, index)
+        return self._directory / slot_name(self._instance, index)
 
     def restore(self) -> list[tuple[int, int]]:
         """Re-attaches the slots a previous sidecar left (start-up); returns the committed
@@ -280,7 +312,7 @@ class SlotManager:
                 if not path.exists():
                     break
                 try:
-                    slot = Slot.attach(path)
+                    slot = Slot.attach(path, instance_id=self._instance)
                 except (ShmError, OSError) as err:
                     logger.warning("slot %d not re-attached (%s); recreated at attach", index, err)
                     break
@@ -330,6 +362,24 @@ class SlotManager:
             if count < 1:
                 raise SlotBudgetTooSmall(self._snapshots.max_bytes, slot_bytes)
         count = min(count, self._control.slot_count)
+        missing = sum(
+            1
+            for index in range(count)
+            if (slot := self._slots.get(index)) is None
+            or slot.capacity < capacity
+            or slot.manifest_capacity < manifest_capacity
+        )
+        free = available_bytes(self._directory)
+        if missing and missing * slot_bytes > free:
+            raise SharedMemoryFull(
+                missing * slot_bytes,
+                free,
+                f"{self._directory} is too small for the fast tier: {missing} slot(s) of "
+                f"{slot_bytes} B need {missing * slot_bytes} B "
+                f"({missing * slot_bytes / 2**20:.1f} MiB), {free} B ({free / 2**20:.1f} MiB) "
+                "are available; enlarge /dev/shm (docker --shm-size, the pod's shm "
+                "sizeLimit) or lower spec.snapshots.slots or spec.snapshots.maxBytes",
+            )
         with self._lock:
             created = 0
             for index in range(count):
@@ -343,15 +393,12 @@ class SlotManager:
                 if slot is not None:
                     self._retire(index)
                 path = self._path(index)
-                path.unlink(missing_ok=True)  # a new inode: old mappings keep the old bytes
                 self._clear_state(index)
-                self._slots[index] = Slot.create(
-                    path, index, capacity, manifest_capacity, prefault=True
-                )
+                self._slots[index] = self._create(path, index, capacity, manifest_capacity)
                 created += 1
             for index in sorted(i for i in self._slots if i >= count):
                 self._retire(index)
-                self._path(index).unlink(missing_ok=True)
+                self._unlink(self._path(index))
                 self._clear_state(index)
             if self._bandwidth is None:
                 self._bandwidth = measure_copy_bandwidth(self._tuning.bandwidth_probe_bytes)
@@ -370,6 +417,26 @@ class SlotManager:
             f": {self.feasibility.degraded_reason}" if self.feasibility.degraded_reason else "",
         )
         return self.feasibility
+
+    def _create(self, path: Path, index: int, capacity: int, manifest_capacity: int) -> Slot:
+        """A new segment at `path`: our old one is unlinked first (a new inode, so old
+        mappings keep the old bytes); anyone else's file there is refused, never removed."""
+        self._unlink(path)
+        try:
+            return Slot.create(
+                path, index, capacity, manifest_capacity, prefault=True, instance_id=self._instance
+            )
+        except ShmFull as err:
+            raise SharedMemoryFull(err.needed_bytes, err.available_bytes, str(err)) from err
+        except FileExistsError as err:
+            raise ForeignSegmentFound(f"{path} appeared while it was being created") from err
+
+    @staticmethod
+    def _unlink(path: Path) -> None:
+        try:
+            unlink_own(path)
+        except ForeignSegment as err:
+            raise ForeignSegmentFound(str(err)) from err
 
     def _retire(self, index: int) -> None:
         slot = self._slots.pop(index)
@@ -681,6 +748,7 @@ class SlotManager:
                         epoch=header.epoch,
                         global_step=header.global_step,
                         snapshot_generation=generation,
+                        manifest_digest=_digest_of(manifest),
                     )
             except CheckpointWriteFailed as err:
                 overwritten = isinstance(err.__cause__, _Overwritten)
@@ -745,8 +813,37 @@ class SlotManager:
 
     # -- full rollback ------------------------------------------------------------------------
 
-    def load_checkpoint(self, *, deadline_ns: int) -> LoadedCheckpoint:
-        """Loads the newest valid checkpoint into the oldest unpinned slot (full rollback).
+    def accepts(
+        self, record: CheckpointRecord, manifest_bytes: bytes, fingerprint: str
+    ) -> str | None:
+        """Why the durable tier must not load this checkpoint, or None (R13.1).
+
+        Only this instance's checkpoints are loaded implicitly; its lineage's too when the
+        sidecar was asked to resume; a checkpoint of another layout never.
+        """
+        try:
+            manifest = SnapshotManifest.FromString(manifest_bytes)
+        except DecodeError as err:
+            return f"manifest does not parse: {err}"
+        instance = manifest.instance_id or record.instance_id
+        lineage = manifest.lineage_id or record.lineage_id
+        if instance != self._instance and not (self._resume and lineage == self._lineage):
+            whose = f"instance {instance!r}" if instance else "an instance without an id"
+            allowed = (
+                f"this instance {self._instance!r} or lineage {self._lineage!r}"
+                if self._resume
+                else f"this instance {self._instance!r} (resume to use others)"
+            )
+            return f"written by {whose} of lineage {lineage!r}; only {allowed} may be loaded"
+        if fingerprint and manifest.layout_fingerprint != fingerprint:
+            return f"layout {manifest.layout_fingerprint} != this run's {fingerprint}"
+        return None
+
+    def load_checkpoint(
+        self, *, deadline_ns: int, max_step: int | None = None, layout_fingerprint: str = ""
+    ) -> LoadedCheckpoint:
+        """Loads the newest valid checkpoint this instance may use (`accepts`), at or below
+        `max_step` when given, into the oldest unpinned slot (full rollback, crash resume).
 
         Phases LOAD (file -> slot, every byte checked by the store) and VERIFY (xxh3 of the
         slot against the manifest), each timed against the time left until `deadline_ns`.
@@ -784,7 +881,14 @@ class SlotManager:
         self._clear_state(slot.index)
         phases: list[RollbackPhaseTiming] = []
         start = self._clock.now_ns()
-        record, manifest_bytes, length = self._store.load_latest(into=slot.data)
+        try:
+            record, manifest_bytes, length = self._store.load_latest(
+                slot.data,
+                accept=lambda r, m: self.accepts(r, m, layout_fingerprint),
+                max_step=max_step,
+            )
+        finally:
+            self.last_rejections = rejections_of(self._store)
         loaded = self._clock.now_ns()
         phases.append(_timing(RollbackPhase.ROLLBACK_PHASE_LOAD, start, loaded, deadline_ns))
         try:
@@ -838,7 +942,7 @@ class SlotManager:
             generation,
             (verified - start) / 1e6,
         )
-        return LoadedCheckpoint(self._describe(slot), record, phases)
+        return LoadedCheckpoint(self._describe(slot), record, phases, self.last_rejections)
 
     def _generation_of(self, slot: Slot) -> int:
         header = self._header(slot)
@@ -847,6 +951,14 @@ class SlotManager:
     def _max_state_generation(self, index: int) -> int:
         s = self._control.slot_state(index)
         return max(s.verified_generation, s.rejected_generation, s.durable_generation)
+
+
+def _digest_of(manifest: bytes) -> str:
+    """The manifest's training-spec digest, recorded in the checkpoint's WAL record."""
+    try:
+        return SnapshotManifest.FromString(manifest).manifest_digest
+    except DecodeError:
+        return ""
 
 
 def _timing(

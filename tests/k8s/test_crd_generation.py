@@ -319,6 +319,7 @@ def test_enum_lists_match_the_proto_enums_by_name() -> None:
         "Suspended",
         "Restarting",
         "RollingBack",
+        "Stopped",
     ]
     threshold = RUN["properties"]["spec"]["properties"]["escalation"]["properties"]["threshold"]
     assert threshold["enum"] == ["minor", "major", "severe", "critical"]

@@ -157,6 +157,7 @@ def test_run_phase_names_are_the_kubernetes_phase_strings() -> None:
         "Suspended",
         "Restarting",
         "RollingBack",
+        "Stopped",
     ]
 
 

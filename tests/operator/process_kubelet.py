@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -199,7 +200,12 @@ class ProcessKubelet:
         return dirs
 
     def _container(
-        self, spec: dict[str, Any], dirs: dict[str, Path], shm: Path, root: Path
+        self,
+        spec: dict[str, Any],
+        dirs: dict[str, Path],
+        shm: Path,
+        root: Path,
+        fields: dict[str, str],
     ) -> _Container:
         mounts = sorted(
             ((m["mountPath"], dirs[m["name"]]) for m in spec.get("volumeMounts", [])),
@@ -222,6 +228,11 @@ class ProcessKubelet:
         env = {
             **os.environ,
             **{e["name"]: rewrite(e["value"]) for e in spec.get("env", []) if "value" in e},
+            **{
+                e["name"]: fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
+                for e in spec.get("env", [])
+                if "fieldRef" in e.get("valueFrom", {})
+            },
             "TOLARIA_SHM_DIR": str(shm),
             "PYTHONUNBUFFERED": "1",
             **child_environment(signal.SIGKILL),
@@ -240,7 +251,12 @@ class ProcessKubelet:
         dirs = self._volume_dirs(pod, root, shm)
         native = bool(pod["spec"].get("initContainers"))
         specs = pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
-        by_name = {s["name"]: self._container(s, dirs, shm, root) for s in specs}
+        fields = {  # what the downward API gives a container
+            "metadata.uid": meta.get("uid") or str(uuid.uuid4()),
+            "metadata.name": meta["name"],
+            "metadata.namespace": meta["namespace"],
+        }
+        by_name = {s["name"]: self._container(s, dirs, shm, root, fields) for s in specs}
         processes = PodProcesses(
             namespace=meta["namespace"],
             name=meta["name"],

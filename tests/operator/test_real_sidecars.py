@@ -75,7 +75,7 @@ async def test_the_run_status_follows_the_real_sidecars_events(
     cluster: Cluster, node: ProcessKubelet
 ) -> None:
     await cluster.start_operator()
-    await cluster.create_run(run_body("live", spec=spec(epochs=40)))
+    await cluster.create_run(run_body("live", spec=spec(epochs=300)))
 
     seen_epochs: set[int] = set()
 

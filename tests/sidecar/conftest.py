@@ -18,7 +18,14 @@ from leyline.spec import TolariaRun
 from leyline.v1.sidecar_pb2 import AttachRequest, AttachResponse
 from leyline.v1.sidecar_pb2_grpc import SidecarControlStub, TrainerLinkStub
 from tests.fakes import FakeClock
-from tests.sidecar.doubles import RUN_ID, RecordedEvents, TrainerDouble, short_dir, tolaria_run
+from tests.sidecar.doubles import (
+    INSTANCE_ID,
+    RUN_ID,
+    RecordedEvents,
+    TrainerDouble,
+    short_dir,
+    tolaria_run,
+)
 from tolaria_sidecar.auth import bearer
 from tolaria_sidecar.checkpoints import DurableStore
 from tolaria_sidecar.config import SidecarConfig, Tuning
@@ -56,14 +63,19 @@ def run() -> TolariaRun:
 @pytest.fixture
 def config(run: TolariaRun, shm_dir: Path, tmp_path: Path) -> SidecarConfig:
     return SidecarConfig.from_run(
-        run, socket_path=tmp_path / "s.sock", checkpoint_dir=tmp_path / "checkpoints"
+        run,
+        socket_path=tmp_path / "s.sock",
+        checkpoint_dir=tmp_path / "checkpoints",
+        instance_id=INSTANCE_ID,
     )
 
 
 @pytest.fixture
 def control(config: SidecarConfig) -> Iterator[ControlBlock]:
     block = ControlBlock.create(
-        config.shm_dir / control_name(config.run_id), config.snapshots.slots
+        config.shm_dir / control_name(config.instance_id),
+        config.snapshots.slots,
+        instance_id=config.instance_id,
     )
     yield block
     block.close()
@@ -88,7 +100,11 @@ def guard(config: SidecarConfig) -> PersistGuard:
 def store(config: SidecarConfig, guard: PersistGuard) -> Iterator[DurableStore]:
     config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     with DurableStore(
-        config.checkpoint_dir, config.checkpoints, run_id=RUN_ID, faults=guard
+        config.checkpoint_dir,
+        config.checkpoints,
+        run_id=RUN_ID,
+        instance_id=config.instance_id,
+        faults=guard,
     ) as opened:
         yield opened
 
@@ -106,6 +122,9 @@ def make_slot_manager(
 ) -> SlotManager:
     return SlotManager(
         run_id=config.run_id,
+        instance_id=config.instance_id,
+        lineage_id=config.lineage_id,
+        resume=config.resume,
         control=control,
         directory=config.shm_dir,
         snapshots=config.snapshots,
@@ -167,7 +186,7 @@ def trainer(slots: SlotManager, config: SidecarConfig) -> Iterator[TrainerDouble
     """A fake trainer attached to freshly created slots of `STATE_BYTES`."""
     slots.attach(state_bytes=STATE_BYTES, manifest_bytes=1024)
     double = TrainerDouble.mapping(
-        config.shm_dir, control_name(config.run_id), [i.shm_name for i in slots.infos()]
+        config.shm_dir, control_name(config.instance_id), [i.shm_name for i in slots.infos()]
     )
     double.register()
     yield double
@@ -246,6 +265,7 @@ def serve_sidecar(shm_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Serve
                 checkpoint_dir=tmp_path / "checkpoints",
                 control_address="127.0.0.1:0",
                 token=TOKEN,
+                instance_id=INSTANCE_ID,
             )
             running = serve(config, clock=clock, copy_bytes_per_second=COPY_BYTES_PER_SECOND)
             link = grpc.insecure_channel(f"unix:{socket_path}")

@@ -14,8 +14,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from leyline.checksum import REGION_ALGORITHM, region_digest
-from leyline.shm import Slot, TornHeader, slot_name
-from tests.sidecar.scenarios import RUN_ID, SPEC, content, write_index, write_new_epoch
+from leyline.shm import SLOT_DYNAMIC_AT, Slot, TornHeader, slot_name
+from tests.sidecar.scenarios import INSTANCE_ID, RUN_ID, SPEC, content, write_index, write_new_epoch
 from tolaria_sidecar.checkpoints import DurableStore
 from tolaria_sidecar.faults import Faults
 
@@ -44,7 +44,7 @@ def write_checkpoints(directory: str, seed: int, start: int, conn: Connection) -
 def _even_sequence(slot: Slot) -> None:
     # A writer killed inside a seqlock write leaves the sequence odd; the next writer must
     # make it even first, or its own writes would look stable to readers.
-    word = slot.seg.u64(64)
+    word = slot.seg.u64(SLOT_DYNAMIC_AT)
     if word.value & 1:
         word.value += 1
 
@@ -65,7 +65,10 @@ def publish_snapshots(shm_dir: str, seed: int, start: int, conn: Connection) -> 
     restarted publisher never overwrites the newest restorable snapshot first.
     """
     os.environ["TOLARIA_SHM_DIR"] = shm_dir
-    slots = [Slot.attach(Path(shm_dir) / slot_name(RUN_ID, i)) for i in range(SLOT_COUNT)]
+    slots = [
+        Slot.attach(Path(shm_dir) / slot_name(INSTANCE_ID, i), instance_id=INSTANCE_ID)
+        for i in range(SLOT_COUNT)
+    ]
     for slot in slots:
         _even_sequence(slot)
     held = [_held_generation(slot) for slot in slots]

@@ -25,6 +25,8 @@ from leyline.shm import SLOT_FLAG_EPOCH_BOUNDARY, ControlBlock, Slot
 from leyline.spec import TolariaRun, validate_manifest
 
 RUN_ID = "sidecar-test"
+INSTANCE_ID = "sidecar-test-instance"
+"""The instance every sidecar under test serves (segments are named from it)."""
 IN_PROCESS = (
     Participant.PARTICIPANT_TRAINER,
     Participant.PARTICIPANT_KASMINA,
@@ -96,10 +98,10 @@ class TrainerDouble:
 
     @classmethod
     def mapping(cls, directory: Path, control_name: str, slot_names: list[str]) -> TrainerDouble:
-        control = ControlBlock.attach(directory / control_name)
+        control = ControlBlock.attach(directory / control_name, instance_id=None)
         slots = {}
         for name in slot_names:
-            slot = Slot.attach(directory / name)
+            slot = Slot.attach(directory / name, instance_id=None)
             slots[slot.index] = slot
         return cls(control, slots)
 

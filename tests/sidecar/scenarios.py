@@ -19,6 +19,7 @@ from tolaria_sidecar.faults import Faults
 from tolaria_sidecar.wal import WriteAheadLog
 
 RUN_ID = "crash-run"
+INSTANCE_ID = "crash-run-instance"
 SPEC = CheckpointSpec(keep=3, wal_rotate_bytes=64 * 1024)
 """Three kept (R6.3) and the smallest WAL rotation the spec allows, so compaction happens often."""
 SEEDED_EPOCHS = (4, 5, 6)

@@ -43,6 +43,7 @@ from tests.sidecar.crash_child import (
     write_checkpoints,
 )
 from tests.sidecar.scenarios import (
+    INSTANCE_ID,
     NEW_EPOCH,
     RUN_ID,
     SPEC,
@@ -216,7 +217,7 @@ def test_sigkilled_checkpoint_writers_never_serve_a_torn_or_lose_a_committed_che
 def check_slots(directory: Path, seed: int, ledger: Ledger) -> None:
     accepted: dict[int, tuple[bytes, bytes]] = {}
     for index in range(SLOT_COUNT):
-        slot = Slot.attach(directory / slot_name(RUN_ID, index))
+        slot = Slot.attach(directory / slot_name(INSTANCE_ID, index), instance_id=INSTANCE_ID)
         try:
             header = slot.header()
             if not header.visible:
@@ -254,7 +255,12 @@ def test_sigkilled_slot_publishers_never_serve_a_torn_snapshot(
     directory.mkdir()
     for index in range(SLOT_COUNT):
         Slot.create(
-            directory / slot_name(RUN_ID, index), index, SLOT_CAPACITY, 4096, prefault=True
+            directory / slot_name(INSTANCE_ID, index),
+            index,
+            SLOT_CAPACITY,
+            4096,
+            prefault=True,
+            instance_id=INSTANCE_ID,
         ).close()
     rng = random.Random(20240612)
     ledger = Ledger()

@@ -30,7 +30,7 @@ from leyline.v1 import sidecar_pb2 as pb
 from leyline.v1.resilience_pb2 import SlotCondition
 from tests.fakes import FakeClock
 from tests.sidecar.conftest import STATE_BYTES, Served
-from tests.sidecar.doubles import RUN_ID, TrainerDouble, payload, tolaria_run, wait_for
+from tests.sidecar.doubles import INSTANCE_ID, RUN_ID, TrainerDouble, payload, tolaria_run, wait_for
 
 CRITICAL = EmergencyLevel.EMERGENCY_LEVEL_CRITICAL
 SEVERE = EmergencyLevel.EMERGENCY_LEVEL_SEVERE
@@ -70,7 +70,7 @@ def test_attach_returns_the_slots_the_control_block_and_the_feasibility(
     served = serve_sidecar()
     reply = served.attach()
     assert reply.layout_version == LAYOUT_VERSION
-    assert reply.control_block_name == control_name(RUN_ID)
+    assert reply.control_block_name == control_name(INSTANCE_ID)
     assert [s.index for s in reply.slots] == list(range(5))
     assert all(s.capacity_bytes >= STATE_BYTES for s in reply.slots)
     assert reply.fast_tier_feasible and reply.degraded_reason == ""

@@ -26,7 +26,15 @@ from leyline.shm import control_name
 from leyline.v1 import sidecar_pb2 as pb
 from leyline.v1.sidecar_pb2_grpc import SidecarControlStub, TrainerLinkStub
 from tests.sidecar.conftest import GENEROUS_BUDGETS
-from tests.sidecar.doubles import RUN_ID, TrainerDouble, manifest_doc, payload, short_dir, wait_for
+from tests.sidecar.doubles import (
+    INSTANCE_ID,
+    RUN_ID,
+    TrainerDouble,
+    manifest_doc,
+    payload,
+    short_dir,
+    wait_for,
+)
 from tolaria_sidecar.auth import bearer
 
 TOKEN = "e2e-token"
@@ -76,7 +84,12 @@ class Workspace:
     started: list[SidecarProcess] = field(default_factory=list)
 
     def start(self, *flags: str, ready_timeout_s: float = 120) -> SidecarProcess:
-        env = {**os.environ, "TOLARIA_SHM_DIR": str(self.shm), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "TOLARIA_SHM_DIR": str(self.shm),
+            "PYTHONUNBUFFERED": "1",
+            "TOLARIA_INSTANCE_ID": INSTANCE_ID,
+        }
         env.pop("TOLARIA_SIDECAR_TOKEN", None)
         socket_path = self.root / "sidecar.sock"
         proc = subprocess.Popen(
@@ -167,7 +180,7 @@ def test_a_fake_trainer_and_an_operator_drive_the_real_sidecar_end_to_end(
     )
     link = sidecar.link()
     reply = attach(link)
-    assert reply.control_block_name == control_name(RUN_ID)
+    assert reply.control_block_name == control_name(INSTANCE_ID)
     trainer = TrainerDouble.mapping(
         workspace.shm, reply.control_block_name, [s.shm_name for s in reply.slots]
     )
@@ -261,7 +274,7 @@ def test_segments_outlive_a_sidecar_restart_with_their_slots_and_emergency_gener
     trainer.close()
     assert first.terminate() == 0
     kept = segments(workspace.shm)
-    assert control_name(RUN_ID) in kept and len(kept) == 6
+    assert control_name(INSTANCE_ID) in kept and len(kept) == 6
 
     second = workspace.start("--cleanup-on-exit")
     again = attach(second.link(), attempt=2)

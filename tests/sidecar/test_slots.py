@@ -18,7 +18,12 @@ from tests.sidecar.doubles import RecordedEvents, TrainerDouble, payload, tolari
 from tolaria_sidecar import slots as slots_module
 from tolaria_sidecar.checkpoints import DurableStore
 from tolaria_sidecar.config import SidecarConfig
-from tolaria_sidecar.errors import PreconditionFailed, RequestInvalid, SlotBudgetTooSmall
+from tolaria_sidecar.errors import (
+    ConfigInvalid,
+    PreconditionFailed,
+    RequestInvalid,
+    SlotBudgetTooSmall,
+)
 from tolaria_sidecar.metrics import SidecarMetrics
 from tolaria_sidecar.server import open_control_block
 from tolaria_sidecar.slots import (
@@ -60,11 +65,11 @@ def test_attach_creates_n_prefaulted_slots_of_state_plus_headroom(
     manifest_capacity = round_pages(4 * 400_000)
     assert len(infos) == config.snapshots.slots
     for index, info in enumerate(infos):
-        path = config.shm_dir / slot_name(config.run_id, index)
+        path = config.shm_dir / slot_name(config.instance_id, index)
         assert info.shm_name == path.name
         assert info.capacity_bytes == capacity
         assert info.condition == SlotCondition.SLOT_CONDITION_EMPTY
-        slot = Slot.attach(path)
+        slot = Slot.attach(path, instance_id=config.instance_id)
         assert slot.manifest_capacity == manifest_capacity
         size = Slot.size_for(capacity, manifest_capacity)
         assert path.stat().st_size == size
@@ -77,7 +82,9 @@ def test_the_manifest_region_is_at_least_one_mebibyte(
     slots: SlotManager, config: SidecarConfig
 ) -> None:
     slots.attach(state_bytes=PAGE, manifest_bytes=10)
-    slot = Slot.attach(config.shm_dir / slot_name(config.run_id, 0))
+    slot = Slot.attach(
+        config.shm_dir / slot_name(config.instance_id, 0), instance_id=config.instance_id
+    )
     assert slot.manifest_capacity == MIB
     slot.close()
 
@@ -89,12 +96,14 @@ def test_the_byte_budget_lowers_the_slot_count(
     size = Slot.size_for(round_pages(int(STATE_BYTES * 1.25)), MIB)
     run = tolaria_run(snapshots={"slots": 5, "maxBytes": 3 * size + 1})
     config = configured(run, shm_dir, tmp_path)
-    control = ControlBlock.create(shm_dir / control_name(config.run_id), 5)
+    control = ControlBlock.create(
+        shm_dir / control_name(config.instance_id), 5, instance_id=config.instance_id
+    )
     slots = manager(config, control, store, guard, clock)
     slots.attach(state_bytes=STATE_BYTES, manifest_bytes=0)
     assert len(slots.infos()) == 3
     assert sorted(p.name for p in shm_dir.iterdir() if "slot" in p.name) == [
-        slot_name(config.run_id, i) for i in range(3)
+        slot_name(config.instance_id, i) for i in range(3)
     ]
     slots.close(unlink=True)
     control.close()
@@ -106,7 +115,9 @@ def test_a_budget_too_small_for_one_slot_is_refused_naming_the_field(
 ) -> None:
     run = tolaria_run(snapshots={"maxBytes": 4096})
     config = configured(run, shm_dir, tmp_path)
-    control = ControlBlock.create(shm_dir / control_name(config.run_id), 5)
+    control = ControlBlock.create(
+        shm_dir / control_name(config.instance_id), 5, instance_id=config.instance_id
+    )
     slots = manager(config, control, store, guard, clock)
     with pytest.raises(SlotBudgetTooSmall, match=r"spec\.snapshots\.maxBytes"):
         slots.attach(state_bytes=STATE_BYTES, manifest_bytes=0)
@@ -131,7 +142,9 @@ def test_attach_reports_a_degraded_fast_tier_when_the_copy_is_too_slow(
 ) -> None:
     run = tolaria_run(rollback={"commitMs": 1.0, "prepareMs": 1.0, "confirmMs": 1.0, "fastMs": 3.0})
     config = configured(run, shm_dir, tmp_path)
-    control = ControlBlock.create(shm_dir / control_name(config.run_id), 5)
+    control = ControlBlock.create(
+        shm_dir / control_name(config.instance_id), 5, instance_id=config.instance_id
+    )
     slots = manager(config, control, store, guard, clock, bandwidth=1e6)
     feasibility = slots.attach(state_bytes=STATE_BYTES, manifest_bytes=0)
     assert not feasibility.fast_tier_feasible
@@ -160,7 +173,13 @@ def test_a_restarted_sidecar_reattaches_committed_slots_without_truncating_them(
     inodes = {p.name: p.stat().st_ino for p in config.shm_dir.iterdir()}
     slots.close(unlink=False)  # the sidecar dies; its segments stay in shared memory
 
-    restarted = manager(config, ControlBlock.attach(control.seg.path), store, guard, clock)
+    restarted = manager(
+        config,
+        ControlBlock.attach(control.seg.path, instance_id=config.instance_id),
+        store,
+        guard,
+        clock,
+    )
     pending = restarted.restore()
     assert [(e.generation, e.global_step) for e in restarted.table()] == [(3, 30), (2, 20), (1, 10)]
     assert sorted(pending) == [(0, 1), (1, 2), (2, 3)]
@@ -175,7 +194,7 @@ def test_a_restarted_sidecar_reattaches_committed_slots_without_truncating_them(
 def test_a_slot_too_small_for_a_new_state_is_recreated_on_a_new_inode(
     slots: SlotManager, trainer: TrainerDouble, config: SidecarConfig
 ) -> None:
-    path = config.shm_dir / slot_name(config.run_id, 0)
+    path = config.shm_dir / slot_name(config.instance_id, 0)
     before = path.stat().st_ino
     slots.attach(state_bytes=STATE_BYTES * 4, manifest_bytes=1024)
     assert path.stat().st_ino != before
@@ -311,8 +330,9 @@ def test_slot_gauges_count_slots_by_condition(
 def test_an_unreadable_control_block_is_recreated_and_a_valid_one_reused(
     config: SidecarConfig,
 ) -> None:
-    path = config.shm_dir / control_name(config.run_id)
+    path = config.shm_dir / control_name(config.instance_id)
     path.write_bytes(b"not a control block" * 300)
+    path.chmod(0o600)
     fresh = open_control_block(config)
     assert fresh.emergency_generation() == 0
     fresh.write_emergency(EmergencyRecord(generation=7, level=1, state=1, reason="kept"))
@@ -322,3 +342,29 @@ def test_an_unreadable_control_block_is_recreated_and_a_valid_one_reused(
     assert path.stat().st_ino == inode
     assert reused.read_emergency().generation == 7
     reused.close()
+
+
+@pytest.mark.req("R13.1")
+@pytest.mark.parametrize("planted", ["world-readable", "symlink", "other-instance"])
+def test_a_control_block_that_is_not_this_instances_is_refused_and_left_alone(
+    config: SidecarConfig, planted: str, tmp_path: Path
+) -> None:
+    path = config.shm_dir / control_name(config.instance_id)
+    if planted == "world-readable":
+        path.write_bytes(b"x" * 4096)
+        path.chmod(0o644)
+    elif planted == "symlink":
+        target = tmp_path / "elsewhere"
+        target.write_bytes(b"x" * 4096)
+        path.symlink_to(target)
+    else:
+        ControlBlock.create(path, 5, instance_id="someone-else-1234").close()
+    before = path.lstat()
+    with pytest.raises(ConfigInvalid, match="--instance-id"):
+        open_control_block(config)
+    after = path.lstat()
+    assert (after.st_ino, after.st_mode, after.st_size) == (
+        before.st_ino,
+        before.st_mode,
+        before.st_size,
+    )

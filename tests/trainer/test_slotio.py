@@ -17,7 +17,14 @@ ALIGN = 4096
 
 @pytest.fixture
 def slot(tmp_path: Path) -> Iterator[Slot]:
-    made = Slot.create(tmp_path / "slot", 0, 8 * REGION_CHUNK_BYTES, 1 << 16, prefault=True)
+    made = Slot.create(
+        tmp_path / "slot",
+        0,
+        8 * REGION_CHUNK_BYTES,
+        1 << 16,
+        prefault=True,
+        instance_id="test-slotio",
+    )
     try:
         yield made
     finally:

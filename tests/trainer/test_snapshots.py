@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from leyline import StateComponent
-from leyline.shm import ControlBlock, Slot
+from leyline.shm import SLOT_DYNAMIC_AT, ControlBlock, Slot
 from leyline.spec import SnapshotSpec
 from tolaria_trainer.restore import NothingToRestore, Restorer
 from tolaria_trainer.snapshots import SnapshotWriter
@@ -51,9 +51,16 @@ def rig(shm: Path) -> Iterator[dict[str, Any]]:
         parameter_names=lambda: names,
         documents={"loop": (StateComponent.STATE_COMPONENT_DATA, (counter.save, counter.load))},
     )
-    control = ControlBlock.create(shm / "tolaria-t-ctl", 3)
+    control = ControlBlock.create(shm / "tolaria-t-ctl", 3, instance_id="test-snapshots")
     slots = [
-        Slot.create(shm / f"tolaria-t-slot-{i}", i, 1 << 20, 1 << 16, prefault=True)
+        Slot.create(
+            shm / f"tolaria-t-slot-{i}",
+            i,
+            1 << 20,
+            1 << 16,
+            prefault=True,
+            instance_id="test-snapshots",
+        )
         for i in range(3)
     ]
     commits: list[tuple[int, int]] = []
@@ -186,7 +193,7 @@ def test_a_torn_header_is_never_restored(rig: dict[str, Any]) -> None:
     writer.capture(global_step=1, epoch=0, batch_index=1, epoch_end=False)
     writer.fence()
     (slot,) = [s for s in slots if s.header().visible]
-    slot.seg.buf[64 + 8 + 30] ^= 0x01  # inside the dynamic header
+    slot.seg.buf[SLOT_DYNAMIC_AT + 8 + 30] ^= 0x01  # inside the dynamic header
     with pytest.raises(NothingToRestore):
         Restorer(state=rig["state"], control=rig["control"]).restore(
             slots, before_step=10, budgets_ms=(150, 250, 100)

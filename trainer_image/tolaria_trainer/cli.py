@@ -101,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="EPOCHS",
         help="write Chrome traces of these epochs, e.g. 0,3",
     )
+    resume = run.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in WORKDIR/<name> from its newest valid checkpoint "
+        "(spec.training must not have changed)",
+    )
+    resume.add_argument(
+        "--fresh",
+        action="store_true",
+        help="move an earlier run's WORKDIR/<name> aside (to <name>.<UTC time>) and start over",
+    )
     run.add_argument(
         "--no-sidecar",
         action="store_true",
@@ -152,6 +164,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         profile=profile,
         verbose=args.verbose,
+        resume=args.resume,
+        fresh=args.fresh,
     )
     return Supervisor(run, options).run()
 

@@ -62,7 +62,7 @@ from leyline import (
 )
 from leyline.shm import ControlBlock, RollbackRecord, ShmError, Slot, monotonic_ns, shm_dir
 from leyline.shm import EmergencyRecord as SignalRecord
-from leyline.spec import TolariaRunSpec
+from leyline.spec import TolariaRunSpec, training_identity
 from leyline.v1 import sidecar_pb2 as pb
 from tolaria_trainer.clock import ms_to_ns
 from tolaria_trainer.detector import Anomaly
@@ -128,6 +128,7 @@ class Resilience:
         self,
         *,
         run_id: str,
+        instance_id: str | None,
         spec: TolariaRunSpec,
         link: SidecarLink,
         state: TrainingState,
@@ -140,6 +141,9 @@ class Resilience:
         set_rollback_in_progress: Callable[[bool], None],
     ) -> None:
         self._run_id = run_id
+        self.instance_id = instance_id or ""
+        """This run instance (R13.1); adopted from the sidecar when the environment has none."""
+        self.lineage_id = ""
         self._spec = spec
         self.link = link
         self._link = link
@@ -176,11 +180,18 @@ class Resilience:
             pid=os.getpid(),
             attempt=self._attempt,
             manifest_bytes=64 * 1024,
+            instance_id=self.instance_id,
         )
         reply = self._link.attach(request, timeout_s)
+        self.instance_id = reply.instance_id or self.instance_id
+        self.lineage_id = reply.lineage_id or self.instance_id
         base = shm_dir()
-        self.control = ControlBlock.attach(base / reply.control_block_name)
-        self.slots = [Slot.attach(base / s.shm_name) for s in reply.slots]
+        self.control = ControlBlock.attach(
+            base / reply.control_block_name, instance_id=self.instance_id
+        )
+        self.slots = [
+            Slot.attach(base / s.shm_name, instance_id=self.instance_id) for s in reply.slots
+        ]
         self.fast_feasible = reply.fast_tier_feasible
         self.degraded_reason = reply.degraded_reason
         if not self.fast_feasible:
@@ -197,6 +208,9 @@ class Resilience:
             spec=self._spec.snapshots,
             commit=self._commit,
             run_id=self._run_id,
+            instance_id=self.instance_id,
+            lineage_id=self.lineage_id,
+            training=training_identity(self._spec.training),
             window=self._spec.budgets.latency_window,
         )
         self.writer.on_result = self.on_capture

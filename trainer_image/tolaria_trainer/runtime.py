@@ -95,6 +95,10 @@ class RunOptions:
     stop: threading.Event = field(default_factory=threading.Event)
     sidecar_socket: str | None = None
     attempt: int = 1
+    instance_id: str | None = None
+    """This run instance (R13.1); None: the sidecar's."""
+    resume_required: bool = False
+    """`--resume`: the run must start from a checkpoint of its lineage, never from nothing."""
 
 
 def param_groups(task: Task) -> list[ParamGroup]:
@@ -316,6 +320,7 @@ def build(run: TolariaRun, options: RunOptions) -> Components:
         link = SidecarLink(options.sidecar_socket)
         resilience = Resilience(
             run_id=run.name,
+            instance_id=options.instance_id,
             spec=spec,
             link=link,
             state=state,
@@ -434,6 +439,8 @@ def build_report(
     report = RunReport(
         version=1,
         run_id=c.run.name,
+        instance_id=c.resilience.instance_id if c.resilience is not None else "",
+        lineage_id=c.resilience.lineage_id if c.resilience is not None else "",
         status=outcome.phase,
         reason=outcome.reason,
         exit_code=EXIT_CODES.get(outcome.phase, EXIT_FAILED),

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from leyline import SCHEMA_VERSION, SnapshotManifest
 from leyline.checksum import REGION_ALGORITHM, digest_bytes
 from leyline.shm import SLOT_FLAG_EPOCH_BOUNDARY, ControlBlock, Slot, TornHeader
-from leyline.spec import SnapshotSpec
+from leyline.spec import SnapshotSpec, TrainingIdentity
 from tolaria_trainer.latency import LatencyStats
 from tolaria_trainer.slotio import Placement, copy_hashing
 from tolaria_trainer.state import Layout, TrainingState
@@ -69,6 +69,9 @@ class SnapshotWriter:
         commit: Callable[[int, int], str],
         run_id: str,
         window: int,
+        instance_id: str = "",
+        lineage_id: str = "",
+        training: TrainingIdentity | None = None,
     ) -> None:
         self._state = state
         self._slots = list(slots)
@@ -76,6 +79,9 @@ class SnapshotWriter:
         self._spec = spec
         self._commit = commit
         self._run_id = run_id
+        self._instance_id = instance_id
+        self._lineage_id = lineage_id or instance_id
+        self._training = training
         self._thread: threading.Thread | None = None
         self._inflight: CaptureResult | None = None
         self._next_generation = 1 + max((self._generation_of(s) for s in self._slots), default=0)
@@ -138,7 +144,12 @@ class SnapshotWriter:
             checksum_algorithm=REGION_ALGORITHM,
             layout_fingerprint=layout.fingerprint,
             epoch_boundary=epoch_end,
+            instance_id=self._instance_id,
+            lineage_id=self._lineage_id,
         )
+        if self._training is not None:
+            manifest.manifest_digest = self._training.digest
+            manifest.training_spec_json = self._training.json
         manifest.created_at.GetCurrentTime()
         result = CaptureResult(
             slot.index, generation, global_step, epoch, batch_index, layout.data_bytes

@@ -20,7 +20,6 @@ talks to its children through processes, files and signals.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -39,10 +38,11 @@ from types import FrameType
 from google.protobuf import json_format
 
 from leyline import RunPhase, RunReport
-from leyline.lifecycle import child_environment
-from leyline.shm import run_segments
+from leyline.lifecycle import INSTANCE_ENV, LINEAGE_ENV, RESUME_ENV, child_environment
+from leyline.shm import new_instance_id, remove_instance_segments
 from leyline.spec import TolariaRun
 from tolaria_trainer.drills import SIDECAR_PID_ENV, DrillSpec, split
+from tolaria_trainer.workdir import Prepared, RunDirectoryRefused, RunLock, prepare
 
 logger = logging.getLogger("tolaria.supervisor")
 
@@ -60,6 +60,10 @@ class SupervisorOptions:
     metrics_port: int | None = None
     profile: str | None = None
     verbose: bool = False
+    resume: bool = False
+    """Continue the run in the run directory from its newest valid checkpoint."""
+    fresh: bool = False
+    """Move an earlier run's directory aside and start from nothing."""
 
 
 @dataclass
@@ -78,7 +82,12 @@ class Supervisor:
         self._run = run
         self._opts = options
         self._run_dir = options.workdir / run.name
-        self._socket_dir = Path(tempfile.mkdtemp(prefix="tolaria-"))
+        self.instance_id = new_instance_id()
+        """This run instance (R13.1): names the shared memory and the socket directory, and is
+        written into every snapshot and checkpoint; a restarted trainer keeps it."""
+        self._prepared = Prepared(self.instance_id, None)
+        self._lock = RunLock(options.workdir, run.name)
+        self._socket_dir = Path(tempfile.mkdtemp(prefix=f"tolaria-{self.instance_id}-"))
         self._socket = self._socket_dir / "sidecar.sock"
         self._sidecar: subprocess.Popen[str] | None = None
         self._trainer: subprocess.Popen[bytes] | None = None
@@ -107,7 +116,7 @@ class Supervisor:
         for d in self._sidecar_drills:
             cmd += ["--inject", d.raw]
         log = (self._run_dir / "sidecar.log").open("a")
-        env = {**os.environ, **child_environment(signal.SIGTERM)}
+        env = {**os.environ, **child_environment(signal.SIGTERM), **self._identity()}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         log.close()
         line = self._read_ready(proc)
@@ -168,15 +177,51 @@ class Supervisor:
             cmd += ["--profile", self._opts.profile]
         if self._opts.verbose:
             cmd.append("--verbose")
-        env = {**os.environ, **child_environment(signal.SIGKILL)}
+        env = {**os.environ, **child_environment(signal.SIGKILL), **self._identity()}
         if self._sidecar is not None:
             env[SIDECAR_PID_ENV] = str(self._sidecar.pid)
         self._trainer = subprocess.Popen(cmd, env=env)
 
+    def _identity(self) -> dict[str, str]:
+        """What both children share: the instance, its lineage, and whether to resume it."""
+        return {
+            INSTANCE_ENV: self.instance_id,
+            LINEAGE_ENV: self._prepared.lineage_id,
+            RESUME_ENV: "1" if self._prepared.resume is not None else "0",
+        }
+
     # -- supervision ---------------------------------------------------------------------
     def run(self) -> int:
         """Runs to the end; returns the exit code `tolaria run` exits with."""
-        self._clear_stale_segments()
+        try:
+            self._lock.acquire(self.instance_id)
+        except RunDirectoryRefused as err:
+            sys.stderr.write(f"error: {err}\n")
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            return 2
+        try:
+            self._prepared = prepare(
+                self._run,
+                run_dir=self._run_dir,
+                checkpoint_dir=self._checkpoint_dir(),
+                instance_id=self.instance_id,
+                resume=self._opts.resume,
+                fresh=self._opts.fresh,
+            )
+        except RunDirectoryRefused as err:
+            sys.stderr.write(f"error: {err}\n")
+            self._lock.release()
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            return 2
+        self._made_run_dir = not self._run_dir.exists()
+        for moved in self._prepared.moved_aside:
+            logger.warning("--fresh: moved the earlier run to %s", moved)
+        try:
+            return self._supervise()
+        finally:
+            self._lock.release()
+
+    def _supervise(self) -> int:
         previous = self._install_signals()
         code = 1
         try:
@@ -261,13 +306,8 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 sidecar.kill()
                 sidecar.wait()
-        self._clear_stale_segments()
+        remove_instance_segments(self.instance_id)  # exact names: never another run's
         shutil.rmtree(self._socket_dir, ignore_errors=True)
-
-    def _clear_stale_segments(self) -> None:
-        for path in run_segments(self._run.name):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
 
     # -- the report --------------------------------------------------------------------------
     def _finish(self, code: int) -> int:
@@ -287,6 +327,11 @@ class Supervisor:
                 "; ".join(self.seen.notes) or f"trainer ended with exit code {code} and no report"
             )
         report.restarts = self.seen.restarts
+        report.sidecar_restarts = self.seen.sidecar_restarts
+        report.instance_id = report.instance_id or self.instance_id
+        report.lineage_id = report.lineage_id or self._prepared.lineage_id
+        if self._prepared.resume is not None:
+            report.resumed_from = str(self._prepared.resume.path)
         self._record_sidecar_drills(report)
         if code not in FINAL_CODES or (self.seen.notes and report.status == RunPhase.Running):
             report.status = RunPhase.Failed

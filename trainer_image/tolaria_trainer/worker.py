@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from leyline import RunPhase
-from leyline.lifecycle import adopt_parent_death_signal
+from leyline.lifecycle import INSTANCE_ENV, RESUME_ENV, adopt_parent_death_signal
 from leyline.spec import ManifestInvalid, load_manifest
 from tolaria_trainer.device import DeviceUnavailable
 from tolaria_trainer.drills import DrillSpec, parse_drill
@@ -111,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stop=stop,
                 sidecar_socket=args.socket,
                 attempt=args.attempt,
+                instance_id=os.environ.get(INSTANCE_ENV) or None,
+                resume_required=os.environ.get(RESUME_ENV, "") == "1" and args.attempt == 1,
             ),
         )
     except (ManifestInvalid, TaskInvalid, DrillInvalid, DeviceUnavailable) as err:
