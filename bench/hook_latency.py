@@ -41,8 +41,8 @@ from tolaria_trainer.kasmina import NullSeedManager
 from tolaria_trainer.latency import percentile
 from tolaria_trainer.lr_controller import LRController
 from tolaria_trainer.optimizer_manager import OptimizerManager
+from tolaria_trainer.recovery.snapshots import SnapshotWriter
 from tolaria_trainer.runtime import param_groups
-from tolaria_trainer.snapshots import SnapshotWriter
 from tolaria_trainer.state import TrainingState
 from tolaria_trainer.steps import StepRunner
 from tolaria_trainer.tamiyo import HeuristicTamiyo

@@ -61,9 +61,9 @@ from leyline import SnapshotManifest, StateComponent
 from leyline.shm import ControlBlock, Slot, SlotHeader, control_name, shm_dir, slot_name
 from leyline.spec import BudgetsSpec, RollbackSpec, SnapshotSpec
 from tolaria_trainer.latency import percentile
-from tolaria_trainer.restore import Restorer
-from tolaria_trainer.slotio import as_bytes, region_tensor
-from tolaria_trainer.snapshots import SnapshotWriter
+from tolaria_trainer.recovery.restore import Restorer
+from tolaria_trainer.recovery.slotio import as_bytes, region_tensor
+from tolaria_trainer.recovery.snapshots import SnapshotWriter
 from tolaria_trainer.state import TrainingState
 
 Stats = dict[str, float]
@@ -422,7 +422,7 @@ def bench_restore(rig: Rig, directory: Path, trials: int) -> dict[str, Any]:
 
     def restore() -> None:
         restored = Restorer(state=rig.state, control=rig.control).restore(
-            rig.slots, before_step=None, budgets_ms=budgets
+            rig.slots, max_step=None, budgets_ms=budgets
         )
         for name, timing in zip(phases, restored.phases, strict=True):
             phases[name].append(timing.elapsed_ns)
@@ -472,7 +472,7 @@ def bench_restore(rig: Rig, directory: Path, trials: int) -> dict[str, Any]:
                 gc.collect()
         # Leave the live state equal to the snapshot for the sections that follow (untimed).
         Restorer(state=rig.state, control=rig.control).restore(
-            rig.slots, before_step=None, budgets_ms=budgets
+            rig.slots, max_step=None, budgets_ms=budgets
         )
         rig.check("restore", documents=True)
     finally:
@@ -540,9 +540,7 @@ def reattach_child(
             for i in range(config["slots"])
         ]
         with torch.no_grad():
-            Restorer(state=state, control=control).restore(
-                slots, before_step=None, budgets_ms=budgets
-            )
+            Restorer(state=state, control=control).restore(slots, max_step=None, budgets_ms=budgets)
         elapsed_ns = time.perf_counter_ns() - begin
         check_restored(state, expected, "re-attach restore")
         if counter.value != config["counter"]:

@@ -23,8 +23,12 @@ both children, and from the pod's UID (downward API) in a pod."""
 LINEAGE_ENV = "TOLARIA_LINEAGE_ID"
 """The run an instance continues: the resumed instance's lineage, or the TolariaRun's UID."""
 RESUME_ENV = "TOLARIA_RESUME"
-"""`1`: this instance was asked to continue its lineage from the newest valid checkpoint
-(`tolaria run --resume`, or a recreated pod)."""
+"""`1`: this instance may continue its lineage from the newest valid checkpoint of that
+lineage (a recreated pod: a fresh start when none exists); `required`: it must (`tolaria run
+--resume`: a run that cannot resume fails instead of starting over); `0` or unset: only this
+instance's own state is ever restored."""
+RESUME_ALLOWED = "1"
+RESUME_REQUIRED = "required"
 _PR_SET_PDEATHSIG = 1
 
 

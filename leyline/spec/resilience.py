@@ -46,9 +46,18 @@ class RollbackSpec(SpecModel):
     """Full rollback from the last durable checkpoint (R6.3); a miss escalates (R6.5)."""
     replay_policy: Annotated[int, _REPLAY] = ReplayPolicy.REPLAY_POLICY_SKIP
     """Batches between the restored snapshot and a data-dependent anomaly: skip them (the
-    large-model practice), replay them, or reshuffle the rest of the epoch (R6.1a)."""
+    large-model practice), replay them, or reshuffle the rest of the epoch (R6.1a). The same
+    window failing again is skipped whatever this says, then halts."""
     max_per_epoch: int = Field(default=3, ge=1, le=1000)
-    """More rollbacks than this in one epoch escalate to CRITICAL (no rollback loops)."""
+    """Rollbacks, of every tier and cause, for anomalies of one epoch; one more halts the run
+    (R13.3: no rollback loops)."""
+    max_without_progress: int = Field(default=6, ge=1, le=100_000)
+    """Rollbacks since the last epoch that trained and validated cleanly; one more halts the
+    run. Twice `maxPerEpoch`: a fault that follows the run from epoch to epoch (skipping its
+    data does not help) ends within two epochs' budgets."""
+    max_per_run: int = Field(default=100, ge=1, le=1_000_000)
+    """Rollbacks in the whole run (every tier and cause); one more halts it. Generous: a long
+    run survives occasional spikes for weeks; a run needing more is not converging."""
 
     rules = (
         Rule(
@@ -67,8 +76,9 @@ class DetectionSpec(SpecModel):
     """SEVERE when a step's loss exceeds this multiple of the running median (R12: 15x)."""
     median_window: int = Field(default=50, ge=3, le=100_000)
     """Steps in the running median."""
-    warmup_steps: int = Field(default=10, ge=0, le=10_000_000)
-    """Steps before the explosion check starts (the median needs samples)."""
+    warmup_steps: int = Field(default=4, ge=1, le=10_000_000)
+    """Losses seen before the explosion check starts: the median of the first 4 is already a
+    fair reference, so an explosion is caught from step 5 on (R13.4)."""
     accuracy_collapse_ratio: float = Field(default=0.5, gt=0.0, lt=1.0)
     """MAJOR when validation accuracy falls below this fraction of the best so far."""
     stall_seconds: float = Field(default=120.0, gt=0.0, le=86_400.0)

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from leyline.lifecycle import INSTANCE_ENV, LINEAGE_ENV, RESUME_ENV
+from leyline.lifecycle import INSTANCE_ENV, LINEAGE_ENV, RESUME_ALLOWED, RESUME_ENV
 from leyline.shm import INSTANCE_PATTERN
 from leyline.spec import TolariaRun
 from tolaria_operator.config import GiB, MiB, TolariaSettings
@@ -69,7 +69,7 @@ def identity_env(run: RunObject, attempt: int) -> list[dict[str, Any]]:
     lineage = run.uid if _INSTANCE.fullmatch(run.uid) else ""
     env: list[dict[str, Any]] = [
         {"name": INSTANCE_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
-        {"name": RESUME_ENV, "value": "1" if attempt > 1 else "0"},
+        {"name": RESUME_ENV, "value": RESUME_ALLOWED if attempt > 1 else "0"},
     ]
     if lineage:
         env.append({"name": LINEAGE_ENV, "value": lineage})

@@ -19,7 +19,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from leyline.lifecycle import INSTANCE_ENV, LINEAGE_ENV, RESUME_ENV, adopt_parent_death_signal
+from leyline.lifecycle import (
+    INSTANCE_ENV,
+    LINEAGE_ENV,
+    RESUME_ALLOWED,
+    RESUME_ENV,
+    RESUME_REQUIRED,
+    adopt_parent_death_signal,
+)
 from leyline.spec import ManifestInvalid, load_manifest
 from tolaria_sidecar.config import SidecarConfig
 from tolaria_sidecar.errors import ConfigInvalid
@@ -48,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        default=os.environ.get(RESUME_ENV, "") == "1",
+        default=os.environ.get(RESUME_ENV, "") in (RESUME_ALLOWED, RESUME_REQUIRED),
         help="the durable tier may load checkpoints of other instances of the lineage",
     )
     p.add_argument("--socket", type=Path, required=True, help="Unix socket for the trainer")

@@ -10,7 +10,7 @@ import torch
 
 from leyline.checksum import REGION_CHUNK_BYTES, region_digest
 from leyline.shm import Slot
-from tolaria_trainer.slotio import Placement, copy_hashing, restore_verifying
+from tolaria_trainer.recovery.slotio import Placement, copy_hashing, copy_out, hash_region
 
 ALIGN = 4096
 
@@ -64,27 +64,29 @@ def test_a_snapshot_copy_returns_the_region_digest_of_what_it_wrote(slot: Slot) 
 
 @pytest.mark.req("R6.2")
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_a_verified_restore_brings_back_every_tensor_and_the_same_digest(
+def test_a_verified_region_copies_back_every_tensor_on_any_thread_count(
     slot: Slot, threads: int
 ) -> None:
     saved = tensors()
     placements, total = layout(saved)
     written = copy_hashing(slot, placements, total_bytes=total)
+    assert hash_region(slot, total_bytes=total, threads=threads) == written
     live = [torch.zeros_like(t) for t in saved]
     live[4] = torch.zeros(64, 32).t()  # the strided target stays strided
     targets = [Placement(p.offset, p.nbytes, t) for p, t in zip(placements, live, strict=True)]
-    found = restore_verifying(slot, targets, total_bytes=total, threads=threads)
-    assert found == written
+    copy_out(slot, targets, total_bytes=total, threads=threads)
     for before, after in zip(saved, live, strict=True):
         assert torch.equal(before, after)
 
 
-@pytest.mark.req("R6.2")
-def test_a_restore_over_damaged_bytes_reports_a_different_digest(slot: Slot) -> None:
+@pytest.mark.req("R13.2")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_damaged_byte_in_any_chunk_changes_the_region_digest(slot: Slot, threads: int) -> None:
     saved = tensors()
     placements, total = layout(saved)
     written = copy_hashing(slot, placements, total_bytes=total)
-    slot.data[REGION_CHUNK_BYTES + 3] ^= 0x40
-    live = [torch.zeros_like(t) for t in saved]
-    targets = [Placement(p.offset, p.nbytes, t) for p, t in zip(placements, live, strict=True)]
-    assert restore_verifying(slot, targets, total_bytes=total, threads=2) != written
+    for offset in (0, REGION_CHUNK_BYTES + 3, total // 2, total - 1):
+        slot.data[offset] ^= 0x40
+        assert hash_region(slot, total_bytes=total, threads=threads) != written
+        slot.data[offset] ^= 0x40
+    assert hash_region(slot, total_bytes=total, threads=threads) == written

@@ -14,8 +14,8 @@ import torch
 from leyline import StateComponent
 from leyline.shm import SLOT_DYNAMIC_AT, ControlBlock, Slot
 from leyline.spec import SnapshotSpec
-from tolaria_trainer.restore import NothingToRestore, Restorer
-from tolaria_trainer.snapshots import SnapshotWriter
+from tolaria_trainer.recovery.restore import NothingToRestore, Restorer
+from tolaria_trainer.recovery.snapshots import SnapshotWriter
 from tolaria_trainer.state import TrainingState
 
 
@@ -126,7 +126,7 @@ def test_a_restore_brings_back_model_optimizer_documents_and_rng_bit_for_bit(
     counter.value = 99
     random.random()
     restored = Restorer(state=rig["state"], control=rig["control"]).restore(
-        rig["slots"], before_step=5, budgets_ms=(150, 250, 100)
+        rig["slots"], max_step=4, budgets_ms=(150, 250, 100)
     )
     after = snapshot_of(model, opt)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -143,7 +143,7 @@ def test_python_and_numpy_rng_continue_as_if_nothing_happened(rig: dict[str, Any
     writer.fence()
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     Restorer(state=rig["state"], control=rig["control"]).restore(
-        rig["slots"], before_step=2, budgets_ms=(150, 250, 100)
+        rig["slots"], max_step=1, budgets_ms=(150, 250, 100)
     )
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
 
@@ -157,7 +157,7 @@ def test_the_newest_snapshot_older_than_the_anomaly_is_restored(rig: dict[str, A
         writer.capture(global_step=step, epoch=0, batch_index=step, epoch_end=False)
     writer.fence()
     restored = Restorer(state=rig["state"], control=rig["control"]).restore(
-        rig["slots"], before_step=3, budgets_ms=(150, 250, 100)
+        rig["slots"], max_step=2, budgets_ms=(150, 250, 100)
     )
     assert restored.global_step == 2 and counter.value == 2
 
@@ -179,7 +179,7 @@ def test_a_corrupted_slot_is_rejected_and_the_next_older_restored(rig: dict[str,
     newest = max(slots, key=lambda s: s.header().generation)
     newest.data[100] ^= 0xFF
     restored = Restorer(state=rig["state"], control=rig["control"]).restore(
-        slots, before_step=10, budgets_ms=(150, 250, 100)
+        slots, max_step=9, budgets_ms=(150, 250, 100)
     )
     assert restored.global_step == 1 and counter.value == 1
     assert [r.slot for r in restored.rejected] == [newest.index]
@@ -196,7 +196,7 @@ def test_a_torn_header_is_never_restored(rig: dict[str, Any]) -> None:
     slot.seg.buf[SLOT_DYNAMIC_AT + 8 + 30] ^= 0x01  # inside the dynamic header
     with pytest.raises(NothingToRestore):
         Restorer(state=rig["state"], control=rig["control"]).restore(
-            slots, before_step=10, budgets_ms=(150, 250, 100)
+            slots, max_step=9, budgets_ms=(150, 250, 100)
         )
 
 
@@ -215,7 +215,7 @@ def test_a_slot_rejected_by_the_sidecar_is_skipped(rig: dict[str, Any]) -> None:
     newest = max(slots, key=lambda s: s.header().generation)
     control.set_rejected(newest.index, newest.header().generation)
     restored = Restorer(state=rig["state"], control=control).restore(
-        slots, before_step=10, budgets_ms=(150, 250, 100)
+        slots, max_step=9, budgets_ms=(150, 250, 100)
     )
     assert restored.global_step == 1
 
@@ -257,7 +257,7 @@ def test_a_fresh_optimizer_gets_its_state_created_on_restore(rig: dict[str, Any]
     moments = {k: v.clone() for k, v in opt.state[next(iter(model.parameters()))].items()}
     opt.state.clear()
     Restorer(state=rig["state"], control=rig["control"]).restore(
-        rig["slots"], before_step=10, budgets_ms=(150, 250, 100)
+        rig["slots"], max_step=9, budgets_ms=(150, 250, 100)
     )
     restored = opt.state[next(iter(model.parameters()))]
     assert all(torch.equal(moments[k], restored[k]) for k in moments)

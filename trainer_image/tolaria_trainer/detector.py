@@ -2,7 +2,10 @@
 
 Per step, before the optimizer step (so a bad step is never applied): a
 non-finite loss or gradient, or a loss above `lossExplosionFactor` x the
-running median of recent losses, is SEVERE (fast rollback). Per epoch: a
+running median of recent losses, is SEVERE (fast rollback). The median is
+judged from `warmupSteps` losses on (4 by default), so an explosion in the
+first steps of a run is caught too (R13.4): the median of the first losses of
+a run is high, if anything, so it does not raise false alarms. Per epoch: a
 validation accuracy below `accuracyCollapseRatio` x the best so far is MAJOR
 (full rollback); hook budget breaches in `sustainedBreachEpochs` consecutive
 epochs are MINOR; `breakerStormTrips` breaker trips in one epoch is CRITICAL.
@@ -28,12 +31,28 @@ from tolaria_trainer.protocols import JsonDict
 
 @dataclass(frozen=True)
 class Anomaly:
+    """One judged anomaly: where it happened and what a rollback may restore."""
+
     level: EmergencyLevel.ValueType
     kind: AnomalyKind.ValueType
     detail: str
     global_step: int
+    """The step the anomaly belongs to (a step-level anomaly: the step not applied)."""
     epoch: int
     batch_index: int
+    restore_at_or_before: int | None = None
+    """The newest step a rollback may restore: the step before a bad step (default), or the
+    start of the epoch whose validation collapsed (an epoch-level anomaly)."""
+    epoch_level: bool = False
+    """Blamed on the whole epoch's data (accuracy collapse), not on one batch."""
+    external: bool = False
+    """Raised outside this trainer (operator, cluster incident): no data window to blame."""
+
+    @property
+    def max_target_step(self) -> int:
+        if self.restore_at_or_before is not None:
+            return self.restore_at_or_before
+        return max(0, self.global_step - 1)
 
     @property
     def data_dependent(self) -> bool:
@@ -107,8 +126,10 @@ class AnomalyDetector:
         breaker_trips: int,
         global_step: int,
         epoch: int,
+        epoch_start_step: int,
     ) -> Anomaly | None:
-        """Judges an epoch's outcome (after its hook)."""
+        """Judges an epoch's outcome (after its hook). `epoch_start_step` is where the epoch
+        began: a collapse is rolled back to a state no newer than that."""
         self._breach_streak = self._breach_streak + 1 if hook_breached else 0
         if breaker_trips >= self._spec.breaker_storm_trips:
             return Anomaly(
@@ -130,6 +151,8 @@ class AnomalyDetector:
                     global_step,
                     epoch,
                     0,
+                    restore_at_or_before=epoch_start_step,
+                    epoch_level=True,
                 )
             self._best_accuracy = max(best, accuracy)
         if self._breach_streak >= self._spec.sustained_breach_epochs:

@@ -18,10 +18,12 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from leyline import (
+    CheckpointRejection,
     ConservativeInterval,
     DrillRecord,
     EmergencyRecord,
     EpochRecord,
+    RecoveryDecision,
     ReplayPolicy,
     ResumeRecord,
     RollbackReport,
@@ -33,6 +35,17 @@ from tolaria_trainer.protocols import JsonDict
 M = TypeVar("M", bound=Message)
 
 HISTORY_DOCUMENT = "history"
+RECORDS_KEPT = 64
+"""Records of each kind a snapshot keeps (the newest); older ones are counted in `omitted`.
+The run's own process keeps them all for its report; only a crash-resumed trainer, whose
+memory is gone, reports the newest of each and how many it lost. Bounds every manifest."""
+EPOCHS_KEPT = 256
+"""Epoch records a snapshot keeps (one per epoch, ~0.4 KB each)."""
+SAMPLES_KEPT = 2048
+"""Latency samples (hook, validation) a snapshot keeps for the report's percentiles."""
+DOCUMENT_BYTES_BOUND = 512 * 1024
+"""What the history document can grow to within those bounds (records of ~1 KB at most),
+reserved in every slot's manifest region."""
 
 
 def _dump(messages: list[M]) -> list[dict[str, Any]]:
@@ -63,9 +76,10 @@ class RunHistory:
     hook_ns: list[int] = field(default_factory=list)
     validation_ns: list[int] = field(default_factory=list)
     fallbacks: int = 0
-    rollbacks_by_epoch: dict[int, int] = field(default_factory=dict)
-    window_end_step: int = 0
-    """A second data-dependent anomaly at or before this step escalates to MAJOR (R6.1a)."""
+    decisions: list[RecoveryDecision] = field(default_factory=list)
+    checkpoint_rejections: list[CheckpointRejection] = field(default_factory=list)
+    omitted: int = 0
+    """Records dropped to bound the snapshot document (see `RECORDS_KEPT`)."""
 
     def skips_for(self, epoch: int) -> frozenset[int]:
         """Batch indexes of `epoch` to skip (windows before data-dependent anomalies)."""
@@ -86,20 +100,31 @@ class RunHistory:
         ]
 
     def state_dict(self) -> JsonDict:
+        """Checkpoint behavior: the newest `RECORDS_KEPT` of each record kind (`EPOCHS_KEPT`
+        epochs, `SAMPLES_KEPT` latency samples) and how many were dropped. The skipped windows
+        are kept whole: they decide which batches the data plan leaves out."""
+        dropped = 0
+
+        def newest(items: list[M], keep: int) -> list[M]:
+            nonlocal dropped
+            dropped += max(0, len(items) - keep)
+            return items[-keep:] if keep else []
+
         return {
-            "epochs": _dump(self.epochs),
-            "rollbacks": _dump(self.rollbacks),
-            "emergencies": _dump(self.emergencies),
-            "resumes": _dump(self.resumes),
+            "epochs": _dump(newest(self.epochs, EPOCHS_KEPT)),
+            "rollbacks": _dump(newest(self.rollbacks, RECORDS_KEPT)),
+            "emergencies": _dump(newest(self.emergencies, RECORDS_KEPT)),
+            "resumes": _dump(newest(self.resumes, RECORDS_KEPT)),
             "skipped": _dump(self.skipped),
-            "rejections": _dump(self.rejections),
-            "past_intervals": _dump(self.past_intervals),
+            "rejections": _dump(newest(self.rejections, RECORDS_KEPT)),
+            "past_intervals": _dump(newest(self.past_intervals, RECORDS_KEPT)),
             "drills_fired": _dump(self.drills_fired),
-            "hook_ns": self.hook_ns,
-            "validation_ns": self.validation_ns,
+            "decisions": _dump(newest(self.decisions, RECORDS_KEPT)),
+            "checkpoint_rejections": _dump(newest(self.checkpoint_rejections, RECORDS_KEPT)),
+            "hook_ns": self.hook_ns[-SAMPLES_KEPT:],
+            "validation_ns": self.validation_ns[-SAMPLES_KEPT:],
             "fallbacks": self.fallbacks,
-            "rollbacks_by_epoch": {str(k): v for k, v in self.rollbacks_by_epoch.items()},
-            "window_end_step": self.window_end_step,
+            "omitted": self.omitted + dropped,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -114,5 +139,6 @@ class RunHistory:
         self.hook_ns = [int(v) for v in state["hook_ns"]]
         self.validation_ns = [int(v) for v in state["validation_ns"]]
         self.fallbacks = int(state["fallbacks"])
-        self.rollbacks_by_epoch = {int(k): int(v) for k, v in state["rollbacks_by_epoch"].items()}
-        self.window_end_step = int(state["window_end_step"])
+        self.decisions = _load(RecoveryDecision, state["decisions"])
+        self.checkpoint_rejections = _load(CheckpointRejection, state["checkpoint_rejections"])
+        self.omitted = int(state["omitted"])

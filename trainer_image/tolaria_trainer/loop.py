@@ -30,10 +30,11 @@ from tolaria_trainer.latency import LatencyStats
 from tolaria_trainer.lr_controller import LRController
 from tolaria_trainer.metrics import TrainerMetrics
 from tolaria_trainer.optimizer_manager import OptimizerManager
+from tolaria_trainer.position import Position
 from tolaria_trainer.profiler import EpochProfiler
 from tolaria_trainer.progress import ProgressView
 from tolaria_trainer.protocols import Clock
-from tolaria_trainer.resilience import Directive, Position, Resilience, Response
+from tolaria_trainer.recovery import Recovery, Response
 from tolaria_trainer.steps import StepRunner
 from tolaria_trainer.tasks import Task
 from tolaria_trainer.telemetry import TelemetryHub
@@ -85,7 +86,7 @@ class EpochLoop:
         hook: EndOfEpochHook,
         guards: Guards,
         detector: AnomalyDetector,
-        resilience: Resilience | None,
+        recovery: Recovery | None,
         position: Position,
         history: RunHistory,
         telemetry: TelemetryHub,
@@ -108,7 +109,7 @@ class EpochLoop:
         self.hook = hook
         self.guards = guards
         self.detector = detector
-        self.resilience = resilience
+        self.recovery = recovery
         self.pos = position
         self.history = history
         self.telemetry = telemetry
@@ -131,10 +132,8 @@ class EpochLoop:
             epoch = self.pos.epoch
             with self.profiler.epoch(epoch, conservative=self.guards.conservative.active):
                 response = self.run_epoch(epoch)
-            if response is not None and response.directive is Directive.HALT:
-                return self._end(RunPhase.Halted, response.reason)
-            if response is not None and response.directive is Directive.SUSPEND:
-                return self._end(RunPhase.Suspended, response.reason)
+            if response is not None and response.phase is not None:
+                return self._end(response.phase, response.reason)  # halted or suspended
             # after a rollback the restored position says where to carry on
         return self._end(RunPhase.Succeeded, "")
 
@@ -164,8 +163,8 @@ class EpochLoop:
             if (response := self._inspect(epoch, batch.index)) is not None:
                 return response  # SEVERE -> fast rollback (R6, R7)
             self._optimizer_step(epoch)  # snapshot fence, optimizer, LR controller (R3)
-            if self.resilience is not None:
-                self.resilience.after_step()  # heartbeat, snapshot cadence (R6.1)
+            if self.recovery is not None:
+                self.recovery.after_step()  # heartbeat, snapshot cadence (R6.1)
             self.drills.after_step(epoch, self.pos.global_step)
             self.view.step(epoch, batch.index + 1)
             if (
@@ -177,12 +176,12 @@ class EpochLoop:
                 return None
         self.steps.discard_gradients()  # a partial accumulation never leaks into the next epoch
         train_ns = self._clock.now_ns() - started
-        return self._close_epoch(epoch, train_ns)
+        return self._close_epoch(epoch, train_ns, epoch_start_step)
 
     def _boundary(self) -> Response | None:
-        if self.resilience is None:
+        if self.recovery is None:
             return None
-        return self.resilience.boundary(self.stop)
+        return self.recovery.boundary(self.stop)
 
     def _inspect(self, epoch: int, batch_index: int) -> Response | None:
         loss = self.steps.step_loss()
@@ -200,14 +199,14 @@ class EpochLoop:
             return None
         self.steps.discard_gradients()  # the bad step is never applied
         logger.error("anomaly at step %d: %s", anomaly.global_step, anomaly.detail)
-        if self.resilience is None:
+        if self.recovery is None:
             return None  # no sidecar, no rollback: the step is dropped and training goes on
-        return self._after_recovery(self.resilience.respond(anomaly))
+        return self._after_recovery(self.recovery.respond(anomaly))
 
-    def _after_recovery(self, response: Response) -> Response | None:
-        if response.directive is Directive.CONTINUE:
+    def _after_recovery(self, response: Response | None) -> Response | None:
+        if response is None:
             return None
-        if response.directive is Directive.ROLLED_BACK:
+        if response.rolled_back:
             self.view.notice(
                 f"rolled back to step {self.pos.global_step}",
                 epoch=str(self.pos.epoch),
@@ -216,8 +215,8 @@ class EpochLoop:
         return response
 
     def _optimizer_step(self, epoch: int) -> None:
-        if self.resilience is not None:
-            self.resilience.fence()  # the snapshot copy must finish before anything mutates
+        if self.recovery is not None:
+            self.recovery.fence()  # the snapshot copy must finish before anything mutates
         self.steps.optimizer_step()
         self.pos.global_step += 1
         self.drills.before_lr_step(epoch, self.pos.global_step, self.optim.optimizer)
@@ -239,10 +238,10 @@ class EpochLoop:
         )
 
     def _heartbeat(self) -> None:
-        if self.resilience is not None:
-            self.resilience.heartbeat()
+        if self.recovery is not None:
+            self.recovery.heartbeat()
 
-    def _close_epoch(self, epoch: int, train_ns: int) -> Response | None:
+    def _close_epoch(self, epoch: int, train_ns: int, start_step: int) -> Response | None:
         val_loss, val_acc, val_ns = self.validator.run(epoch, self._heartbeat)  # outside the budget
         result = EpochResult(
             epoch,
@@ -267,18 +266,21 @@ class EpochLoop:
             breaker_trips=self.guards.trips() - trips_before,
             global_step=self.pos.global_step,
             epoch=epoch,
+            epoch_start_step=start_step,
         )
-        if anomaly is not None and self.resilience is not None:
+        if anomaly is not None and self.recovery is not None:
             logger.error("epoch %d anomaly: %s", epoch, anomaly.detail)
-            response = self._after_recovery(self.resilience.respond(anomaly))
+            response = self._after_recovery(self.recovery.respond(anomaly))
             if response is not None:
                 return response
-        if self.resilience is not None:  # epoch snapshot (+ durable checkpoint when due)
-            stop = self.resilience.epoch_end(
-                health=self.history.epochs[-1].health, loss=self.history.epochs[-1].training_loss
+        if self.recovery is not None:  # epoch snapshot (+ durable checkpoint when due)
+            stop = self.recovery.epoch_end(
+                health=self.history.epochs[-1].health,
+                loss=self.history.epochs[-1].training_loss,
+                trained_steps=self.pos.global_step - start_step,
             )
             if stop:
-                return Response(Directive.SUSPEND, stop)
+                return Response(phase=RunPhase.Suspended, reason=stop)
         return None
 
     def _record(

@@ -7,7 +7,7 @@ failed run (the report says why); it raises `TaskInvalid`, `DrillInvalid` or
 nothing to disk before that point.
 
 With a sidecar socket (local mode under `tolaria run`, or a pod) the run gets
-the resilience layer: snapshots in shared memory, rollbacks, crash resume and
+the recovery layer: snapshots in shared memory, rollbacks, crash resume and
 the emergency protocol. Without one it trains with the guards of R1-R4 only.
 """
 
@@ -27,6 +27,7 @@ from leyline import (
     HealthStatus,
     LatencySummary,
     MessagePriority,
+    ResumeSource,
     RunPhase,
     RunReport,
     StateComponent,
@@ -55,11 +56,17 @@ from tolaria_trainer.loop import EpochLoop, Outcome, Validator
 from tolaria_trainer.lr_controller import LRController
 from tolaria_trainer.metrics import TrainerMetrics, serve
 from tolaria_trainer.optimizer_manager import OptimizerManager, ParamGroup
+from tolaria_trainer.position import Position
 from tolaria_trainer.profiler import EpochProfiler
 from tolaria_trainer.progress import ProgressView
+from tolaria_trainer.recovery import (
+    LEDGER_DOCUMENT,
+    Recovery,
+    RecoveryLedger,
+    ResumeImpossible,
+    SidecarLink,
+)
 from tolaria_trainer.report import accuracy_summary, loss_summary, write_report
-from tolaria_trainer.resilience import Position, Resilience, sidecar_status
-from tolaria_trainer.sidecar_link import SidecarLink
 from tolaria_trainer.state import DocumentSource, TrainingState
 from tolaria_trainer.steps import StepRunner
 from tolaria_trainer.tamiyo import HeuristicTamiyo
@@ -131,7 +138,7 @@ class Components:
     loop: EpochLoop
     hub: TelemetryHub
     sink: JsonLinesSink
-    resilience: Resilience | None
+    recovery: Recovery | None
     profiler: EpochProfiler
     drills: Drills
     history: RunHistory
@@ -147,16 +154,21 @@ def run_training(run: TolariaRun, options: RunOptions) -> RunReport:
     report_path = c.run_dir / "report.json"
     outcome = Outcome(RunPhase.Failed, "")
     try:
-        if c.resilience is not None:
-            restored = c.resilience.attach(timeout_s=ATTACH_TIMEOUT_S)
-            if restored is not None:
+        if c.recovery is not None:
+            restored = c.recovery.attach(timeout_s=ATTACH_TIMEOUT_S)
+            if restored is not None and c.history.resumes:
+                origin = c.history.resumes[-1]
                 options.view.notice(
-                    f"resumed from shared memory at step {restored.global_step}",
+                    f"resumed from {_origin(origin.origin, origin.checkpoint_id)} at step "
+                    f"{restored.global_step}",
                     epoch=str(restored.epoch),
                     attempt=str(options.attempt),
                 )
         options.view.start(run.name, run.spec.training.epochs, c.steps_per_epoch, c.device)
         outcome = c.loop.run()
+    except ResumeImpossible as err:
+        logger.error("run %s cannot start: %s", run.name, err)
+        outcome = Outcome(RunPhase.Failed, str(err))
     except Exception as err:  # boundary: a crashing model or task fails the run, with the reason
         logger.exception("run %s failed", run.name)
         outcome = Outcome(RunPhase.Failed, f"{type(err).__name__}: {err}")
@@ -164,9 +176,9 @@ def run_training(run: TolariaRun, options: RunOptions) -> RunReport:
         c.loop.hook.close()
         c.hub.flush()
     sidecar = None
-    if c.resilience is not None:
-        c.resilience.close(phase=outcome.phase, reason=outcome.reason)
-        sidecar = sidecar_status(c.resilience.link)
+    if c.recovery is not None:
+        c.recovery.close(phase=outcome.phase, reason=outcome.reason)
+        sidecar = c.recovery.status()
     report = build_report(c, outcome, sidecar)
     write_report(report, report_path)
     c.hub.event(
@@ -257,6 +269,7 @@ def build(run: TolariaRun, options: RunOptions) -> Components:
     kasmina = NullSeedManager()
     position = Position()
     history = RunHistory()
+    ledger = RecoveryLedger()
     detector = AnomalyDetector(spec.detection)
     documents: dict[str, tuple[StateComponent.ValueType, DocumentSource]] = {
         "position": (
@@ -284,6 +297,10 @@ def build(run: TolariaRun, options: RunOptions) -> Components:
             StateComponent.STATE_COMPONENT_DATA,
             (history.state_dict, history.load_state_dict),
         ),
+        LEDGER_DOCUMENT: (
+            StateComponent.STATE_COMPONENT_DATA,
+            (ledger.state_dict, ledger.load_state_dict),
+        ),
     }
     if steps.scaler is not None:
         scaler = steps.scaler
@@ -304,13 +321,13 @@ def build(run: TolariaRun, options: RunOptions) -> Components:
     )
     profiler = EpochProfiler(spec.profiler, profile_epochs, run_dir / "traces")
 
-    resilience = None
+    recovery = None
     components_ref: list[Components] = []
     if options.sidecar_socket is not None:
 
         def write_halt_report(reason: str) -> None:
             comps = components_ref[0]
-            sidecar = sidecar_status(link)
+            sidecar = comps.recovery.status() if comps.recovery is not None else None
             report = build_report(comps, Outcome(RunPhase.Halted, reason), sidecar)
             write_report(report, comps.run_dir / "report.json")
 
@@ -318,7 +335,7 @@ def build(run: TolariaRun, options: RunOptions) -> Components:
             hub.health_inputs.rollback_in_progress = active
 
         link = SidecarLink(options.sidecar_socket)
-        resilience = Resilience(
+        recovery = Recovery(
             run_id=run.name,
             instance_id=options.instance_id,
             spec=spec,
@@ -326,7 +343,10 @@ def build(run: TolariaRun, options: RunOptions) -> Components:
             state=state,
             position=position,
             history=history,
+            ledger=ledger,
             events=hub,
+            clock=clock,
+            resume_required=options.resume_required,
             attempt=options.attempt,
             batches_per_epoch=train.num_batches,
             write_halt_report=write_halt_report,
@@ -344,7 +364,7 @@ def build(run: TolariaRun, options: RunOptions) -> Components:
         hardware=HardwareProbe(plan.device),
         clock=clock,
         events=hub,
-        schedule_slow_work=resilience.schedule_checkpoint if resilience is not None else None,
+        schedule_slow_work=recovery.schedule_checkpoint if recovery is not None else None,
     )
     loop = EpochLoop(
         epochs=t.epochs,
@@ -357,7 +377,7 @@ def build(run: TolariaRun, options: RunOptions) -> Components:
         hook=hook,
         guards=guards,
         detector=detector,
-        resilience=resilience,
+        recovery=recovery,
         position=position,
         history=history,
         telemetry=hub,
@@ -376,7 +396,7 @@ def build(run: TolariaRun, options: RunOptions) -> Components:
         loop=loop,
         hub=hub,
         sink=sink,
-        resilience=resilience,
+        recovery=recovery,
         profiler=profiler,
         drills=drills,
         history=history,
@@ -386,16 +406,22 @@ def build(run: TolariaRun, options: RunOptions) -> Components:
         server=server,
     )
     components_ref.append(components)
-    if resilience is not None:
-        drills.corrupt_newest = lambda: _corrupt_newest(resilience)
+    if recovery is not None:
+        drills.corrupt_newest = lambda: _corrupt_newest(recovery)
     return components
 
 
-def _corrupt_newest(resilience: Resilience) -> str:
+def _origin(origin: int, checkpoint_id: str) -> str:
+    if origin == ResumeSource.RESUME_SOURCE_CHECKPOINT:
+        return f"checkpoint {checkpoint_id}"
+    return "shared memory"
+
+
+def _corrupt_newest(recovery: Recovery) -> str:
     """The corrupt-snapshot drill: flips bytes in the middle of the newest committed slot."""
-    resilience.fence()
+    recovery.fence()
     newest = None
-    for slot in resilience.slots:
+    for slot in recovery.slots:
         header = slot.header()
         if header.visible and (newest is None or header.generation > newest[1].generation):
             newest = (slot, header)
@@ -439,8 +465,8 @@ def build_report(
     report = RunReport(
         version=1,
         run_id=c.run.name,
-        instance_id=c.resilience.instance_id if c.resilience is not None else "",
-        lineage_id=c.resilience.lineage_id if c.resilience is not None else "",
+        instance_id=c.recovery.instance_id if c.recovery is not None else "",
+        lineage_id=c.recovery.lineage_id if c.recovery is not None else "",
         status=outcome.phase,
         reason=outcome.reason,
         exit_code=EXIT_CODES.get(outcome.phase, EXIT_FAILED),
@@ -475,6 +501,9 @@ def build_report(
         resumes=h.resumes,
         skipped_batches=h.skipped,
         snapshot_rejections=h.rejections,
+        decisions=h.decisions,
+        checkpoint_rejections=h.checkpoint_rejections,
+        history_omitted=h.omitted,
     )
     if outcome.phase == RunPhase.Halted:
         report.final_health = HealthStatus.HEALTH_STATUS_CRITICAL
@@ -484,7 +513,7 @@ def build_report(
             report.emergencies.extend(sidecar.emergencies)
         report.checkpoints.extend(sidecar.checkpoints)
         report.checkpoint_failures.extend(sidecar.checkpoint_failures)
-    r = c.resilience
+    r = c.recovery
     if r is not None:
         report.snapshots_committed = r.snapshots_committed
         if r.writer is not None:

@@ -122,6 +122,15 @@ class TrainingState:
             "rng": (StateComponent.STATE_COMPONENT_RNG, _rng_documents()),
             **documents,
         }
+        self.unverified_reason = ""
+        """Non-empty while the live state may hold bytes of a restore that did not finish
+        (R13.2): nothing may be captured, persisted or stepped from it until a later restore
+        succeeds. The reason says what broke."""
+
+    @property
+    def verified(self) -> bool:
+        """The live state is whole: the initial state, trained state, or a finished restore."""
+        return not self.unverified_reason
 
     # -- identity ------------------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -186,6 +195,19 @@ class TrainingState:
         rng = 16 * 1024 * (1 + torch.cuda.device_count())
         return model + moments * params + rng
 
+    def estimated_manifest_bytes(self, *, reserve: int = 0) -> int:
+        """Bytes of a serialized `SnapshotManifest` once the optimizer state exists, plus
+        `reserve` for documents that grow (the run history): what a slot's manifest region must
+        hold. Tensor entries are estimated from their names; documents are saved now."""
+        names = [f"model/{name}" for name in self._model.state_dict()]
+        keys = {"Adam": 3, "AdamW": 3, "RMSprop": 3, "SGD": 1}.get(
+            type(self._optimizer()).__name__, 4
+        )
+        names += [f"optimizer/{name}/exp_avg_sq" for name in self._names() for _ in range(keys)]
+        entries = sum(len(name) + 48 for name in names) + 64 * (2 + torch.cuda.device_count())
+        documents = sum(len(doc.json) + len(doc.name) + 16 for doc in self.documents())
+        return entries + documents + reserve + 4096
+
     # -- documents -----------------------------------------------------------------------------
     def documents(self) -> list[StateDocument]:
         """The JSON documents, saved now (call on the training thread at the capture point)."""
@@ -194,51 +216,55 @@ class TrainingState:
             for name, (component, (save, _)) in self._documents.items()
         ]
 
+    def parse_documents(self, documents: Iterable[StateDocument]) -> dict[str, Any]:
+        """Parses every document of a snapshot without loading any (the all-or-nothing
+        restore's check before it touches live state). Refuses an unknown document, a missing
+        one and JSON that does not parse, naming the document."""
+        parsed: dict[str, Any] = {}
+        for doc in documents:
+            if doc.name not in self._documents:
+                raise StateMismatch(f"snapshot document {doc.name!r} is unknown to this trainer")
+            try:
+                parsed[doc.name] = json.loads(doc.json)
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise StateMismatch(f"snapshot document {doc.name!r} is not JSON: {err}") from err
+        missing = sorted(set(self._documents) - set(parsed))
+        if missing:
+            raise StateMismatch(f"snapshot lacks documents {missing}")
+        return parsed
+
+    def load_parsed(self, parsed: Mapping[str, Any], *, skip: frozenset[str] = frozenset()) -> None:
+        """Loads documents `parse_documents` returned, except `skip` (kept live)."""
+        for name, doc in parsed.items():
+            if name not in skip:
+                self._documents[name][1][1](doc)
+
     def load_documents(
         self, documents: Iterable[StateDocument], *, skip: frozenset[str] = frozenset()
     ) -> list[str]:
-        """Loads every known document except `skip`; returns the names it loaded.
-
-        Unknown documents are refused, and so is a snapshot missing one.
-        """
-        loaded = []
-        for doc in documents:
-            entry = self._documents.get(doc.name)
-            if entry is None:
-                raise StateMismatch(f"snapshot document {doc.name!r} is unknown to this trainer")
-            if doc.name not in skip:
-                entry[1][1](json.loads(doc.json))
-            loaded.append(doc.name)
-        missing = sorted(set(self._documents) - set(loaded))
-        if missing:
-            raise StateMismatch(f"snapshot lacks documents {missing}")
-        return loaded
+        """Parses, then loads every document except `skip`; returns the names it found."""
+        parsed = self.parse_documents(documents)
+        self.load_parsed(parsed, skip=skip)
+        return list(parsed)
 
     # -- restore -------------------------------------------------------------------------------
-    def restore_targets(
-        self, entries: Iterable[TensorEntry]
-    ) -> list[tuple[TensorEntry, torch.Tensor]]:
-        """Pairs each saved tensor with the live tensor it is copied into.
+    def check_targets(self, entries: Iterable[TensorEntry]) -> None:
+        """Checks that every saved tensor fits the live state, changing nothing (R13.2).
 
-        Model tensors must exist with the same dtype and shape. Optimizer state
-        that does not exist yet (a fresh process after a crash) is created; RNG
-        states get fresh buffers (set after the copy). Anything else is a
-        `StateMismatch` naming the tensor.
+        Model tensors must exist with the same dtype and shape; optimizer state must belong
+        to a parameter of the optimizer, and where the live optimizer already holds that
+        state it must have the same dtype and shape. Raises `StateMismatch` naming the tensor.
         """
         model = self._model.state_dict(keep_vars=True)
         params = self._names()
         state = self._optimizer().state
-        pairs = []
         for entry in entries:
-            dtype = TORCH_DTYPES.get(entry.dtype)
-            if dtype is None:
-                raise StateMismatch(f"{entry.name}: unsupported dtype {entry.dtype}")
-            shape = tuple(entry.shape)
+            dtype, shape = self._entry_type(entry)
             if entry.name.startswith("model/"):
                 live = model.get(entry.name.removeprefix("model/"))
                 if live is None:
                     raise StateMismatch(f"{entry.name}: not in the live model")
-                target = live.detach()
+                self._same_type(entry, live, dtype, shape)
             elif entry.name.startswith("optimizer/"):
                 pname, _, key = entry.name.removeprefix("optimizer/").rpartition("/")
                 param = params.get(pname)
@@ -246,22 +272,71 @@ class TrainingState:
                     raise StateMismatch(
                         f"{entry.name}: parameter {pname!r} is not in the optimizer"
                     )
+                held = state.get(param, {}).get(key)
+                if isinstance(held, torch.Tensor):
+                    self._same_type(entry, held, dtype, shape)
+            elif not entry.name.startswith("rng/"):
+                raise StateMismatch(f"{entry.name}: unknown tensor family")
+
+    def restore_targets(
+        self, entries: Iterable[TensorEntry]
+    ) -> list[tuple[TensorEntry, torch.Tensor]]:
+        """Pairs each saved tensor with the live tensor it is copied into, making the
+        optimizer's state exactly the snapshot's: state it lacks is created (a fresh process,
+        a baseline taken before the first step), state the snapshot does not have is dropped.
+        RNG states get fresh buffers (set after the copy). Call after `check_targets`; this
+        mutates the optimizer's state.
+        """
+        entries = list(entries)
+        self.check_targets(entries)
+        model = self._model.state_dict(keep_vars=True)
+        params = self._names()
+        state = self._optimizer().state
+        saved: dict[str, set[str]] = {}
+        pairs = []
+        for entry in entries:
+            dtype, shape = self._entry_type(entry)
+            if entry.name.startswith("model/"):
+                target = model[entry.name.removeprefix("model/")].detach()
+            elif entry.name.startswith("optimizer/"):
+                pname, _, key = entry.name.removeprefix("optimizer/").rpartition("/")
+                param = params[pname]
+                saved.setdefault(pname, set()).add(key)
                 slot = state.setdefault(param, {})
                 if key not in slot or not isinstance(slot[key], torch.Tensor):
                     device = param.device if shape else torch.device("cpu")
                     slot[key] = torch.empty(shape, dtype=dtype, device=device)
                 target = slot[key]
-            elif entry.name.startswith("rng/"):
-                target = torch.empty(shape, dtype=dtype)
             else:
-                raise StateMismatch(f"{entry.name}: unknown tensor family")
-            if target.dtype != dtype or tuple(target.shape) != shape:
-                raise StateMismatch(
-                    f"{entry.name}: snapshot has {TensorDtype.Name(entry.dtype)}{list(shape)}, "
-                    f"live tensor is {target.dtype}{list(target.shape)}"
-                )
+                target = torch.empty(shape, dtype=dtype)
             pairs.append((entry, target))
+        for pname, param in params.items():
+            held = state.get(param)
+            if held is None:
+                continue
+            for key in [k for k, v in held.items() if isinstance(v, torch.Tensor)]:
+                if key not in saved.get(pname, set()):
+                    del held[key]
+            if not held:
+                del state[param]
         return pairs
+
+    @staticmethod
+    def _entry_type(entry: TensorEntry) -> tuple[torch.dtype, tuple[int, ...]]:
+        dtype = TORCH_DTYPES.get(entry.dtype)
+        if dtype is None:
+            raise StateMismatch(f"{entry.name}: unsupported dtype {entry.dtype}")
+        return dtype, tuple(entry.shape)
+
+    @staticmethod
+    def _same_type(
+        entry: TensorEntry, live: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]
+    ) -> None:
+        if live.dtype != dtype or tuple(live.shape) != shape:
+            raise StateMismatch(
+                f"{entry.name}: snapshot has {TensorDtype.Name(entry.dtype)}{list(shape)}, "
+                f"live tensor is {live.dtype}{list(live.shape)}"
+            )
 
     @staticmethod
     def apply_rng(pairs: Iterable[tuple[TensorEntry, torch.Tensor]]) -> None:

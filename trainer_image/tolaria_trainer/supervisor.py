@@ -38,7 +38,13 @@ from types import FrameType
 from google.protobuf import json_format
 
 from leyline import RunPhase, RunReport
-from leyline.lifecycle import INSTANCE_ENV, LINEAGE_ENV, RESUME_ENV, child_environment
+from leyline.lifecycle import (
+    INSTANCE_ENV,
+    LINEAGE_ENV,
+    RESUME_ENV,
+    RESUME_REQUIRED,
+    child_environment,
+)
 from leyline.shm import new_instance_id, remove_instance_segments
 from leyline.spec import TolariaRun
 from tolaria_trainer.drills import SIDECAR_PID_ENV, DrillSpec, split
@@ -187,7 +193,7 @@ class Supervisor:
         return {
             INSTANCE_ENV: self.instance_id,
             LINEAGE_ENV: self._prepared.lineage_id,
-            RESUME_ENV: "1" if self._prepared.resume is not None else "0",
+            RESUME_ENV: RESUME_REQUIRED if self._prepared.resume is not None else "0",
         }
 
     # -- supervision ---------------------------------------------------------------------

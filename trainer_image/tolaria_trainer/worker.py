@@ -21,13 +21,18 @@ from pathlib import Path
 from types import FrameType
 
 from leyline import RunPhase
-from leyline.lifecycle import INSTANCE_ENV, RESUME_ENV, adopt_parent_death_signal
+from leyline.lifecycle import (
+    INSTANCE_ENV,
+    RESUME_ENV,
+    RESUME_REQUIRED,
+    adopt_parent_death_signal,
+)
 from leyline.spec import ManifestInvalid, load_manifest
 from tolaria_trainer.device import DeviceUnavailable
 from tolaria_trainer.drills import DrillSpec, parse_drill
 from tolaria_trainer.errors import DrillInvalid, TaskInvalid
-from tolaria_trainer.participant import POD_MODE_ENV
 from tolaria_trainer.progress import JsonView, ProgressView, RichView
+from tolaria_trainer.recovery.participant import POD_MODE_ENV
 from tolaria_trainer.runtime import EXIT_INVALID, RunOptions, run_training
 
 logger = logging.getLogger("tolaria.worker")
@@ -112,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sidecar_socket=args.socket,
                 attempt=args.attempt,
                 instance_id=os.environ.get(INSTANCE_ENV) or None,
-                resume_required=os.environ.get(RESUME_ENV, "") == "1" and args.attempt == 1,
+                resume_required=os.environ.get(RESUME_ENV, "") == RESUME_REQUIRED,
             ),
         )
     except (ManifestInvalid, TaskInvalid, DrillInvalid, DeviceUnavailable) as err:

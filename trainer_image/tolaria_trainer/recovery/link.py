@@ -95,6 +95,11 @@ class SidecarLink:
     ) -> pb.PrepareFullRollbackResponse:
         return self._call("PrepareFullRollback", request, timeout_s)  # type: ignore[return-value]
 
+    def load_checkpoint(
+        self, request: pb.LoadCheckpointRequest, timeout_s: float
+    ) -> pb.PrepareFullRollbackResponse:
+        return self._call("LoadCheckpoint", request, timeout_s)  # type: ignore[return-value]
+
     def report_rollback(self, report: RollbackReport) -> None:
         self._call("ReportRollback", report)
 

@@ -34,7 +34,7 @@ from leyline.checksum import REGION_ALGORITHM, digest_bytes
 from leyline.shm import SLOT_FLAG_EPOCH_BOUNDARY, ControlBlock, Slot, TornHeader
 from leyline.spec import SnapshotSpec, TrainingIdentity
 from tolaria_trainer.latency import LatencyStats
-from tolaria_trainer.slotio import Placement, copy_hashing
+from tolaria_trainer.recovery.slotio import Placement, copy_hashing
 from tolaria_trainer.state import Layout, TrainingState
 
 logger = logging.getLogger(__name__)
@@ -114,6 +114,19 @@ class SnapshotWriter:
         if not self._spec.enabled:
             return
         self.fence()
+        if not self._state.verified:  # never snapshot a half-restored state (R13.2)
+            self._finish(
+                CaptureResult(
+                    -1,
+                    0,
+                    global_step,
+                    epoch,
+                    batch_index,
+                    0,
+                    error=f"not captured: {self._state.unverified_reason}",
+                )
+            )
+            return
         layout = self._state.layout()
         slot = self._pick_slot(layout.data_bytes)
         if slot is None:

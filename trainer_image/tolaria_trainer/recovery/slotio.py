@@ -3,19 +3,19 @@
 The region checksum is Leyline's `region_digest`: xxh3-64 per 1 MiB chunk of the
 whole data region (padding included), then over those digests. Snapshots
 (`copy_hashing`, on the background worker) copy chunk by chunk and hash each
-chunk right after writing it, from cache. Restores (`restore_verifying`, on the
-training thread, where every millisecond counts) split the chunks over a few
-threads; each copies its chunk out of the slot into the live tensors and then
-hashes the chunk's slot bytes while they are still in cache. Memory is crossed
-once, as by a plain copy, and both numpy's copy and xxhash release the GIL; a
-verified restore of 1.2 GB measured 1.2x a two-thread `copy_` here, where
-copy-then-hash took 1.7x.
+chunk right after writing it, from cache. Restores are all-or-nothing (R13.2):
+`hash_region` proves the slot intact first, reading it on a few threads, and
+only then does `copy_out` copy it into the live tensors, also on a few threads.
+Hashing while copying would cross memory once instead of twice, but a mismatch
+found halfway would leave the live tensors half overwritten; the verification
+pass costs one extra read of the slot (measured in `docs/performance.md`).
+numpy's copy and xxhash both release the GIL.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,7 +56,7 @@ def _host_contiguous(tensor: torch.Tensor) -> bool:
 def copy_hashing(slot: Slot, placements: Iterable[Placement], *, total_bytes: int) -> int:
     """Copies every placement into the slot and returns the region digest of the region's first
     `total_bytes` bytes; padding is zeroed. Placements must be in offset order and must not
-    overlap. (Reading a slot back is `restore_verifying`'s job.)"""
+    overlap. (Reading a slot back is `hash_region` then `copy_out`.)"""
     region = region_tensor(slot)
     data = slot.data
     digests: list[int] = []
@@ -132,57 +132,82 @@ def _segments_by_chunk(
     return chunks, whole
 
 
-def restore_verifying(
-    slot: Slot,
-    placements: Sequence[Placement],
-    *,
-    total_bytes: int,
-    threads: int | None = None,
-) -> int:
-    """Copies every placement out of the slot into the live tensors and returns the region
-    digest of the region's first `total_bytes` bytes, both done chunk by chunk on `threads`
-    threads (default: torch's intra-op threads, at most MAX_RESTORE_THREADS).
-
-    The caller compares the result with the header: on a mismatch the live tensors hold
-    garbage and must be restored from an older slot.
-    """
-    chunks, whole = _segments_by_chunk(placements, total_bytes)
-    data = slot.data
-    region = np.frombuffer(data, dtype=np.uint8, count=total_bytes)
-    digests = [0] * len(chunks)
-    workers = max(1, min(threads or torch.get_num_threads(), MAX_RESTORE_THREADS, len(chunks)))
+def _run_threads(count: int, work: Callable[[int], None]) -> None:
+    """Runs `work(k)` for k in 0..count-1, k=0 on the calling thread; re-raises the first error."""
     failures: list[BaseException] = []
 
-    def work(first: int) -> None:
+    def guarded(k: int) -> None:
         try:
-            for index in range(first, len(chunks), workers):
-                for s in chunks[index]:
-                    length = s.end - s.start
-                    np.copyto(
-                        s.target[s.target_offset : s.target_offset + length],
-                        region[s.start : s.end],
-                    )
-                lo = index * REGION_CHUNK_BYTES
-                hi = min(total_bytes, lo + REGION_CHUNK_BYTES)
-                digests[index] = xxhash.xxh3_64_intdigest(data[lo:hi])
+            work(k)
         except BaseException as err:  # re-raised on the calling thread
             failures.append(err)
 
     helpers = [
-        threading.Thread(target=work, args=(k,), name=f"restore-{k}", daemon=True)
-        for k in range(1, workers)
+        threading.Thread(target=guarded, args=(k,), name=f"slotio-{k}", daemon=True)
+        for k in range(1, count)
     ]
     for helper in helpers:
         helper.start()
     try:
-        work(0)
-        if whole:
-            tensor = region_tensor(slot)
-            for p in whole:
-                _copy_whole(tensor, p, to_slot=False)
+        guarded(0)
     finally:
         for helper in helpers:
             helper.join()
     if failures:
         raise failures[0]
+
+
+def _workers(threads: int | None, chunks: int) -> int:
+    return max(1, min(threads or torch.get_num_threads(), MAX_RESTORE_THREADS, chunks))
+
+
+def hash_region(slot: Slot, *, total_bytes: int, threads: int | None = None) -> int:
+    """The region digest of the slot's first `total_bytes` bytes, chunks hashed on `threads`
+    threads (default: torch's intra-op threads, at most MAX_RESTORE_THREADS); reads only.
+
+    The restore's verification pass: a slot is proven intact before a single live byte is
+    touched (R13.2), so a rejected slot leaves the live state exactly as it was.
+    """
+    data = slot.data
+    count = region_chunks(total_bytes)
+    digests = [0] * count
+    workers = _workers(threads, count)
+
+    def work(first: int) -> None:
+        for index in range(first, count, workers):
+            lo = index * REGION_CHUNK_BYTES
+            hi = min(total_bytes, lo + REGION_CHUNK_BYTES)
+            digests[index] = xxhash.xxh3_64_intdigest(data[lo:hi])
+
+    _run_threads(workers, work)
     return combine_chunk_digests(digests)
+
+
+def copy_out(
+    slot: Slot,
+    placements: Sequence[Placement],
+    *,
+    total_bytes: int,
+    threads: int | None = None,
+) -> None:
+    """Copies every placement out of the slot into the live tensors, chunk by chunk on
+    `threads` threads (numpy's copy releases the GIL); device or strided tensors are copied
+    whole on the calling thread. Call only after `hash_region` verified the slot."""
+    chunks, whole = _segments_by_chunk(placements, total_bytes)
+    region = np.frombuffer(slot.data, dtype=np.uint8, count=total_bytes)
+    workers = _workers(threads, len(chunks))
+
+    def work(first: int) -> None:
+        for index in range(first, len(chunks), workers):
+            for s in chunks[index]:
+                length = s.end - s.start
+                np.copyto(
+                    s.target[s.target_offset : s.target_offset + length],
+                    region[s.start : s.end],
+                )
+
+    _run_threads(workers, work)
+    if whole:
+        tensor = region_tensor(slot)
+        for p in whole:
+            _copy_whole(tensor, p, to_slot=False)
