@@ -24,11 +24,15 @@ class Counter:
 
     def __init__(self) -> None:
         self.value = 0
+        self.refuse = False
+        """Makes `load` fail as a component whose loader rejects its document would."""
 
     def save(self) -> dict[str, Any]:
         return {"value": self.value}
 
     def load(self, doc: Mapping[str, Any]) -> None:
+        if self.refuse:
+            raise KeyError("value")
         self.value = int(doc["value"])
 
 
@@ -261,3 +265,96 @@ def test_a_fresh_optimizer_gets_its_state_created_on_restore(rig: dict[str, Any]
     )
     restored = opt.state[next(iter(model.parameters()))]
     assert all(torch.equal(moments[k], restored[k]) for k in moments)
+
+
+def live_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, bytes]:
+    """Every live tensor's bytes, to prove a refused restore changed none of them."""
+    out = {f"m/{k}": v.detach().numpy().tobytes() for k, v in model.state_dict().items()}
+    for i, group in enumerate(opt.param_groups):
+        for j, p in enumerate(group["params"]):
+            for k, v in opt.state.get(p, {}).items():
+                out[f"o/{i}/{j}/{k}"] = v.detach().numpy().tobytes()
+    return out
+
+
+@pytest.mark.req("R13.2")
+@pytest.mark.parametrize("where", ["first byte", "middle", "last byte", "manifest"])
+def test_a_rejected_slot_leaves_every_live_tensor_and_the_optimizer_untouched(
+    rig: dict[str, Any], where: str
+) -> None:
+    model, opt, writer, slots, counter = (
+        rig["model"],
+        rig["opt"],
+        rig["writer"],
+        rig["slots"],
+        rig["counter"],
+    )
+    train_step(model, opt)
+    counter.value = 1
+    writer.capture(global_step=1, epoch=0, batch_index=1, epoch_end=False)
+    writer.fence()
+    (slot,) = [s for s in slots if s.header().visible]
+    header = slot.header()
+    if where == "manifest":
+        slot.manifest_region[header.manifest_length // 2] ^= 0x10
+    else:
+        offset = {"first byte": 0, "middle": header.data_length // 2}.get(
+            where, header.data_length - 1
+        )
+        slot.data[offset] ^= 0x10
+    train_step(model, opt)
+    counter.value = 2
+    before = live_bytes(model, opt)
+    rng = torch.get_rng_state()
+    with pytest.raises(NothingToRestore):
+        Restorer(state=rig["state"], control=rig["control"]).restore(
+            slots, max_step=9, budgets_ms=(150, 250, 100)
+        )
+    assert live_bytes(model, opt) == before
+    assert torch.equal(torch.get_rng_state(), rng) and counter.value == 2
+    assert rig["state"].verified
+
+
+@pytest.mark.req("R13.2")
+def test_a_restore_that_fails_after_its_first_write_leaves_the_state_unverified_and_uncaptured(
+    rig: dict[str, Any],
+) -> None:
+    model, opt, writer, slots, counter = (
+        rig["model"],
+        rig["opt"],
+        rig["writer"],
+        rig["slots"],
+        rig["counter"],
+    )
+    train_step(model, opt)
+    writer.capture(global_step=1, epoch=0, batch_index=1, epoch_end=False)
+    writer.fence()
+    counter.refuse = True
+    with pytest.raises(NothingToRestore) as refused:
+        Restorer(state=rig["state"], control=rig["control"]).restore(
+            slots, max_step=9, budgets_ms=(150, 250, 100)
+        )
+    assert "did not load" in refused.value.rejected[0].reason
+    assert not rig["state"].verified
+    writer.capture(global_step=2, epoch=0, batch_index=2, epoch_end=False)
+    writer.fence()
+    assert writer.results[-1].error.startswith("not captured")
+    assert [s.header().global_step for s in slots if s.header().visible] == [1]
+
+
+@pytest.mark.req("R13.4")
+def test_restoring_a_snapshot_taken_before_the_first_step_empties_the_optimizer(
+    rig: dict[str, Any],
+) -> None:
+    model, opt, writer = rig["model"], rig["opt"], rig["writer"]
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    writer.capture(global_step=0, epoch=0, batch_index=0, epoch_end=False)  # the baseline
+    writer.fence()
+    for _ in range(3):
+        train_step(model, opt)
+    assert opt.state
+    Restorer(state=rig["state"], control=rig["control"]).restore(
+        rig["slots"], max_step=0, budgets_ms=(150, 250, 100)
+    )
+    assert not opt.state, "moments of steps the baseline never took were dropped"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in initial.items())

@@ -59,6 +59,8 @@ class Batch:
     """Batch index within the epoch: the data position snapshots record (R6.2)."""
     inputs: Tensor
     targets: Tensor
+    samples: Tensor
+    """The dataset indexes of its samples (int64, CPU): what a data anomaly is blamed on."""
 
 
 class BatchPlan:
@@ -107,11 +109,13 @@ class BatchPlan:
         """Samples in the dataset (not all are used per epoch when drop_last is set)."""
         return self._length
 
-    def num_batches(self) -> int:
-        """Batches per epoch; the last one is partial unless drop_last."""
+    def num_batches(self, excluded: int = 0) -> int:
+        """Batches per epoch (with `excluded` samples left out); the last one is partial
+        unless drop_last."""
+        length = self._length - excluded
         if self._drop_last:
-            return self._length // self._batch_size
-        return -(-self._length // self._batch_size)
+            return length // self._batch_size
+        return -(-length // self._batch_size)
 
     def order(self, epoch: int) -> Tensor:
         """The sample indexes of `epoch`, in visiting order (int64, on the CPU).
@@ -129,8 +133,13 @@ class BatchPlan:
         start: int = 0,
         skip: Collection[int] = (),
         reshuffles: Sequence[tuple[int, int]] = (),
+        exclude: Collection[int] = (),
     ) -> Iterator[Batch]:
         """The batches of `epoch` from batch index `start`, leaving out the indexes in `skip`.
+
+        Samples in `exclude` (dataset indexes quarantined by recovery, R13.3) are removed from
+        the epoch's order before it is cut into batches; the caller changes `exclude` only at
+        epoch boundaries, so batch positions within an epoch stay stable.
 
         Each `(first, nonce)` in `reshuffles` permutes the epoch's samples from batch `first`
         on again, with a generator seeded from `(seed, epoch, nonce)`: the same samples, other
@@ -141,10 +150,11 @@ class BatchPlan:
         not at the first `next()`. Indexes in `skip` that do not exist are
         ignored. Each batch is moved to the plan's device.
         """
-        total = self.num_batches()
+        excluded = frozenset(exclude)
+        total = self.num_batches(len(excluded & frozenset(range(self._length))))
         if not 0 <= start <= total:
             raise ValueError(f"start batch {start} is outside 0..{total} for this plan")
-        return self._iterate(epoch, start, frozenset(skip), total, tuple(reshuffles))
+        return self._iterate(epoch, start, frozenset(skip), total, tuple(reshuffles), excluded)
 
     def state_dict(self) -> dict[str, Any]:
         """What the order depends on, JSON-serialisable, for snapshots and checkpoints."""
@@ -189,8 +199,13 @@ class BatchPlan:
         skip: frozenset[int],
         total: int,
         reshuffles: tuple[tuple[int, int], ...],
+        excluded: frozenset[int] = frozenset(),
     ) -> Iterator[Batch]:
         order = self.reshuffled_order(epoch, reshuffles)
+        if excluded:
+            drop = torch.tensor(sorted(excluded), dtype=order.dtype)
+            order = order[~torch.isin(order, drop)]
+        samples = order
         if self._tensors is not None:
             # Index where the tensors live: one index copy per epoch, not per batch.
             order = order.to(self._tensors[0].device)
@@ -199,7 +214,12 @@ class BatchPlan:
             if index in skip:
                 continue
             inputs, targets = self._gather(order[index * size : (index + 1) * size])
-            yield Batch(index, self._to_device(inputs), self._to_device(targets))
+            yield Batch(
+                index,
+                self._to_device(inputs),
+                self._to_device(targets),
+                samples[index * size : (index + 1) * size],
+            )
 
     def _gather(self, indexes: Tensor) -> tuple[Tensor, Tensor]:
         if self._tensors is not None:

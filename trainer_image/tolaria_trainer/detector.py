@@ -47,6 +47,8 @@ class Anomaly:
     """Blamed on the whole epoch's data (accuracy collapse), not on one batch."""
     external: bool = False
     """Raised outside this trainer (operator, cluster incident): no data window to blame."""
+    samples: frozenset[int] = frozenset()
+    """Dataset indexes of the step's samples (a step-level anomaly): the data it is blamed on."""
 
     @property
     def max_target_step(self) -> int:
@@ -83,13 +85,24 @@ class AnomalyDetector:
         return self._sorted[mid] if n % 2 else 0.5 * (self._sorted[mid - 1] + self._sorted[mid])
 
     def inspect_step(
-        self, loss: float, *, grads_finite: bool, global_step: int, epoch: int, batch_index: int
+        self,
+        loss: float,
+        *,
+        grads_finite: bool,
+        global_step: int,
+        epoch: int,
+        batch_index: int,
     ) -> Anomaly | None:
         """Judges one step's loss; a normal loss joins the running median."""
 
         def anomaly(kind: AnomalyKind.ValueType, detail: str) -> Anomaly:
             return Anomaly(
-                EmergencyLevel.EMERGENCY_LEVEL_SEVERE, kind, detail, global_step, epoch, batch_index
+                EmergencyLevel.EMERGENCY_LEVEL_SEVERE,
+                kind,
+                detail,
+                global_step,
+                epoch,
+                batch_index,
             )
 
         if not math.isfinite(loss):

@@ -14,8 +14,9 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
 from torch.profiler import record_function
 
 from leyline import EpochRecord, HealthStatus, MessagePriority, RunPhase
@@ -147,21 +148,25 @@ class EpochLoop:
         epoch_start_step = self.pos.global_step
         started = self._clock.now_ns()
         self.steps.new_epoch()
+        step_samples: list[torch.Tensor] = []
         for batch in self._train.batches(
             epoch,
             start=self.pos.next_batch,
             skip=self.history.skips_for(epoch),
             reshuffles=self.history.reshuffles_for(epoch),
+            exclude=self.quarantined(epoch),
         ):
             if (response := self._boundary()) is not None:
                 return response  # freeze, halt or an emergency from outside (R7)
             self.steps.loss_hook = self.drills.loss_hook(epoch, self.pos.global_step + 1)
             self.steps.forward_backward(batch)  # host loss; seeds join in R5
+            step_samples.append(batch.samples)
             self.pos.next_batch = batch.index + 1
             if not self.steps.step_ready:
                 continue
-            if (response := self._inspect(epoch, batch.index)) is not None:
+            if (response := self._inspect(epoch, batch.index, step_samples)) is not None:
                 return response  # SEVERE -> fast rollback (R6, R7)
+            step_samples.clear()
             self._optimizer_step(epoch)  # snapshot fence, optimizer, LR controller (R3)
             if self.recovery is not None:
                 self.recovery.after_step()  # heartbeat, snapshot cadence (R6.1)
@@ -183,7 +188,13 @@ class EpochLoop:
             return None
         return self.recovery.boundary(self.stop)
 
-    def _inspect(self, epoch: int, batch_index: int) -> Response | None:
+    def quarantined(self, epoch: int) -> frozenset[int]:
+        """Samples recovery took out of training from `epoch` on (a poisoned sample, R13.3)."""
+        return self.recovery.quarantined(epoch) if self.recovery is not None else frozenset()
+
+    def _inspect(
+        self, epoch: int, batch_index: int, step_samples: list[torch.Tensor]
+    ) -> Response | None:
         loss = self.steps.step_loss()
         grads_ok = (
             self.steps.grads_finite() if self._check_gradients and math.isfinite(loss) else True
@@ -197,6 +208,10 @@ class EpochLoop:
         )
         if anomaly is None:
             return None
+        # blamed on these samples (built only now: nothing per step on the hot path)
+        anomaly = replace(
+            anomaly, samples=frozenset(int(i) for t in step_samples for i in t.tolist())
+        )
         self.steps.discard_gradients()  # the bad step is never applied
         logger.error("anomaly at step %d: %s", anomaly.global_step, anomaly.detail)
         if self.recovery is None:

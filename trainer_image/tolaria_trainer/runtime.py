@@ -516,6 +516,7 @@ def build_report(
     r = c.recovery
     if r is not None:
         report.snapshots_committed = r.snapshots_committed
+        report.quarantined_samples.extend(r.quarantine)
         if r.writer is not None:
             report.snapshot_stall.CopyFrom(r.writer.stall.summary())
     report.started_at.FromSeconds(int(c.started))

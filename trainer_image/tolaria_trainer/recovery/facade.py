@@ -103,6 +103,15 @@ class Response:
     reason: str = ""
 
 
+def _window(anomaly: Anomaly) -> Window | None:
+    """The data `anomaly` is blamed on (None for a request from outside)."""
+    if anomaly.external:
+        return None
+    if anomaly.epoch_level:
+        return Window(anomaly.epoch, WHOLE_EPOCH)
+    return Window(anomaly.epoch, anomaly.batch_index, anomaly.samples)
+
+
 class Recovery:
     """See the module docstring."""
 
@@ -500,11 +509,7 @@ class Recovery:
     def _facts(self, anomaly: Anomaly, failed: frozenset[RollbackTier.ValueType]) -> Facts:
         fast, full = self._require_tiers()
         max_step = anomaly.max_target_step
-        window = None
-        if not anomaly.external:
-            window = Window(
-                anomaly.epoch, WHOLE_EPOCH if anomaly.epoch_level else anomaly.batch_index
-            )
+        window = _window(anomaly)
         ledger = self._ledger
         return Facts(
             level=anomaly.level,
@@ -516,6 +521,7 @@ class Recovery:
             window=window,
             window_record=ledger.window_record(window),
             inside_replayed_window=ledger.inside_replayed(window),
+            can_quarantine=ledger.can_quarantine(window),
             rollbacks_in_epoch=ledger.rollbacks_by_epoch.get(anomaly.epoch, 0),
             rollbacks_without_progress=ledger.rollbacks_without_progress,
             rollbacks_in_run=ledger.rollbacks_in_run,
@@ -662,11 +668,7 @@ class Recovery:
         report.slot = restored.slot
         report.snapshot_generation = restored.generation
         policy = decision.window_policy
-        window = None
-        if not anomaly.external:
-            window = Window(
-                anomaly.epoch, WHOLE_EPOCH if anomaly.epoch_level else anomaly.batch_index
-            )
+        window = _window(anomaly)
         replayed = None
         if policy == ReplayPolicy.REPLAY_POLICY_REPLAY or not (
             anomaly.data_dependent or anomaly.epoch_level
@@ -772,6 +774,15 @@ class Recovery:
                 Path(log).write_text(json.dumps(message), encoding="utf-8")
             except OSError as err:
                 logger.error("cannot write the termination message to %s: %s", log, err)
+
+    def quarantined(self, epoch: int) -> frozenset[int]:
+        """Samples recovery took out of training from `epoch` on (a poisoned sample)."""
+        return self._ledger.quarantined(epoch)
+
+    @property
+    def quarantine(self) -> list[int]:
+        """Every quarantined sample, for the report."""
+        return sorted(self._ledger.quarantine)
 
     # -- helpers -------------------------------------------------------------------------------
 

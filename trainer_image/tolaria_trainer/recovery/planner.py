@@ -15,11 +15,13 @@ The ladder:
    More than `maxPerEpoch` rollbacks for anomalies of one epoch, more than
    `maxWithoutProgress` since the last epoch that trained and validated cleanly, or more than
    `maxPerRun` in the run halts (ROLLBACK_LOOP) instead of rolling back again.
-3. The data window of the anomaly (its batch, or the whole epoch for an epoch-level anomaly):
-   the first failure rolls back with the configured replay policy; the same window failing
-   again rolls back and SKIPS it, whatever the policy; failing again after it was skipped
-   halts. A different, data-dependent anomaly inside the window just replayed escalates
-   SEVERE to MAJOR (R6.1a).
+3. The data window of the anomaly (the step's samples, or the whole epoch for an epoch-level
+   anomaly): the first failure rolls back with the configured replay policy; the same data
+   failing again (a replayed batch, or a later step sharing samples with an earlier failing
+   one: a poisoned sample in another epoch's batch) rolls back and SKIPS it, whatever the
+   policy, and the shared samples are quarantined for the rest of the run; an epoch that
+   fails again after it was skipped halts. A different, data-dependent anomaly inside the
+   window just replayed escalates SEVERE to MAJOR (R6.1a).
 4. The tier: SEVERE tries the fast tier (shared memory), then the full tier (durable
    checkpoint); MAJOR the full tier, then the fast tier. A tier is used only if it has a
    target at or before the anomaly and has not failed for this anomaly. With no target left
@@ -56,22 +58,25 @@ class Limits:
     replay_policy: ReplayPolicy.ValueType
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Window:
-    """The data an anomaly is blamed on: one batch of an epoch, or the whole epoch."""
+    """The data an anomaly is blamed on: the samples of one step (at a batch position of an
+    epoch), or the whole epoch (an epoch-level anomaly such as an accuracy collapse)."""
 
     epoch: int
     batch: int
+    samples: frozenset[int] = frozenset()
 
     def describe(self) -> str:
         if self.batch == WHOLE_EPOCH:
             return f"epoch {self.epoch}"
-        return f"epoch {self.epoch} batch {self.batch}"
+        return f"the samples of epoch {self.epoch} batch {self.batch}"
 
 
 @dataclass(frozen=True)
 class WindowRecord:
-    """What happened to one window before: failures blamed on it, and whether it was skipped."""
+    """What happened to one window before: failures blamed on it (for samples: earlier failing
+    steps that shared some of them), and whether it was skipped already."""
 
     failures: int = 0
     skipped: bool = False
@@ -92,6 +97,8 @@ class Facts:
     window_record: WindowRecord
     inside_replayed_window: bool
     """A different anomaly inside the window the last rollback replayed (R6.1a)."""
+    can_quarantine: bool
+    """The samples to quarantine for a repeat still fit the quarantine limit."""
     rollbacks_in_epoch: int
     rollbacks_without_progress: int
     rollbacks_in_run: int
@@ -144,6 +151,12 @@ def plan(facts: Facts) -> Decision:
                 f"{window.describe()} failed again after it was skipped: {facts.detail}",
             )
         if facts.window_record.failures:
+            if not facts.can_quarantine:
+                return _halt(
+                    AnomalyKind.ANOMALY_KIND_ROLLBACK_LOOP,
+                    f"{window.describe()} failed again and the quarantine of bad samples is "
+                    f"full: {facts.detail}",
+                )
             policy = SKIP
             reason = f"{window.describe()} failed again, so it is skipped: {facts.detail}"
         elif facts.inside_replayed_window and facts.data_dependent and level == SEVERE:

@@ -275,7 +275,12 @@ class Restorer:
         placements = [Placement(e.offset, e.nbytes, t) for e, t in pairs]
         copy_out(slot, placements, total_bytes=header.data_length, threads=self._threads)
         self._state.apply_rng(pairs)
-        self._state.load_parsed(prepared.documents, skip=self._keep_live)
+        try:
+            self._state.load_parsed(prepared.documents, skip=self._keep_live)
+        except Exception as err:  # boundary: a component's loader refused its own document
+            raise StateMismatch(
+                f"slot {slot.index}: a document did not load: {type(err).__name__}: {err}"
+            ) from err
         return pairs
 
     @staticmethod
