@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from leyline import AnomalyKind, EmergencyLevel, RecoveryAction, ReplayPolicy, RollbackTier
+from leyline import AnomalyKind, EmergencyLevel, RecoveryAction, ReplayPolicy
 from tolaria_trainer.recovery.planner import (
     FAST,
     FULL,

@@ -85,8 +85,9 @@ KINDS: dict[str, DrillKind] = {
         DrillKind(
             CORRUPT_SNAPSHOT,
             "step",
-            {"spike": 1.0},
-            "after step N the newest snapshot is corrupted (spike=1: step N+1's loss explodes)",
+            {"spike": 1.0, "all": 0.0},
+            "after step N the newest snapshot (all=1: every snapshot) is corrupted "
+            "(spike=1: step N+1's loss explodes)",
         ),
         DrillKind(
             SIDECAR_CRASH,
@@ -198,8 +199,9 @@ class Drills:
 
     specs: Sequence[DrillSpec] = ()
     records: list[DrillRecord] = field(default_factory=list)
-    corrupt_newest: Callable[[], str] | None = None
-    """Set by the runtime: corrupts the newest committed slot, returns what it did."""
+    corrupt_newest: Callable[[bool], str] | None = None
+    """Set by the runtime: corrupts the newest committed slot (every one when asked), returns
+    what it did."""
 
     def __post_init__(self) -> None:
         self.records = [DrillRecord(spec=d.raw) for d in self.specs]
@@ -248,7 +250,8 @@ class Drills:
     def after_step(self, epoch: int, global_step: int) -> None:
         """Post-step drills: corrupt-snapshot, sidecar-crash, crash, hang."""
         for d, r in self._armed(CORRUPT_SNAPSHOT, global_step):
-            what = self.corrupt_newest() if self.corrupt_newest is not None else "no slots"
+            every = bool(d.params["all"])
+            what = self.corrupt_newest(every) if self.corrupt_newest is not None else "no slots"
             self._fire(r, epoch, global_step, what)
             if d.params["spike"]:
                 self._pending_spike = global_step + 1

@@ -407,7 +407,7 @@ def build(run: TolariaRun, options: RunOptions) -> Components:
     )
     components_ref.append(components)
     if recovery is not None:
-        drills.corrupt_newest = lambda: _corrupt_newest(recovery)
+        drills.corrupt_newest = lambda every: _corrupt_newest(recovery, every)
     return components
 
 
@@ -417,24 +417,28 @@ def _origin(origin: int, checkpoint_id: str) -> str:
     return "shared memory"
 
 
-def _corrupt_newest(recovery: Recovery) -> str:
-    """The corrupt-snapshot drill: flips bytes in the middle of the newest committed slot."""
+def _corrupt_newest(recovery: Recovery, every: bool) -> str:
+    """The corrupt-snapshot drill: flips bytes in the middle of the newest committed slot, or
+    of every committed slot."""
     recovery.fence()
-    newest = None
+    committed = []
     for slot in recovery.slots:
         header = slot.header()
-        if header.visible and (newest is None or header.generation > newest[1].generation):
-            newest = (slot, header)
-    if newest is None:
+        if header.visible:
+            committed.append((header.generation, slot, header))
+    if not committed:
         return "no committed slot to corrupt"
-    slot, header = newest
-    middle = header.data_length // 2
-    for offset in (middle, middle + 1, middle + 4097):
-        if offset < header.data_length:
-            slot.data[offset] ^= 0xFF
-    return (
-        f"corrupted slot {slot.index} (generation {header.generation}, step {header.global_step})"
-    )
+    committed.sort(key=lambda item: item[0], reverse=True)
+    done = []
+    for _, slot, header in committed if every else committed[:1]:
+        middle = header.data_length // 2
+        for offset in (middle, middle + 1, middle + 4097):
+            if offset < header.data_length:
+                slot.data[offset] ^= 0xFF
+        done.append(
+            f"slot {slot.index} (generation {header.generation}, step {header.global_step})"
+        )
+    return "corrupted " + ", ".join(done)
 
 
 def _summary(samples_ns: list[int], budget_ms: float | None) -> LatencySummary:

@@ -34,6 +34,7 @@ from leyline import (
     SCHEMA_VERSION,
     AnomalyKind,
     CheckpointRecord,
+    CheckpointRejection,
     EmergencyLevel,
     EmergencyState,
     HealthStatus,
@@ -47,6 +48,7 @@ from leyline import (
     RollbackTier,
     RunPhase,
     SkippedWindow,
+    SnapshotRejection,
     TelemetryLevel,
 )
 from leyline.shm import ControlBlock, EmergencyRecord, ShmError, Slot, shm_dir
@@ -260,21 +262,27 @@ class Recovery:
         return restored
 
     def _resume(self, reply: pb.AttachResponse) -> Restored | None:
-        """Own shared memory → newest usable durable checkpoint → nothing (R6.2)."""
+        """Own shared memory → newest usable durable checkpoint → nothing (R6.2). What was
+        refused on the way is recorded after the restore, which replaces the run history with
+        the restored one."""
         fast, full = self._require_tiers()
         tried: list[str] = []
+        rejections: list[SnapshotRejection] = []
+        checkpoint_rejections: list[CheckpointRejection] = []
         start = time.perf_counter_ns()
+        restored: Restored | None = None
+        origin = ResumeSource.RESUME_SOURCE_FRESH
+        checkpoint: CheckpointRecord | None = None
         if reply.HasField("resume_slot"):
             try:
-                restored = fast.restore(None)
+                restored = fast.restore(None, resume=True)
             except NothingToRestore as err:
-                self._history.rejections.extend(err.rejected)
+                rejections.extend(err.rejected)
                 tried.append(f"shared memory: {err}")
             else:
-                self._history.rejections.extend(restored.rejected)
-                self._resumed(restored, ResumeSource.RESUME_SOURCE_SHARED_MEMORY, start, "")
-                return restored
-        if (
+                rejections.extend(restored.rejected)
+                origin = ResumeSource.RESUME_SOURCE_SHARED_MEMORY
+        if restored is None and (
             tried
             or reply.HasField("last_checkpoint")
             or self._resume_required
@@ -283,18 +291,18 @@ class Recovery:
             try:
                 loaded = full.load_for_resume(reason="resume")
             except TierFailed as err:
-                self._history.checkpoint_rejections.extend(err.checkpoint_rejections)
+                checkpoint_rejections.extend(err.checkpoint_rejections)
                 tried.append(f"durable checkpoints: {err.reason}")
             else:
-                self._history.checkpoint_rejections.extend(loaded.rejections)
-                self._resumed(
-                    loaded.restored,
-                    ResumeSource.RESUME_SOURCE_CHECKPOINT,
-                    start,
-                    "; ".join(tried),
-                    loaded.checkpoint,
-                )
-                return loaded.restored
+                checkpoint_rejections.extend(loaded.rejections)
+                restored, checkpoint = loaded.restored, loaded.checkpoint
+                origin = ResumeSource.RESUME_SOURCE_CHECKPOINT
+        self._history.rejections.extend(rejections)
+        self._history.checkpoint_rejections.extend(checkpoint_rejections)
+        if restored is not None:
+            detail = "; ".join(tried) if origin == ResumeSource.RESUME_SOURCE_CHECKPOINT else ""
+            self._resumed(restored, origin, start, detail, checkpoint)
+            return restored
         if not self._state.verified:
             raise ResumeImpossible(
                 f"a restore failed after it wrote to the live state and nothing else could be "

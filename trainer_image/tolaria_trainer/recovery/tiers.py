@@ -93,6 +93,7 @@ class FastTier:
         keep_live: frozenset[str] = KEEP_LIVE,
     ) -> None:
         self._restorer = Restorer(state=state, control=control, keep_live=keep_live)
+        self._resumer = Restorer(state=state, control=control)
         self._slots = list(slots)
         self._writer = writer
         self._spec = spec
@@ -108,13 +109,13 @@ class FastTier:
         self._writer.fence()
         return self._restorer.newest_step(self._slots, max_step=max_step)
 
-    def restore(self, max_step: int | None) -> Restored:
+    def restore(self, max_step: int | None, *, resume: bool = False) -> Restored:
         """Restores the newest slot at or below `max_step` that verifies; raises
-        `NothingToRestore` (live state untouched, or unverified when a late step failed)."""
+        `NothingToRestore` (live state untouched, or unverified when a late step failed).
+        A `resume` (a new process) also loads the documents a rollback keeps live."""
         self._writer.fence()
-        return self._restorer.restore(
-            self._slots, max_step=max_step, budgets_ms=_budgets(self._spec)
-        )
+        restorer = self._resumer if resume else self._restorer
+        return restorer.restore(self._slots, max_step=max_step, budgets_ms=_budgets(self._spec))
 
 
 class FullTier:
@@ -136,6 +137,7 @@ class FullTier:
         self._link = link
         self._state = state
         self._restorer = Restorer(state=state, control=control, keep_live=keep_live)
+        self._resumer = Restorer(state=state, control=control)
         self._slots = {s.index: s for s in slots}
         self._writer = writer
         self._spec = spec
@@ -183,7 +185,7 @@ class FullTier:
             reply = self._link.prepare_full_rollback(request, deadline_s)
         except SidecarUnavailable as err:
             raise TierFailed(str(err)) from err
-        return self._restore_loaded(reply)
+        return self._restore_loaded(reply, self._restorer)
 
     def load_for_resume(self, *, reason: str) -> FromCheckpoint:
         """LoadCheckpoint (no rollback deadline: a crash resume or `--resume`), then restores
@@ -199,9 +201,11 @@ class FullTier:
             reply = self._link.load_checkpoint(request, self._spec.rollback.full_deadline_seconds)
         except SidecarUnavailable as err:
             raise TierFailed(str(err)) from err
-        return self._restore_loaded(reply)
+        return self._restore_loaded(reply, self._resumer)
 
-    def _restore_loaded(self, reply: pb.PrepareFullRollbackResponse) -> FromCheckpoint:
+    def _restore_loaded(
+        self, reply: pb.PrepareFullRollbackResponse, restorer: Restorer
+    ) -> FromCheckpoint:
         rejections = list(reply.rejections)
         if not reply.ready:
             raise TierFailed(
@@ -215,7 +219,7 @@ class FullTier:
         try:
             header = slot.header()
             self._writer.adopt(slot.index, header.generation)
-            restored = self._restorer.restore_slot(slot, header, budgets_ms=_budgets(self._spec))
+            restored = restorer.restore_slot(slot, header, budgets_ms=_budgets(self._spec))
         except (SnapshotRejected, NothingToRestore, StateMismatch, ShmError) as err:
             raise TierFailed(
                 f"{reply.checkpoint.file_name}: {err}",
