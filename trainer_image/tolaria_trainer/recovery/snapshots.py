@@ -33,11 +33,22 @@ from leyline import SCHEMA_VERSION, SnapshotManifest
 from leyline.checksum import REGION_ALGORITHM, digest_bytes
 from leyline.shm import SLOT_FLAG_EPOCH_BOUNDARY, ControlBlock, Slot, TornHeader
 from leyline.spec import SnapshotSpec, TrainingIdentity
+from tolaria_trainer.faults import NO_FAULTS, Faults
 from tolaria_trainer.latency import LatencyStats
 from tolaria_trainer.recovery.slotio import Placement, copy_hashing
 from tolaria_trainer.state import Layout, TrainingState
 
 logger = logging.getLogger(__name__)
+
+WRITE_POINTS: tuple[str, ...] = (
+    "snapshot.before_invalidate",
+    "snapshot.after_invalidate",
+    "snapshot.after_copy",
+    "snapshot.after_publish",
+    "snapshot.after_commit",
+)
+"""Where a capture may die: the slot is hidden before a byte changes and visible only after
+its manifest and checksums are written, so a reader never restores a torn slot."""
 
 
 @dataclass
@@ -72,6 +83,7 @@ class SnapshotWriter:
         instance_id: str = "",
         lineage_id: str = "",
         training: TrainingIdentity | None = None,
+        faults: Faults = NO_FAULTS,
     ) -> None:
         self._state = state
         self._slots = list(slots)
@@ -82,6 +94,7 @@ class SnapshotWriter:
         self._instance_id = instance_id
         self._lineage_id = lineage_id or instance_id
         self._training = training
+        self._faults = faults
         self._thread: threading.Thread | None = None
         self._inflight: CaptureResult | None = None
         self._next_generation = 1 + max((self._generation_of(s) for s in self._slots), default=0)
@@ -167,7 +180,9 @@ class SnapshotWriter:
         result = CaptureResult(
             slot.index, generation, global_step, epoch, batch_index, layout.data_bytes
         )
+        self._faults.hit("snapshot.before_invalidate")
         slot.invalidate()  # hidden before a single byte changes
+        self._faults.hit("snapshot.after_invalidate")
         self._written_at[slot.index] = generation
         self._inflight = result
         flags = SLOT_FLAG_EPOCH_BOUNDARY if epoch_end else 0
@@ -234,6 +249,7 @@ class SnapshotWriter:
         try:
             placements = [Placement(t.offset, t.nbytes, t.tensor) for t in layout.tensors]
             checksum = copy_hashing(slot, placements, total_bytes=layout.data_bytes)
+            self._faults.hit("snapshot.after_copy")
             manifest.checksum = digest_bytes(checksum)
             slot.publish(
                 generation=result.generation,
@@ -245,6 +261,7 @@ class SnapshotWriter:
                 epoch=result.epoch,
                 flags=flags,
             )
+            self._faults.hit("snapshot.after_publish")
             result.copy_ns = time.perf_counter_ns() - start
         except Exception as err:  # boundary: the training thread reads the outcome at the fence
             logger.exception("snapshot into slot %d failed", slot.index)
@@ -252,3 +269,4 @@ class SnapshotWriter:
             return
         result.sidecar_error = self._commit(slot.index, result.generation)
         result.committed = not result.sidecar_error
+        self._faults.hit("snapshot.after_commit")
