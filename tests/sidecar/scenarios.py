@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leyline.spec.resilience import CheckpointSpec
-from leyline.v1.resilience_pb2 import CheckpointFailure, CheckpointRecord
+from leyline.v1.resilience_pb2 import CheckpointFailure, CheckpointRecord, SnapshotManifest
 from tolaria_sidecar.checkpoints import DurableStore
 from tolaria_sidecar.faults import Faults
 from tolaria_sidecar.wal import WriteAheadLog
 
 RUN_ID = "crash-run"
 INSTANCE_ID = "crash-run-instance"
+LINEAGE_ID = "crash-run-lineage"
 SPEC = CheckpointSpec(keep=3, wal_rotate_bytes=64 * 1024)
 """Three kept (R6.3) and the smallest WAL rotation the spec allows, so compaction happens often."""
 SEEDED_EPOCHS = (4, 5, 6)
@@ -27,10 +28,25 @@ NEW_EPOCH = 7
 
 
 def content(seed: int, index: int, *, max_bytes: int = 48 * 1024) -> tuple[bytes, bytes]:
-    """(manifest, data) of checkpoint or snapshot `index`: random, sized 0..max_bytes."""
+    """(manifest, data) of checkpoint or snapshot `index`: random, sized 0..max_bytes.
+
+    The manifest is a real `SnapshotManifest` (as the sidecar persists), so a file whose WAL
+    record is lost can be verified alone and adopted with its instance and lineage.
+    """
     rng = random.Random(seed * 1_000_003 + index)
     data = rng.randbytes(rng.randrange(max_bytes + 1))
-    manifest = f'{{"index": {index}, "seed": {seed}, "bytes": {len(data)}}}'.encode()
+    manifest = SnapshotManifest(
+        version=1,
+        run_id=RUN_ID,
+        generation=index,
+        global_step=index,
+        epoch=index,
+        data_bytes=len(data),
+        layout_fingerprint=f"seed-{seed}",
+        instance_id=INSTANCE_ID,
+        lineage_id=LINEAGE_ID,
+        manifest_digest=f"{seed:016x}",
+    ).SerializeToString()
     return manifest, data
 
 
@@ -43,6 +59,7 @@ def write_index(store: DurableStore, seed: int, index: int) -> CheckpointRecord:
         epoch=index,
         global_step=index,
         snapshot_generation=index,
+        manifest_digest=f"{seed:016x}",
     )
 
 
