@@ -186,13 +186,19 @@ def plan_recovery(scan: WalScan, names: Iterable[str], *, wal_existed: bool) -> 
         if record is not None and record.file_name:
             by_name[record.file_name] = txn
     present = {n for n in names if FILE_NAME.fullmatch(n)}
-    plans: list[FilePlan] = []
-    for name in present:
-        match = FILE_NAME.fullmatch(name)
-        if match is None:
-            continue
-        plans.append(_plan_file(name, int(match.group(1)), by_name.get(name), scan))
-    plans.sort(key=lambda p: (p.sequence, p.name))
+    sequences = {n: _sequence(n) for n in present}
+    # A file the log does not name was begun after a BEGIN the log holds only if the log lost
+    # that file's BEGIN: records after the earlier BEGIN are gone even where no damage shows
+    # (a log cut at a record boundary, a disk that dropped an acknowledged write).
+    described = {t.record.sequence for t in state.transactions.values() if t.record is not None}
+    lost_after = max((q for q in sequences.values() if q not in described), default=0)
+    plans = sorted(
+        (
+            _plan_file(name, sequences[name], by_name.get(name), scan, lost_after)
+            for name in present
+        ),
+        key=lambda p: (p.sequence, p.name),
+    )
     missing = tuple(r for _, r in state.live() if r.file_name not in present)
     bins = [p for p in plans if p.name.endswith(".bin")]
     wal_lost = ""
@@ -204,7 +210,14 @@ def plan_recovery(scan: WalScan, names: Iterable[str], *, wal_existed: bool) -> 
     return RecoveryPlan(scan, state, tuple(plans), missing, wal_lost, high_water)
 
 
-def _plan_file(name: str, sequence: int, txn: Transaction | None, scan: WalScan) -> FilePlan:
+def _sequence(name: str) -> int:
+    match = FILE_NAME.fullmatch(name)
+    return 0 if match is None else int(match.group(1))
+
+
+def _plan_file(
+    name: str, sequence: int, txn: Transaction | None, scan: WalScan, lost_after: int
+) -> FilePlan:
     record = None if txn is None else txn.record
     wal_state = WalState.NOT_IN_WAL if txn is None else txn.state
     if name.endswith(".tmp"):
@@ -221,6 +234,16 @@ def _plan_file(name: str, sequence: int, txn: Transaction | None, scan: WalScan)
         return FilePlan(name, sequence, wal_state, Action.REMOVE, "its write was aborted", record)
     if wal_state is WalState.COMMITTED:
         return FilePlan(name, sequence, wal_state, Action.KEEP, "committed", record)
+    if lost_after > sequence:
+        return FilePlan(
+            name,
+            sequence,
+            wal_state,
+            Action.VERIFY,
+            f"BEGIN at byte {txn.begin_offset} has no COMMIT, and a later file the log does not "
+            "name proves records after it were lost",
+            record,
+        )
     if scan.damage_after(txn.begin_offset):
         return FilePlan(
             name,
