@@ -227,13 +227,6 @@ class WriteAheadLog:
         self.fs.ftruncate(self._fd, keep)
         self.fs.fsync(self._fd)
         self._faults.hit("wal.recovery.after_cut")
-        logger.warning(
-            "%s: cut a torn tail of %d bytes after byte %d (%s)",
-            self.path,
-            self._size - keep,
-            keep,
-            self.scan.reason,
-        )
         self._size = keep
         self._unusable = None
         self._opened = b""

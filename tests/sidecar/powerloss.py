@@ -61,10 +61,11 @@ class PowerLossFileSystem:
         rng: random.Random | None = None,
         torn_appends: bool = True,
         names_prefix: bool = True,
-        label: Callable[[], str] = lambda: "",
+        label: Callable[[str], str] = lambda operation: operation,
     ) -> None:
         """`cut_at`: the operation (counting from 1) at which the power goes, before it runs;
-        None never cuts. `label` names where the program is (for the report of cuts)."""
+        None never cuts. `label(operation)` names where the program is when the power goes (for
+        the report of cuts), given the name of the call being cut."""
         self.root = root.resolve()
         self.cut_at = cut_at
         self.ops = 0
@@ -101,12 +102,12 @@ class PowerLossFileSystem:
         resolved = path.resolve().parent / path.name
         return path.name if resolved.parent == self.root else None
 
-    def _tick(self) -> None:
+    def _tick(self, operation: str) -> None:
         if self.dead:
             raise PowerLost(self.ops, self.cut_label)
         self.ops += 1
         if self.cut_at is not None and self.ops == self.cut_at:
-            self.cut_label = self._label()
+            self.cut_label = self._label(operation)
             self._cut()
             raise PowerLost(self.ops, self.cut_label)
 
@@ -154,13 +155,14 @@ class PowerLossFileSystem:
         inode = self._fds.get(fd)
         if inode is None:
             return
-        size = os.fstat(fd).st_size
-        self._durable_data[inode] = os.pread(fd, size, 0) if size else b""
+        # Read through /proc: `fd` may be write-only (a checkpoint being written).
+        with open(f"/proc/self/fd/{fd}", "rb") as f:
+            self._durable_data[inode] = f.read()
 
     # -- the FileSystem seam ----------------------------------------------------------------------
 
     def open(self, path: Path, flags: int, mode: int = 0o644) -> int:
-        self._tick()
+        self._tick("open")
         name = self._name(path)
         existed = os.path.lexists(path)
         fd = os.open(path, flags, mode)
@@ -176,40 +178,40 @@ class PowerLossFileSystem:
         return fd
 
     def close(self, fd: int) -> None:
-        self._tick()
+        self._tick("close")
         os.close(fd)
         self._fds.pop(fd, None)
 
     def write(self, fd: int, data: bytes | memoryview) -> int:
-        self._tick()
+        self._tick("write")
         return os.write(fd, data)
 
     def pwrite(self, fd: int, data: bytes, offset: int) -> int:
-        self._tick()
+        self._tick("pwrite")
         return os.pwrite(fd, data, offset)
 
     def readinto(self, fd: int, buffer: memoryview) -> int:
-        self._tick()
+        self._tick("readinto")
         return os.readv(fd, [buffer])
 
     def size(self, fd: int) -> int:
-        self._tick()
+        self._tick("size")
         return os.fstat(fd).st_size
 
     def fsync(self, fd: int) -> None:
-        self._tick()
+        self._tick("fsync")
         self._sync(fd)
 
     def fdatasync(self, fd: int) -> None:
-        self._tick()
+        self._tick("fdatasync")
         self._sync(fd)
 
     def ftruncate(self, fd: int, length: int) -> None:
-        self._tick()
+        self._tick("ftruncate")
         os.ftruncate(fd, length)
 
     def try_lock(self, fd: int) -> bool:
-        self._tick()
+        self._tick("try_lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -217,7 +219,7 @@ class PowerLossFileSystem:
         return True
 
     def is_path_of(self, fd: int, path: Path) -> bool:
-        self._tick()
+        self._tick("is_path_of")
         try:
             named = os.stat(path)
         except FileNotFoundError:
@@ -226,7 +228,7 @@ class PowerLossFileSystem:
         return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
     def rename(self, source: Path, target: Path) -> None:
-        self._tick()
+        self._tick("rename")
         os.replace(source, target)
         first, second = self._name(source), self._name(target)
         if first is not None and second is not None:
@@ -234,7 +236,7 @@ class PowerLossFileSystem:
             self._pending.append(("rename", first, second))
 
     def link(self, source: Path, target: Path) -> None:
-        self._tick()
+        self._tick("link")
         os.link(source, target)
         first, second = self._name(source), self._name(target)
         if first is not None and second is not None:
@@ -242,7 +244,7 @@ class PowerLossFileSystem:
             self._pending.append(("link", first, second))
 
     def unlink(self, path: Path) -> None:
-        self._tick()
+        self._tick("unlink")
         os.unlink(path)
         name = self._name(path)
         if name is not None:
@@ -250,26 +252,26 @@ class PowerLossFileSystem:
             self._pending.append(("unlink", name, ""))
 
     def exists(self, path: Path) -> bool:
-        self._tick()
+        self._tick("exists")
         return os.path.lexists(path)
 
     def listdir(self, directory: Path) -> list[str]:
-        self._tick()
+        self._tick("listdir")
         return os.listdir(directory)
 
     def mkdir(self, path: Path) -> None:
-        self._tick()
+        self._tick("mkdir")
         path.mkdir(parents=True, exist_ok=True)
 
     def fsync_directory(self, directory: Path) -> None:
-        self._tick()
+        self._tick("fsync_directory")
         if directory.resolve() == self.root:
             for op, first, second in self._pending:
                 _replay(self._durable_names, op, first, second)
             self._pending.clear()
 
     def advise_sequential(self, fd: int) -> None:
-        self._tick()
+        self._tick("advise_sequential")
 
     def release(self) -> None:
         """Closes what a finished (not cut) run left open; a test's tidy-up, not a seam call."""

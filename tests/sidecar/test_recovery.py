@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from prometheus_client import CollectorRegistry
 from leyline.durable import Fate, inspect_directory, wal_format
 from leyline.durable.checkpoint_file import HEADER_BYTES as FILE_HEADER_BYTES
 from leyline.durable.wal_format import HEADER_BYTES, WAL_NAME, Op
+from leyline.v1 import sidecar_pb2 as pb
 from leyline.v1.resilience_pb2 import WalRecovery
+from tests.sidecar.conftest import Served
 from tests.sidecar.scenarios import (
     INSTANCE_ID,
     LINEAGE_ID,
@@ -424,3 +427,35 @@ def test_a_second_sidecar_on_the_same_checkpoint_directory_is_a_config_error(
     assert refused.value.field == "--checkpoint-dir"
     assert str(config.checkpoint_dir) in str(refused.value)
     assert isinstance(refused.value.__cause__, CheckpointDirectoryLocked)
+
+
+# -- what the sidecar tells the trainer and the operator -----------------------------------------
+
+
+@pytest.mark.req("R13.5")
+def test_attach_and_status_carry_what_recovery_found(
+    serve_sidecar: Callable[..., Served], tmp_path: Path
+) -> None:
+    directory = tmp_path / "checkpoints"
+    build_history(directory)
+    commit_of_8 = wal_records(directory)[5]
+    flip(directory / WAL_NAME, commit_of_8.offset + HEADER_BYTES + 1)
+    served = serve_sidecar()
+    reply = served.attach()
+    assert reply.HasField("wal_recovery")
+    assert list(reply.wal_recovery.adopted_files) == [file_of(directory, 8).name]
+    assert reply.wal_recovery.preserved_copy == "wal.log.damaged-1"
+    assert_reported(reply.wal_recovery)
+    status = served.link.GetStatus(pb.GetStatusRequest())
+    assert status.wal_recovery == reply.wal_recovery
+    assert status.last_checkpoint.global_step == 9
+
+
+@pytest.mark.req("R13.5")
+def test_a_clean_directory_reports_no_recovery(
+    serve_sidecar: Callable[..., Served], tmp_path: Path
+) -> None:
+    build_history(tmp_path / "checkpoints")
+    served = serve_sidecar()
+    assert not served.attach().HasField("wal_recovery")
+    assert not served.link.GetStatus(pb.GetStatusRequest()).HasField("wal_recovery")
