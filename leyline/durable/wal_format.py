@@ -28,8 +28,9 @@ treating it as damage. COMPACTED ends a compacted log and carries the high-water
 `scan` reads every record it can: at a bad record it resynchronises on the next offset where a
 whole valid record starts (magic, header CRC, payload CRC, a sequence above the last one), so
 one damaged record never hides the records after it. One damaged run at the very end, no longer
-than one record can be, is a *torn tail* (an unfinished append; a normal crash) when records
-precede it or it looks like the start of an append (a prefix of the magic, or zeros). Any other
+than one record can be and not a whole record out of sequence, is a *torn tail* (an unfinished
+append; a normal crash) when records precede it or it looks like the start of an append (a
+prefix of the magic, or zeros). Any other
 damage is *mid-log damage* when valid records follow it, and *garbage* when the log holds no
 valid record at all. What recovery does with each is `leyline.durable.recovery`'s job.
 """

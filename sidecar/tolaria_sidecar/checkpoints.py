@@ -187,11 +187,12 @@ class DurableStore:
         """Last `write`, the whole call: durable commit plus retention and compaction."""
         self.wal = WriteAheadLog(directory, spec, faults=self._faults, fs=self.fs)
         try:
-            self.recovery: WalRecovery = self._recover()
-            """What opening found and did; `recovery_found` says whether it is worth a report."""
+            recovery = self._recover()
         except BaseException:
             self.wal.close()
             raise
+        self.recovery: WalRecovery = recovery
+        """What opening found and did (R13.5); `recovery_found` says whether it is news."""
 
     def close(self) -> None:
         self.wal.close()
@@ -209,9 +210,13 @@ class DurableStore:
         """Whether opening found anything (damage, a torn tail, adopted, removed or damaged
         files): only then does the sidecar put `recovery` into its answers."""
         r = self.recovery
-        return bool(r.reason or r.torn_tail or r.removed_files or r.adopted_files)
+        return bool(
+            r.reason or r.torn_tail or r.removed_files or r.adopted_files or r.damaged_files
+        )
 
     def _recover(self) -> WalRecovery:
+        """Recovery at open, in the order of the module docstring; each step idempotent, so a
+        crash anywhere in it leaves a directory the next open recovers the same way."""
         plan = plan_recovery(
             self.wal.scan, self.fs.listdir(self.directory), wal_existed=self.wal.existed
         )
