@@ -33,6 +33,7 @@ from tests.sidecar.scenarios import (
     seed_full_write,
     write_index,
 )
+from tolaria_sidecar import checkpoints, wal
 from tolaria_sidecar.checkpoints import DurableStore
 from tolaria_sidecar.config import SidecarConfig
 from tolaria_sidecar.errors import (
@@ -40,6 +41,7 @@ from tolaria_sidecar.errors import (
     CheckpointDirectoryLocked,
     CheckpointWriteFailed,
     ConfigInvalid,
+    InjectedCrash,
 )
 from tolaria_sidecar.faults import Faults
 from tolaria_sidecar.server import Sidecar
@@ -459,3 +461,44 @@ def test_a_clean_directory_reports_no_recovery(
     served = serve_sidecar()
     assert not served.attach().HasField("wal_recovery")
     assert not served.link.GetStatus(pb.GetStatusRequest()).HasField("wal_recovery")
+
+
+# -- a crash at every write point of recovery -----------------------------------------------------
+
+
+def stray_temp_file(directory: Path) -> None:
+    (directory / "ckpt-0000000001.tmp").write_bytes(b"half a checkpoint")
+
+
+def flipped_commit_of_8(directory: Path) -> None:
+    flip(directory / WAL_NAME, wal_records(directory)[5].offset + 44)
+
+
+def torn_last_append(directory: Path) -> None:
+    with (directory / WAL_NAME).open("ab") as f:
+        f.write(b"ESPERWAL\x01\x00")
+
+
+RECOVERY_CRASHES = {
+    "checkpoint.recovery.after_remove": stray_temp_file,
+    "wal.recovery.after_preserve": flipped_commit_of_8,
+    "wal.compact.after_sync": flipped_commit_of_8,
+    "wal.compact.after_rename": flipped_commit_of_8,
+    "wal.recovery.after_cut": torn_last_append,
+}
+
+
+@pytest.mark.req("R6.3")
+@pytest.mark.parametrize("point", list(RECOVERY_CRASHES))
+def test_a_crash_at_any_write_point_of_recovery_is_recovered_the_same_way(
+    copy: Path, point: str
+) -> None:
+    assert set(RECOVERY_CRASHES) >= set(wal.RECOVERY_POINTS + checkpoints.RECOVERY_POINTS)
+    RECOVERY_CRASHES[point](copy)
+    faults = Faults()
+    faults.crash_at(point)
+    with pytest.raises(InjectedCrash):
+        DurableStore(copy, SPEC, run_id=RUN_ID, faults=faults)
+    assert faults.fired == {point: 1}
+    opened = open_and_check(copy)
+    assert opened.listed == (9, 8, 7)

@@ -110,7 +110,9 @@ def test_commit_payloads_round_trip_through_a_scan(records: list[CheckpointRecor
 
 
 @pytest.mark.req("R6.3")
-@settings(max_examples=15, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(record=checkpoint_records())
 def test_a_committed_record_survives_reopening(record: CheckpointRecord, tmp_path: Path) -> None:
     directory = tmp_path / os.urandom(6).hex()
