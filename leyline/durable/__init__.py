@@ -19,7 +19,11 @@ files being written, `wal.log`, `wal.log.compact` while a new log is being writt
 3. Delete only what is PROVEN an uncommitted or dead write: `.tmp` files; `.bin` files whose
    transaction has an ABORT or RETIRE record (matched by name, or by the transaction id in the
    file's own verified header when the log lost the name); a `.bin` whose BEGIN has no
-   COMMIT/ABORT when no damage follows that BEGIN in the log. Nothing else is ever deleted.
+   COMMIT/ABORT when no damage follows that BEGIN in the log. A checkpoint or temp file with
+   a higher sequence that no record describes counts as damage after the BEGIN: that file's
+   own BEGIN was lost, so the log lost records even where no damaged byte shows (a log cut
+   at a record boundary, a disk that dropped an acknowledged write). Nothing else is ever
+   deleted.
 4. A committed `.bin` stays listed and is verified against its record at every load.
 5. A `.bin` the log does not describe (no record names it, or damage follows its BEGIN) is
    verified ALONE (`read_checkpoint_file`: header checksum, name, manifest, every data byte).
@@ -28,12 +32,15 @@ files being written, `wal.log`, `wal.log.compact` while a new log is being writt
    disk, listed as damaged and never restored.
 6. A torn tail (one damaged run at the end, no longer than a record, after valid records or
    looking like a first append) with nothing adopted or kept damaged is cut back to the last
-   valid record. After mid-log damage, garbage, a missing or empty log beside checkpoint
-   files, a committed file gone missing, an adoption, or a damaged in-doubt file: the old log
-   is linked aside as `wal.log.damaged-<n>` (the first free n; never overwritten) when it
-   holds damage, and a fresh compacted log of the live set (the log's commits whose file
+   valid record. After any other damage (mid-log, garbage, a damaged run too long to be one
+   append), a missing or empty log beside checkpoint files, a committed file gone missing,
+   an adoption, or a damaged in-doubt file: the old log is linked aside as
+   `wal.log.damaged-<n>` (the first free n; never overwritten) when it holds damage other
+   than a torn tail, and a fresh compacted log of the live set (the log's commits whose file
    exists, plus the adopted files) is written to `wal.log.compact`, fsynced, renamed over
-   `wal.log` and the directory fsynced. Later appends never follow damage.
+   `wal.log` and the directory fsynced. Later appends never follow damage. Files are deleted
+   before the log is rewritten: a rewrite drops the ABORT and RETIRE records that prove them
+   dead.
 7. Sequences stay strictly increasing: the next record's sequence is above every sequence any
    valid record, COMPACTED marker, adopted commit or checkpoint file name uses.
 8. Everything found is reported as a Leyline `WalRecovery` (damage at ERROR, a torn tail at

@@ -26,13 +26,15 @@ Recovery at open (the rules, exactly, are in `leyline.durable`'s docstring; the 
 2. every checkpoint file is sorted by what the log proves; the ones it cannot decide (not in
    the log, or damage after their BEGIN) are verified alone, every byte;
 3. proven-dead files are deleted (`.tmp`; ABORTed or RETIREd transactions; a BEGIN with no
-   end and an intact log after it), then the directory is fsynced;
+   end, an intact log after it and no later file the log fails to name), then the directory
+   is fsynced;
 4. files that verified alone are adopted (`recovered_from_file=True`); the others are kept,
-   listed in `recovery.damaged_files` and never restored;
-5. the log is repaired: a torn tail alone is cut; anything else (mid-log damage, garbage, a
-   missing or empty log beside checkpoint files, an adoption, a missing committed file) moves
-   a damaged log aside as `wal.log.damaged-<n>` and installs a fresh compacted log of the
-   live set, so the next open reads the same live set from an intact log;
+   listed in `recovery.damaged_files` (on every open) and never restored;
+5. the log is repaired: a torn tail alone is cut; anything else (other damage, a missing or
+   empty log beside checkpoint files, an adoption, a damaged in-doubt file, a missing
+   committed file) links a damaged log aside as `wal.log.damaged-<n>` and installs a fresh
+   compacted log of the live set, so the next open reads the same live set from an intact
+   log;
 6. `recovery` (a Leyline `WalRecovery`) says what happened; real damage is logged at ERROR, a
    torn tail at WARNING.
 
