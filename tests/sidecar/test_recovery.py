@@ -502,3 +502,45 @@ def test_a_crash_at_any_write_point_of_recovery_is_recovered_the_same_way(
     assert faults.fired == {point: 1}
     opened = open_and_check(copy)
     assert opened.listed == (9, 8, 7)
+
+
+# -- how it is told, and what comes after ----------------------------------------------------------
+
+
+@pytest.mark.req("R13.5")
+def test_damage_is_logged_as_an_error_and_a_torn_tail_as_a_warning(
+    history: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    damaged = shutil.copytree(history, tmp_path / "damaged")
+    flipped_commit_of_8(damaged)
+    torn = shutil.copytree(history, tmp_path / "torn")
+    torn_last_append(torn)
+    with caplog.at_level("INFO", logger="tolaria_sidecar"):
+        DurableStore(damaged, SPEC, run_id=RUN_ID).close()
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        caplog.clear()
+        DurableStore(torn, SPEC, run_id=RUN_ID).close()
+        levels = {r.levelname for r in caplog.records}
+    assert len(errors) == 1 and "header crc32c" in errors[0].getMessage()
+    assert "wal.log.damaged-1" in errors[0].getMessage()
+    assert levels == {"WARNING"} and "torn tail" in caplog.records[0].getMessage()
+
+
+def missing_wal(directory: Path) -> None:
+    (directory / WAL_NAME).unlink()
+
+
+@pytest.mark.req("R6.3")
+@pytest.mark.parametrize("damage", [flipped_commit_of_8, missing_wal, torn_last_append])
+def test_sequences_keep_increasing_after_recovery(
+    copy: Path, damage: Callable[[Path], None]
+) -> None:
+    highest = max(int(p.name[5:15]) for p in copy.glob("ckpt-*"))
+    damage(copy)
+    with DurableStore(copy, SPEC, run_id=RUN_ID) as store:
+        record = write_index(store, SEED, 10)
+    assert record.sequence > highest
+    sequences = [r.header.sequence for r in wal_records(copy)]
+    assert sequences == sorted(set(sequences))
+    opened = open_and_check(copy, intact=(8, 9, 10))
+    assert opened.listed == (10, 9, 8)
