@@ -4,7 +4,10 @@ The sidecar's persist thread calls `DurableStore.write` with a snapshot's manife
 (off the training hot path: a write takes seconds), and the full rollback tier calls
 `load_latest` to bring the last committed checkpoint back, every byte verified. A store never
 unpickles, never uses `O_DSYNC` for bulk data, never serves a checkpoint that does not verify,
-and never deletes a file the WAL still lists as committed.
+and never deletes a file unless the WAL proves it uncommitted or retired. Every file operation
+goes through the `FileSystem` seam (`fs.OsFileSystem` in production), so the power-loss tests
+can drop whatever was not yet durable. The file and record formats are Leyline's
+(`leyline.durable`).
 
 Write protocol, each step durable before the next::
 
@@ -16,42 +19,36 @@ Write protocol, each step durable before the next::
     retention: WAL RETIRE for each checkpoint past `spec.keep`, then unlink, fsync directory
     compaction when the WAL is past `spec.wal_rotate_bytes`
 
-Opening replays the WAL and removes what a crash left behind: `.tmp` files, files of BEGINs
-that never committed, files already retired. A `.bin` file the WAL does not know (its records
-were cut as corrupt) is left in place and logged, never deleted.
+Recovery at open (the rules, exactly, are in `leyline.durable`'s docstring; the decisions are
+`leyline.durable.recovery`, executed here in this order, each step idempotent):
 
-Checkpoint file (little-endian)::
+1. the WAL opens and locks `wal.log` and scans it, resynchronising past damage;
+2. every checkpoint file is sorted by what the log proves; the ones it cannot decide (not in
+   the log, or damage after their BEGIN) are verified alone, every byte;
+3. proven-dead files are deleted (`.tmp`; ABORTed or RETIREd transactions; a BEGIN with no
+   end, an intact log after it and no later file the log fails to name), then the directory
+   is fsynced;
+4. files that verified alone are adopted (`recovered_from_file=True`); the others are kept,
+   listed in `recovery.damaged_files` (on every open) and never restored;
+5. the log is repaired: a torn tail alone is cut; anything else (other damage, a missing or
+   empty log beside checkpoint files, an adoption, a damaged in-doubt file, a missing
+   committed file) links a damaged log aside as `wal.log.damaged-<n>` and installs a fresh
+   compacted log of the live set, so the next open reads the same live set from an intact
+   log;
+6. `recovery` (a Leyline `WalRecovery`) says what happened; real damage is logged at ERROR, a
+   torn tail at WARNING.
 
-    0    8s   magic b"TOLCKPT1"
-    8    u32  format version (1)
-    12   u32  header bytes (256)
-    16   u64  manifest length
-    24   u64  data length
-    32   u64  xxh3-64 of the manifest
-    40   u64  xxh3-64 of the data
-    48   u64  sequence
-    56   16s  transaction id
-    72   u64  epoch
-    80   u64  global step
-    88   u64  snapshot generation
-    96   u64  xxh3-64 of all 256 header bytes, computed with bytes 96..103 set to zero
-    104  152 zero bytes
-    256  manifest bytes (a serialized Leyline `SnapshotManifest`, opaque here)
-    ...  data bytes; the file ends exactly here
-
-The WAL's `CheckpointRecord` repeats the data length (`payload_bytes`) and the data xxh3
-(`payload_checksum`, 8 little-endian bytes), so a file swapped for another is refused too.
+Deletion happens before the log is rewritten: a rewrite drops the ABORT and RETIRE records
+that prove a file dead, and a crash between the two must not leave such a file undescribed
+(it would be verified alone and adopted back).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import logging
 import os
-import re
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -59,9 +56,27 @@ from pathlib import Path
 
 import xxhash
 
-from leyline.checksum import DATA_ALGORITHM, digest_bytes, digest_int, xxh3
+from leyline.checksum import DATA_ALGORITHM, digest_bytes
+from leyline.durable.checkpoint_file import (
+    CHUNK_BYTES,
+    HEADER_BYTES,
+    RECORD_VERSION,
+    CheckpointFile,
+    CheckpointFileInvalid,
+    check_against_record,
+    check_data,
+    check_manifest,
+    decode_header,
+    encode_header,
+    file_name,
+    hash_data,
+    read_exactly,
+    temp_name,
+    verify_stream,
+)
+from leyline.durable.recovery import Fate, plan_recovery, settle
 from leyline.spec.resilience import CheckpointSpec
-from leyline.v1.resilience_pb2 import CheckpointFailure, CheckpointRecord
+from leyline.v1.resilience_pb2 import CheckpointFailure, CheckpointRecord, WalRecovery
 from tolaria_sidecar.errors import (
     BufferTooSmall,
     CheckpointCorrupt,
@@ -71,23 +86,13 @@ from tolaria_sidecar.errors import (
     WalUnavailable,
 )
 from tolaria_sidecar.faults import Faults
-from tolaria_sidecar.wal import WriteAheadLog, fsync_directory
+from tolaria_sidecar.fs import OS_FILESYSTEM
+from tolaria_sidecar.protocols import FileSystem
+from tolaria_sidecar.wal import WriteAheadLog
 
 logger = logging.getLogger(__name__)
 
-MAGIC = b"TOLCKPT1"
-FORMAT_VERSION = 1
-HEADER_BYTES = 256
-RECORD_VERSION = 1
-CHUNK_BYTES = 16 << 20
-"""Write and read in 16 MiB pieces: large enough for full disk bandwidth, small enough that
-the piece just hashed is still in cache when it is written."""
-
-_HEADER = struct.Struct("<8sIIQQQQQ16sQQQQ")
-_HEADER_SUM_AT = 96
-_FDATASYNC = getattr(os, "fdatasync", os.fsync)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_FILE_NAME = re.compile(r"ckpt-(\d{10})(?:-e(\d+)\.bin|\.tmp)")
 
 WRITE_POINTS: tuple[str, ...] = (
     "checkpoint.after_data_write",
@@ -97,14 +102,8 @@ WRITE_POINTS: tuple[str, ...] = (
     "checkpoint.after_dir_fsync",
     "checkpoint.after_retire_unlink",
 )
-
-
-def file_name(sequence: int, epoch: int) -> str:
-    return f"ckpt-{sequence:010d}-e{epoch}.bin"
-
-
-def temp_name(sequence: int) -> str:
-    return f"ckpt-{sequence:010d}.tmp"
+RECOVERY_POINTS: tuple[str, ...] = ("checkpoint.recovery.after_remove",)
+"""Write points reached only by recovery at open (with `wal.RECOVERY_POINTS`)."""
 
 
 def drop_page_cache(path: Path) -> bool:
@@ -124,42 +123,27 @@ def drop_page_cache(path: Path) -> bool:
     return True
 
 
-def encode_header(
-    record: CheckpointRecord, *, manifest: bytes, data_length: int, data_checksum: int
-) -> bytes:
-    """The 256-byte file header for `record`."""
-    header = bytearray(HEADER_BYTES)
-    _HEADER.pack_into(
-        header,
-        0,
-        MAGIC,
-        FORMAT_VERSION,
-        HEADER_BYTES,
-        len(manifest),
-        data_length,
-        xxh3(manifest),
-        data_checksum,
-        record.sequence,
-        record.transaction_id,
-        record.epoch,
-        record.global_step,
-        record.snapshot_generation,
-        0,
-    )
-    struct.pack_into("<Q", header, _HEADER_SUM_AT, xxh3(header))
-    return bytes(header)
-
-
 def _byte_view(buffer: memoryview) -> memoryview:
     if buffer.ndim == 1 and buffer.format in ("B", "b", "c"):
         return buffer
     return buffer.cast("B")
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+class _Reader:
+    """A descriptor of the seam as a Leyline `Readable`."""
+
+    def __init__(self, fs: FileSystem, fd: int) -> None:
+        self._fs = fs
+        self._fd = fd
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        return self._fs.readinto(self._fd, buffer)
+
+
+def _write_all(fs: FileSystem, fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view) :]
+        view = view[fs.write(fd, view) :]
 
 
 CheckpointFilter = Callable[[CheckpointRecord, bytes], "str | None"]
@@ -179,12 +163,14 @@ class DurableStore:
         instance_id: str = "",
         lineage_id: str = "",
         faults: Faults | None = None,
+        fs: FileSystem | None = None,
     ) -> None:
-        """Opens the directory (created if absent), replays the WAL, removes crash leftovers.
+        """Opens the directory (created if absent), locks and scans its WAL, and recovers.
 
-        Raises `OSError` when the directory or WAL cannot be opened, `WalVersionUnsupported`
-        for a WAL of another version; a damaged WAL tail is cut, not raised, and reported in
-        `self.wal.replay`.
+        Raises `CheckpointDirectoryLocked` when another store holds the directory, `OSError`
+        when the directory or WAL cannot be opened or repaired, `WalVersionUnsupported` for a
+        WAL of another version. WAL damage is not raised: it is repaired as the module
+        docstring says and reported in `self.recovery`.
         """
         self.directory = directory
         self.spec = spec
@@ -192,18 +178,23 @@ class DurableStore:
         self.instance_id = instance_id
         """Recorded in every checkpoint this store writes (R13.1)."""
         self.lineage_id = lineage_id or instance_id
+        self.fs: FileSystem = fs or OS_FILESYSTEM
         self._faults = faults or Faults()
         self._lock = threading.Lock()
-        self.wal = WriteAheadLog(directory, spec, faults=self._faults)
         self.last_rejections: list[tuple[CheckpointRecord, CheckpointCorrupt | str]] = []
         """Checkpoints the last `load_latest` refused, newest first, with why."""
-        self.unknown_files: list[Path] = []
-        """Checkpoint files the WAL does not list (kept; a cut WAL may have described them)."""
         self.last_durable_ns = 0
         """Last `write`, from its call until the COMMIT record was durable (M6)."""
         self.last_write_ns = 0
         """Last `write`, the whole call: durable commit plus retention and compaction."""
-        self._clean_directory()
+        self.wal = WriteAheadLog(directory, spec, faults=self._faults, fs=self.fs)
+        try:
+            recovery = self._recover()
+        except BaseException:
+            self.wal.close()
+            raise
+        self.recovery: WalRecovery = recovery
+        """What opening found and did (R13.5); `recovery_found` says whether it is news."""
 
     def close(self) -> None:
         self.wal.close()
@@ -216,31 +207,77 @@ class DurableStore:
 
     # -- recovery ----------------------------------------------------------------------------
 
-    def _clean_directory(self) -> None:
-        live = {record.file_name for record in self.wal.live()}
-        high_water = self.wal.next_sequence - 1
-        removed = False
-        for path in sorted(self.directory.iterdir()):
-            match = _FILE_NAME.fullmatch(path.name)
-            if match is None or path.name in live:
-                continue
-            sequence = int(match.group(1))
-            if path.suffix == ".tmp" or sequence <= high_water:
-                path.unlink()
-                removed = True
-                logger.info("%s: removed %s left by an unfinished write", self.directory, path.name)
-            else:
-                self.unknown_files.append(path)
-                self.wal.skip_to(sequence)
-                logger.warning(
-                    "%s: %s is not in the WAL (sequence %d > last %d); kept, not restorable",
-                    self.directory,
-                    path.name,
-                    sequence,
-                    high_water,
-                )
+    @property
+    def recovery_found(self) -> bool:
+        """Whether opening found anything (damage, a torn tail, adopted, removed or damaged
+        files): only then does the sidecar put `recovery` into its answers."""
+        r = self.recovery
+        return bool(
+            r.reason or r.torn_tail or r.removed_files or r.adopted_files or r.damaged_files
+        )
+
+    def _recover(self) -> WalRecovery:
+        """Recovery at open, in the order of the module docstring; each step idempotent, so a
+        crash anywhere in it leaves a directory the next open recovers the same way."""
+        plan = plan_recovery(
+            self.wal.scan, self.fs.listdir(self.directory), wal_existed=self.wal.existed
+        )
+        verified = {f.name: self._verify_alone(f.name) for f in plan.to_verify()}
+        outcome = settle(plan, verified)
+        removed = outcome.named(Fate.REMOVED)
+        for name in removed:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.unlink(self.directory / name)
+            self._faults.hit("checkpoint.recovery.after_remove")
         if removed:
-            fsync_directory(self.directory)
+            self.fs.fsync_directory(self.directory)
+        self.wal.skip_to(outcome.high_water)
+        preserved = ""
+        if outcome.rewrite:
+            preserved = self.wal.rewrite(outcome.live, preserve=outcome.preserve)
+        elif outcome.cut_torn_tail:
+            self.wal.cut_torn_tail()
+        report = outcome.message(self.wal.scan, preserved)
+        report.at.FromNanoseconds(time.time_ns())
+        self._log_recovery(report, is_damage=outcome.is_damage)
+        return report
+
+    def _verify_alone(self, name: str) -> CheckpointFile:
+        path = self.directory / name
+        try:
+            fd = self.fs.open(path, os.O_RDONLY | _CLOEXEC)
+        except OSError as err:
+            return CheckpointFile(path, None, None, False, f"{path}: unreadable: {err}")
+        try:
+            return verify_stream(_Reader(self.fs, fd), self.fs.size(fd), path)
+        except OSError as err:
+            return CheckpointFile(path, None, None, False, f"{path}: unreadable: {err}")
+        finally:
+            self.fs.close(fd)
+
+    def _log_recovery(self, report: WalRecovery, *, is_damage: bool) -> None:
+        if not (report.reason or report.removed_files):
+            return
+        args = (
+            self.directory,
+            report.reason or "leftovers of an unfinished write",
+            report.valid_bytes,
+            report.damaged_bytes,
+            list(report.adopted_files),
+            list(report.damaged_files),
+            list(report.removed_files),
+            report.preserved_copy or "-",
+        )
+        text = (
+            "%s: checkpoint recovery: %s; WAL %d B valid, %d B damaged; adopted %s; damaged "
+            "(kept, never restored) %s; removed %s; damaged log kept as %s"
+        )
+        if is_damage:
+            logger.error(text, *args)
+        elif report.torn_tail:
+            logger.warning(text, *args)
+        else:
+            logger.info(text, *args)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -302,32 +339,40 @@ class DurableStore:
             return record
 
     def _write_file(self, record: CheckpointRecord, manifest: bytes, data: memoryview) -> int:
+        fs = self.fs
         tmp = self.directory / temp_name(record.sequence)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o644)
+        fd = fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o644)
         try:
             # The header goes last: until then the file has no magic and can never verify.
-            _write_all(fd, bytes(HEADER_BYTES))
-            _write_all(fd, manifest)
+            _write_all(fs, fd, bytes(HEADER_BYTES))
+            _write_all(fs, fd, manifest)
             hasher = xxhash.xxh3_64()
             for start in range(0, len(data), CHUNK_BYTES):
                 chunk = data[start : start + CHUNK_BYTES]
                 hasher.update(chunk)
-                _write_all(fd, chunk)
+                _write_all(fs, fd, chunk)
             self._faults.hit("checkpoint.after_data_write")
             digest = int(hasher.intdigest())
             header = encode_header(
-                record, manifest=manifest, data_length=len(data), data_checksum=digest
+                manifest=manifest,
+                data_length=len(data),
+                data_xxh3=digest,
+                sequence=record.sequence,
+                transaction_id=record.transaction_id,
+                epoch=record.epoch,
+                global_step=record.global_step,
+                snapshot_generation=record.snapshot_generation,
             )
-            if (written := os.pwrite(fd, header, 0)) != len(header):
+            if (written := fs.pwrite(fd, header, 0)) != len(header):
                 raise OSError(errno.EIO, f"short header write: {written} of {len(header)} B")
             self._faults.hit("checkpoint.after_header_write")
-            _FDATASYNC(fd)
+            fs.fdatasync(fd)
             self._faults.hit("checkpoint.after_fdatasync")
         finally:
-            os.close(fd)
-        os.rename(tmp, self.directory / record.file_name)
+            fs.close(fd)
+        fs.rename(tmp, self.directory / record.file_name)
         self._faults.hit("checkpoint.after_rename")
-        fsync_directory(self.directory)
+        fs.fsync_directory(self.directory)
         self._faults.hit("checkpoint.after_dir_fsync")
         return digest
 
@@ -346,8 +391,9 @@ class DurableStore:
         error = self._failed(record, err)
         try:
             for name in (temp_name(record.sequence), record.file_name):
-                (self.directory / name).unlink(missing_ok=True)
-            fsync_directory(self.directory)
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.unlink(self.directory / name)
+            self.fs.fsync_directory(self.directory)
             self.wal.abort(record, error.failure)
         except (OSError, WalUnavailable) as cleanup:
             # The BEGIN without an end already marks the transaction aborted; the next open
@@ -362,10 +408,11 @@ class DurableStore:
         try:
             for record in excess:
                 self.wal.retire(record)
-                (self.directory / record.file_name).unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.unlink(self.directory / record.file_name)
                 self._faults.hit("checkpoint.after_retire_unlink")
             if excess:
-                fsync_directory(self.directory)
+                self.fs.fsync_directory(self.directory)
         except (OSError, WalUnavailable) as err:
             logger.warning("%s: retention stopped: %s", self.directory, err)
 
@@ -383,7 +430,7 @@ class DurableStore:
         """Committed checkpoints whose file exists, newest first."""
         with self._lock:
             live = self.wal.live()
-        return [r for r in reversed(live) if (self.directory / r.file_name).exists()]
+        return [r for r in reversed(live) if self.fs.exists(self.directory / r.file_name)]
 
     def latest(self) -> CheckpointRecord | None:
         committed = self.committed()
@@ -405,30 +452,30 @@ class DurableStore:
         path = self.directory / record.file_name
         target = _byte_view(into)
         try:
-            with io.FileIO(path, "r") as f:
-                fadvise = getattr(os, "posix_fadvise", None)
-                if fadvise is not None:
-                    fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                size = os.fstat(f.fileno()).st_size
-                raw = _read_exactly(f, HEADER_BYTES, path, "header")
-                manifest_length, data_length, manifest_sum, data_sum = _check_header(
-                    raw, record, path, size
-                )
-                if data_length > len(target):
-                    raise BufferTooSmall(path, data_length, len(target))
-                manifest = _read_exactly(f, manifest_length, path, "manifest")
-                if (found := xxh3(manifest)) != manifest_sum:
-                    raise CheckpointCorrupt(
-                        path, "manifest xxh3", f"{manifest_sum:#018x}", f"{found:#018x}"
-                    )
-                if accept is not None and (why := accept(record, manifest)) is not None:
-                    raise CheckpointSkipped(path, why)
-                found = _read_hashed(f, target[:data_length], path)
+            fd = self.fs.open(path, os.O_RDONLY | _CLOEXEC)
         except OSError as err:
             raise CheckpointCorrupt(path, "readable file", "readable", f"{err}") from err
-        if found != data_sum:
-            raise CheckpointCorrupt(path, "data xxh3", f"{data_sum:#018x}", f"{found:#018x}")
-        return manifest, data_length
+        try:
+            self.fs.advise_sequential(fd)
+            reader = _Reader(self.fs, fd)
+            raw = read_exactly(reader, HEADER_BYTES, path, "header")
+            header = decode_header(raw, path=path, file_size=self.fs.size(fd))
+            check_against_record(header, record, path)
+            if header.data_length > len(target):
+                raise BufferTooSmall(path, header.data_length, len(target))
+            manifest = read_exactly(reader, header.manifest_length, path, "manifest")
+            check_manifest(manifest, header, path)
+            if accept is not None and (why := accept(record, manifest)) is not None:
+                raise CheckpointSkipped(path, why)
+            digest = hash_data(reader, header.data_length, path, target[: header.data_length])
+            check_data(digest, header, path)
+        except CheckpointFileInvalid as err:
+            raise CheckpointCorrupt(path, err.what, err.expected, err.found) from err
+        except OSError as err:
+            raise CheckpointCorrupt(path, "readable file", "readable", f"{err}") from err
+        finally:
+            self.fs.close(fd)
+        return manifest, header.data_length
 
     def load_latest(
         self,
@@ -468,71 +515,3 @@ class DurableStore:
             with contextlib.suppress(FileNotFoundError):
                 drop_page_cache(self.directory / record.file_name)
         drop_page_cache(self.wal.path)
-
-
-def _read_exactly(f: io.FileIO, n: int, path: Path, what: str) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        read = f.readinto(view[got:])
-        if not read:
-            raise CheckpointCorrupt(path, f"{what} length", n, got)
-        got += read
-    return bytes(buf)
-
-
-def _read_hashed(f: io.FileIO, target: memoryview, path: Path) -> int:
-    hasher = xxhash.xxh3_64()
-    for start in range(0, len(target), CHUNK_BYTES):
-        chunk = target[start : start + CHUNK_BYTES]
-        got = 0
-        while got < len(chunk):
-            read = f.readinto(chunk[got:])
-            if not read:
-                raise CheckpointCorrupt(path, "data length", len(target), start + got)
-            got += read
-        hasher.update(chunk)
-    return int(hasher.intdigest())
-
-
-def _check_header(
-    raw: bytes, record: CheckpointRecord, path: Path, size: int
-) -> tuple[int, int, int, int]:
-    (
-        magic,
-        version,
-        header_bytes,
-        manifest_length,
-        data_length,
-        manifest_sum,
-        data_sum,
-        sequence,
-        txn,
-        epoch,
-        _step,
-        _generation,
-        stored,
-    ) = _HEADER.unpack_from(raw, 0)
-    if magic != MAGIC:
-        raise CheckpointCorrupt(path, "magic", MAGIC, bytes(magic))
-    zeroed = bytearray(raw)
-    struct.pack_into("<Q", zeroed, _HEADER_SUM_AT, 0)
-    if (computed := xxh3(zeroed)) != stored:
-        raise CheckpointCorrupt(path, "header xxh3", f"{stored:#018x}", f"{computed:#018x}")
-    if len(record.payload_checksum) != 8:
-        raise CheckpointCorrupt(path, "WAL record checksum length", 8, len(record.payload_checksum))
-    checks: tuple[tuple[str, object, object], ...] = (
-        ("format version", FORMAT_VERSION, version),
-        ("header bytes", HEADER_BYTES, header_bytes),
-        ("file size", HEADER_BYTES + manifest_length + data_length, size),
-        ("sequence (WAL record)", record.sequence, sequence),
-        ("transaction id (WAL record)", record.transaction_id.hex(), bytes(txn).hex()),
-        ("epoch (WAL record)", record.epoch, epoch),
-        ("data length (WAL record)", record.payload_bytes, data_length),
-        ("data xxh3 (WAL record)", digest_int(record.payload_checksum), data_sum),
-    )
-    for what, expected, found in checks:
-        if expected != found:
-            raise CheckpointCorrupt(path, what, expected, found)
-    return manifest_length, data_length, manifest_sum, data_sum

@@ -21,7 +21,8 @@ class SidecarError(Exception):
 
 
 class WalCorrupt(SidecarError):
-    """A WAL record failed validation: replay stops here and the tail is dropped (R6.3)."""
+    """A WAL record failed validation (R6.3). Opening a store reports damage in its
+    `recovery` instead of raising; only the subclass below refuses an open."""
 
     def __init__(self, path: Path, offset: int, reason: str) -> None:
         super().__init__(f"{path}: bad WAL record at byte {offset}: {reason}")
@@ -35,8 +36,23 @@ class WalVersionUnsupported(WalCorrupt):
     than cut a newer sidecar's log; run the matching sidecar version."""
 
 
+class CheckpointDirectoryLocked(SidecarError):
+    """Another store (another sidecar on the same checkpoint volume) holds this directory's
+    WAL: two writers would interleave records; give each run its own directory."""
+
+    def __init__(self, directory: Path, detail: str = "") -> None:
+        super().__init__(
+            f"{directory}: another process holds the checkpoint WAL's lock"
+            + (f" ({detail})" if detail else "")
+            + "; one writer per checkpoint directory"
+        )
+        self.directory = directory
+        self.detail = detail
+
+
 class WalUnavailable(SidecarError):
-    """The WAL could not be restored to a clean tail after a failed append: reopen it."""
+    """The WAL refuses appends (a failed append could not be cut back, or damage found at open
+    is not repaired yet): reopen the store."""
 
     def __init__(self, path: Path, detail: str) -> None:
         super().__init__(f"{path}: WAL refuses appends until reopened: {detail}")

@@ -2,14 +2,17 @@
 
 `Clock` drives every budget of the emergency machine; `DurableStore` is the checkpoint
 store (`checkpoints.DurableStore` in production) as the slot manager uses it; `EventSink` is
-where components report what happened (`events.EventLog` in production). Components receive
-these in their constructors and never build their own.
+where components report what happened (`events.EventLog` in production); `FileSystem` is every
+file operation of the WAL and the checkpoint store (`fs.OsFileSystem` in production), so a test
+can cut the power between any two of them. Components receive these in their constructors and
+never build their own.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Literal, Protocol
 
 from google.protobuf.message import Message
@@ -106,4 +109,76 @@ class DurableStore(Protocol):
     @property
     def last_rejections(self) -> Sequence[tuple[CheckpointRecord, object]]:
         """What the last `load_latest` refused, newest first, with the error or reason."""
+        ...
+
+
+class FileSystem(Protocol):
+    """The file operations of the WAL and the checkpoint store, one call each.
+
+    Production is `fs.OsFileSystem` (plain `os` calls); tests pass a double that models what
+    survives a power cut. Calls go to the kernel and are bounded by it (no deadline: a store
+    whose disk hangs is abandoned by the sidecar, not interrupted). Each raises `OSError` as
+    `os` does; none retries, logs or buffers, so what the caller sequenced is what happens.
+    """
+
+    def open(self, path: Path, flags: int, mode: int = 0o644) -> int:
+        """`os.open`: a descriptor."""
+        ...
+
+    def close(self, fd: int) -> None: ...
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        """`os.write`: bytes written (maybe fewer than asked)."""
+        ...
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int: ...
+
+    def readinto(self, fd: int, buffer: memoryview) -> int:
+        """Reads at the descriptor's offset into `buffer`; 0 at the end of the file."""
+        ...
+
+    def size(self, fd: int) -> int:
+        """The open file's size in bytes."""
+        ...
+
+    def fsync(self, fd: int) -> None: ...
+
+    def fdatasync(self, fd: int) -> None:
+        """Data and the size needed to read it back are durable on return."""
+        ...
+
+    def ftruncate(self, fd: int, length: int) -> None: ...
+
+    def try_lock(self, fd: int) -> bool:
+        """An exclusive `flock`, not waiting: False when another open file holds it."""
+        ...
+
+    def is_path_of(self, fd: int, path: Path) -> bool:
+        """Whether `path` still names the file `fd` has open (a rename may have replaced it)."""
+        ...
+
+    def rename(self, source: Path, target: Path) -> None:
+        """`os.replace`: atomic, replacing `target`."""
+        ...
+
+    def link(self, source: Path, target: Path) -> None:
+        """A hard link; `FileExistsError` when `target` exists (it is never replaced)."""
+        ...
+
+    def unlink(self, path: Path) -> None: ...
+
+    def exists(self, path: Path) -> bool: ...
+
+    def listdir(self, directory: Path) -> list[str]: ...
+
+    def mkdir(self, path: Path) -> None:
+        """Creates `path` and its missing parents."""
+        ...
+
+    def fsync_directory(self, directory: Path) -> None:
+        """Makes every create, rename, link and unlink in `directory` so far durable."""
+        ...
+
+    def advise_sequential(self, fd: int) -> None:
+        """Hints a whole-file sequential read (a no-op where the kernel has no such hint)."""
         ...

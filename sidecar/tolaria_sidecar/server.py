@@ -44,6 +44,7 @@ from leyline import (
     RollbackRequest,
     RollbackTier,
     RunPhase,
+    WalRecovery,
 )
 from leyline.shm import (
     PARTICIPANT_FLAG_ATTACHED,
@@ -63,7 +64,12 @@ from tolaria_sidecar.auth import TokenAuth
 from tolaria_sidecar.checkpoints import DurableStore
 from tolaria_sidecar.config import ControlAddress, SidecarConfig
 from tolaria_sidecar.emergency import TRAINER, EmergencyMachine, EmergencyMonitor
-from tolaria_sidecar.errors import ConfigInvalid, PersistFailed
+from tolaria_sidecar.errors import (
+    CheckpointDirectoryLocked,
+    ConfigInvalid,
+    PersistFailed,
+    WalVersionUnsupported,
+)
 from tolaria_sidecar.events import EventLog
 from tolaria_sidecar.metrics import SidecarMetrics
 from tolaria_sidecar.metrics import serve as serve_metrics
@@ -313,6 +319,9 @@ class Sidecar:
         self.control = open_control_block(config)
         self.guard = PersistGuard(config.drills)
         self._own_store: DurableStore | None = None
+        self.wal_recovery: WalRecovery | None = None
+        """What opening the checkpoint directory found (R13.5), when it found anything; every
+        Attach and status answer carries it for the life of this sidecar."""
         if store is None:
             try:
                 config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -324,13 +333,21 @@ class Sidecar:
                     lineage_id=config.lineage_id,
                     faults=self.guard,
                 )
-            except OSError as err:
+            except CheckpointDirectoryLocked as err:
+                self.control.close()
+                raise ConfigInvalid(
+                    "--checkpoint-dir",
+                    f"{err}: is another sidecar using {config.checkpoint_dir}?",
+                ) from err
+            except (OSError, WalVersionUnsupported) as err:
                 self.control.close()
                 raise ConfigInvalid(
                     "--checkpoint-dir", f"cannot open {config.checkpoint_dir}: {err}"
                 ) from err
             store = _TimedStore(self._own_store, self.metrics)
             self.view.failures.extend(self._own_store.wal.aborted())  # failures before a restart
+            if self._own_store.recovery_found:
+                self.wal_recovery = self._own_store.recovery
         self.store: StoreProtocol = store
         self.slots = SlotManager(
             run_id=config.run_id,
@@ -550,6 +567,8 @@ class Sidecar:
             if active.level == EmergencyLevel.EMERGENCY_LEVEL_CRITICAL:
                 status.health = HealthStatus.HEALTH_STATUS_CRITICAL
         status.emergencies.extend(self.machine.history())
+        if self.wal_recovery is not None:
+            status.wal_recovery.CopyFrom(self.wal_recovery)
         return status
 
 

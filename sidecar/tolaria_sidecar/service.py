@@ -184,6 +184,8 @@ class TrainerLinkService(TrainerLinkServicer):
         latest = s.store.latest()
         if latest is not None:
             response.last_checkpoint.CopyFrom(latest)
+        if s.wal_recovery is not None:
+            response.wal_recovery.CopyFrom(s.wal_recovery)
         return response
 
     @guarded

@@ -1,73 +1,73 @@
-"""The checkpoint write-ahead log (R6.3): `wal.log`, fixed-header records, replayed at open.
+"""The checkpoint write-ahead log (R6.3): `wal.log` of one directory, its appends and rewrites.
 
 `DurableStore` (`checkpoints.py`) is the only caller and the only writer, from one thread: it
 records BEGIN before writing a checkpoint file, COMMIT once the file is durable, ABORT when the
-write failed and RETIRE before deleting an old file. Opening replays the log from the start and
-cuts it at the first bad record, so the last fully committed checkpoint wins after any crash.
-The WAL never holds checkpoint data, never rewrites a record in place, and never appends after
-a record that may be torn.
+write failed and RETIRE before deleting an old file. The record format and the scan are
+Leyline's (`leyline.durable.wal_format`); this module does the I/O, through the store's
+`FileSystem` seam.
 
-Record layout (little-endian; a 256-byte header, then `payload length` bytes)::
-
-    0    8s   magic b"ESPERWAL"
-    8    u16  version (1)
-    10   u16  op: BEGIN 1, COMMIT 2, ABORT 3, RETIRE 4, COMPACTED 5
-    12   u32  reserved, 0
-    16   u64  sequence, strictly increasing through the file
-    24   16s  transaction id (shared by a checkpoint's BEGIN, COMMIT/ABORT and RETIRE)
-    40   u64  epoch
-    48   u64  payload length
-    56   u32  CRC32C of the payload
-    60   u32  CRC32C of all 256 header bytes, computed with bytes 60..63 set to zero
-    64   192 zero bytes
-    256  payload: BEGIN and COMMIT a serialized Leyline `CheckpointRecord` (BEGIN's without
-         checksum and commit time), ABORT a `CheckpointFailure`, RETIRE and COMPACTED none
-
-CRC32C detects every error burst of up to 32 bits, so any one damaged byte in a header or a
-payload is always caught. A whole record (its CRC holds) of another version is not damage: the
-log belongs to another build, and opening refuses it (`WalVersionUnsupported`) instead of
-cutting it. COMPACTED ends a compacted log and carries the high-water sequence,
-so sequences stay increasing across compactions.
+Opening a log takes an exclusive, non-blocking `flock` on it (a second store on the same
+directory, say a second sidecar on the same volume, is refused with
+`CheckpointDirectoryLocked`), then reads and scans it, resynchronising past damage so every
+valid record counts. Opening changes nothing on disk but a leftover `wal.log.compact` (its
+rename never happened). A log with damage refuses appends until the store has decided what the
+damage means for its files (the rules are in `leyline.durable`) and repaired it: `cut_torn_tail`
+cuts an unfinished last append; `rewrite` moves a damaged log aside (`wal.log.damaged-<n>`, a
+hard link, never overwritten) and installs a fresh compacted log. So an append never follows
+damage. A whole record of another version refuses the open (`WalVersionUnsupported`): that log
+belongs to another build and is neither cut nor rewritten.
 
 Each append is a header write, a payload write and one `fdatasync` on an `O_APPEND` descriptor.
 That gives the same guarantee as an `O_DSYNC` write (data and file size on stable storage when
 the call returns) at the cost of one `O_DSYNC` write on ext4 (measured 217 us vs 213 us p50 for
 a 400-byte record), half the cost of two `O_DSYNC` writes, and it lets the crash tests stop
 between header and payload. A failed append is cut back off the file before the next one.
+
+Compaction and recovery's rewrite write the live COMMIT records and a COMPACTED high-water
+marker to `wal.log.compact`, lock it, fsync it, rename it over `wal.log` and fsync the
+directory: a crash leaves the old or the new log, each describing the same live checkpoints.
+The new file is locked before the rename, so the directory is never unlocked in between.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
-import struct
 import time
-from dataclasses import dataclass
-from enum import IntEnum
+from collections.abc import Sequence
 from pathlib import Path
 
-from google.protobuf.message import DecodeError
-
 from leyline.checksum import crc32c
+from leyline.durable.recovery import LogState
+from leyline.durable.wal_format import (
+    COMPACT_NAME,
+    DAMAGED_PREFIX,
+    HEADER_BYTES,
+    WAL_NAME,
+    Op,
+    RecordHeader,
+    WalScan,
+    WalVersionUnknown,
+    encode_header,
+    encode_record,
+    scan,
+)
 from leyline.spec.resilience import CheckpointSpec
 from leyline.v1.resilience_pb2 import CheckpointFailure, CheckpointRecord
-from tolaria_sidecar.errors import WalCorrupt, WalUnavailable, WalVersionUnsupported
+from tolaria_sidecar.errors import CheckpointDirectoryLocked, WalUnavailable, WalVersionUnsupported
 from tolaria_sidecar.faults import Faults
+from tolaria_sidecar.fs import OS_FILESYSTEM
+from tolaria_sidecar.protocols import FileSystem
 
 logger = logging.getLogger(__name__)
 
-WAL_NAME = "wal.log"
-COMPACT_NAME = "wal.log.compact"
-MAGIC = b"ESPERWAL"
-VERSION = 1
-HEADER_BYTES = 256
-MAX_PAYLOAD_BYTES = 1 << 20
-"""A record payload is a small Leyline message; anything larger is a damaged length."""
-
-_FIELDS = struct.Struct("<8sHHIQ16sQQII")
-_CRC_AT = 60
-_FDATASYNC = getattr(os, "fdatasync", os.fsync)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_LOG_FLAGS = os.O_RDWR | os.O_APPEND | _CLOEXEC
+_LOCK_ATTEMPTS = 8
+"""Opens retried when the file we locked was renamed away meanwhile (a compaction by the
+holder that just released it): more than one in a row means a busy writer, not a race."""
 
 WRITE_POINTS: tuple[str, ...] = (
     "wal.append.before_header",
@@ -80,200 +80,61 @@ WRITE_POINTS: tuple[str, ...] = (
     "wal.compact.after_rename",
     "wal.compact.after_dir_sync",
 )
+RECOVERY_POINTS: tuple[str, ...] = (
+    "wal.recovery.after_preserve",
+    "wal.recovery.after_cut",
+)
+"""Write points reached only while repairing a damaged log at open (with the compaction
+points, which a rewrite passes too)."""
 
 
-class Op(IntEnum):
-    BEGIN = 1
-    COMMIT = 2
-    ABORT = 3
-    RETIRE = 4
-    COMPACTED = 5
-
-
-_OPS = frozenset(int(op) for op in Op)
-
-
-@dataclass(frozen=True)
-class RecordHeader:
-    op: Op
-    sequence: int
-    transaction_id: bytes
-    epoch: int
-    payload_length: int
-    payload_crc: int
-
-
-@dataclass(frozen=True)
-class WalRecord:
-    header: RecordHeader
-    payload: bytes
-    offset: int
-
-    @property
-    def end(self) -> int:
-        return self.offset + HEADER_BYTES + len(self.payload)
-
-
-@dataclass(frozen=True)
-class ReplayResult:
-    """What replay kept, and what it cut off and why (`error` is None for a clean log)."""
-
-    records: tuple[WalRecord, ...]
-    valid_bytes: int
-    dropped_bytes: int
-    error: WalCorrupt | None
-
-    @property
-    def stop_reason(self) -> str | None:
-        return None if self.error is None else self.error.reason
-
-
-def encode_header(
-    op: Op, sequence: int, transaction_id: bytes, epoch: int, payload: bytes
-) -> bytes:
-    """The 256-byte header of a record carrying `payload`."""
-    if len(transaction_id) != 16:
-        raise ValueError(f"a transaction id is 16 bytes, got {len(transaction_id)}")
-    header = bytearray(HEADER_BYTES)
-    _FIELDS.pack_into(
-        header,
-        0,
-        MAGIC,
-        VERSION,
-        int(op),
-        0,
-        sequence,
-        transaction_id,
-        epoch,
-        len(payload),
-        crc32c(payload),
-        0,
-    )
-    struct.pack_into("<I", header, _CRC_AT, crc32c(header))
-    return bytes(header)
-
-
-def decode_header(raw: bytes | bytearray | memoryview, *, path: Path, offset: int) -> RecordHeader:
-    """Parses and checks one header; raises `WalCorrupt` naming what is wrong."""
-    if len(raw) < HEADER_BYTES:
-        raise WalCorrupt(path, offset, f"short header: {len(raw)} of {HEADER_BYTES} bytes")
-    header = bytearray(raw[:HEADER_BYTES])
-    magic, version, op, _, sequence, txn, epoch, length, payload_crc, stored = _FIELDS.unpack_from(
-        header, 0
-    )
-    if magic != MAGIC:
-        raise WalCorrupt(path, offset, f"magic {bytes(magic)!r} != {MAGIC!r}")
-    struct.pack_into("<I", header, _CRC_AT, 0)
-    computed = crc32c(header)
-    if computed != stored:
-        raise WalCorrupt(path, offset, f"header crc32c {computed:#010x} != stored {stored:#010x}")
-    if version != VERSION:
-        raise WalVersionUnsupported(
-            path, offset, f"version {version} != {VERSION} (this build reads only {VERSION})"
-        )
-    if op not in _OPS:
-        raise WalCorrupt(path, offset, f"unknown op {op}")
-    if length > MAX_PAYLOAD_BYTES:
-        raise WalCorrupt(path, offset, f"payload length {length} > {MAX_PAYLOAD_BYTES}")
-    return RecordHeader(Op(op), sequence, bytes(txn), epoch, length, payload_crc)
-
-
-def scan(data: bytes | bytearray | memoryview, *, path: Path) -> ReplayResult:
-    """Reads records from the start; stops at the first bad one. Pure: touches no file.
-
-    Raises `WalVersionUnsupported` for a whole record of another version instead of stopping:
-    that log belongs to another build and must not be cut.
-    """
-    records: list[WalRecord] = []
-    offset = 0
-    previous = 0
-    error: WalCorrupt | None = None
-    while offset < len(data):
-        try:
-            header = decode_header(data[offset : offset + HEADER_BYTES], path=path, offset=offset)
-            start = offset + HEADER_BYTES
-            payload = bytes(data[start : start + header.payload_length])
-            if len(payload) < header.payload_length:
-                raise WalCorrupt(
-                    path, offset, f"short payload: {len(payload)} of {header.payload_length} B"
-                )
-            if (found := crc32c(payload)) != header.payload_crc:
-                raise WalCorrupt(
-                    path, offset, f"payload crc32c {found:#010x} != {header.payload_crc:#010x}"
-                )
-            if header.sequence <= previous:
-                raise WalCorrupt(
-                    path, offset, f"sequence {header.sequence} after {previous}: not increasing"
-                )
-            _check_payload(header, payload, path=path, offset=offset)
-        except WalVersionUnsupported:
-            raise
-        except WalCorrupt as err:
-            error = err
-            break
-        records.append(WalRecord(header, payload, offset))
-        previous = header.sequence
-        offset = start + header.payload_length
-    return ReplayResult(tuple(records), offset, len(data) - offset, error)
-
-
-def _check_payload(header: RecordHeader, payload: bytes, *, path: Path, offset: int) -> None:
-    if header.op in (Op.BEGIN, Op.COMMIT):
-        try:
-            record = CheckpointRecord.FromString(payload)
-        except DecodeError as err:
-            raise WalCorrupt(path, offset, f"{header.op.name} payload: {err}") from err
-        if record.transaction_id != header.transaction_id:
-            raise WalCorrupt(
-                path,
-                offset,
-                f"{header.op.name} payload transaction {record.transaction_id.hex()} != "
-                f"header {header.transaction_id.hex()}",
-            )
-
-
-def fsync_directory(directory: Path) -> None:
-    """Makes a create, rename or unlink in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def _write_all(fs: FileSystem, fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view) :]
+        view = view[fs.write(fd, view) :]
 
 
-def _read_all(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
-    chunks: list[bytes] = []
-    offset = 0
-    while offset < size:
-        chunk = os.pread(fd, size - offset, offset)
-        if not chunk:
+def _read_all(fs: FileSystem, fd: int) -> bytes:
+    buf = bytearray(fs.size(fd))
+    view = memoryview(buf)
+    got = 0
+    while got < len(buf):
+        read = fs.readinto(fd, view[got:])
+        if not read:
             break
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
+        got += read
+    return bytes(buf[:got])
+
+
+def damaged_copy_names(names: Sequence[str]) -> list[int]:
+    """The numbers of the `wal.log.damaged-<n>` copies among `names`."""
+    found = []
+    for name in names:
+        if name.startswith(DAMAGED_PREFIX) and name[len(DAMAGED_PREFIX) :].isdigit():
+            found.append(int(name[len(DAMAGED_PREFIX) :]))
+    return found
 
 
 class WriteAheadLog:
-    """The open `wal.log` of one checkpoint directory; not thread-safe (one writer)."""
+    """The open, locked `wal.log` of one checkpoint directory; not thread-safe (one writer)."""
 
     def __init__(
-        self, directory: Path, spec: CheckpointSpec, *, faults: Faults | None = None
+        self,
+        directory: Path,
+        spec: CheckpointSpec,
+        *,
+        faults: Faults | None = None,
+        fs: FileSystem | None = None,
     ) -> None:
-        """Opens (creating if absent) and replays the log, cutting it at the first bad record.
+        """Opens (creating if absent) and locks the log, then scans it; writes nothing else.
 
-        Raises `OSError` when the directory or file cannot be opened, `WalVersionUnsupported`
-        for a log of another version. A leftover compaction file is removed: the rename that
-        would have installed it never happened.
+        Raises `CheckpointDirectoryLocked` when another store holds it, `OSError` when the
+        directory or file cannot be opened, `WalVersionUnsupported` for a log of another
+        version. Damage is in `scan` and stops appends until `cut_torn_tail` or `rewrite`.
         """
         self.directory = directory
         self.path = directory / WAL_NAME
+        self.fs: FileSystem = fs or OS_FILESYSTEM
         self._spec = spec
         self._faults = faults or Faults()
         self._budget_ns = int(spec.wal_append_ms * 1_000_000)
@@ -282,40 +143,46 @@ class WriteAheadLog:
         self.appends = 0
         self.appends_over_budget = 0
         self._unusable: str | None = None
-        self._live: dict[bytes, tuple[int, CheckpointRecord]] = {}
-        self._begun: dict[bytes, CheckpointRecord] = {}
-        self._aborted: list[CheckpointFailure] = []
-        self._high_water = 0
 
-        if not directory.is_dir():
-            directory.mkdir(parents=True)
-            fsync_directory(directory.parent)
-        stale = directory / COMPACT_NAME
-        existed = self.path.exists()
-        if stale.exists():
-            stale.unlink()
-        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-        self._fd = os.open(self.path, flags, 0o644)
+        if not self.fs.exists(directory):
+            self.fs.mkdir(directory)
+            self.fs.fsync_directory(directory.parent)
+        self.existed = self.fs.exists(self.path)
+        """Whether `wal.log` was there before this open (a missing log is not an empty one)."""
+        self._fd = self._open_locked()
         try:
-            self.replay = scan(_read_all(self._fd), path=self.path)
-            if self.replay.dropped_bytes:
-                os.ftruncate(self._fd, self.replay.valid_bytes)
-                os.fsync(self._fd)
-                logger.warning(
-                    "%s: dropped %d bytes after byte %d: %s",
-                    self.path,
-                    self.replay.dropped_bytes,
-                    self.replay.valid_bytes,
-                    self.replay.stop_reason,
-                )
-            if not existed:
-                fsync_directory(directory)
+            if not self.existed:
+                self.fs.fsync_directory(directory)
+            stale = directory / COMPACT_NAME
+            if self.fs.exists(stale):
+                self.fs.unlink(stale)
+            self._opened = _read_all(self.fs, self._fd)
+            try:
+                self.scan: WalScan = scan(self._opened)
+            except WalVersionUnknown as err:
+                raise WalVersionUnsupported(self.path, err.offset, err.reason) from err
         except BaseException:
-            os.close(self._fd)
+            self.fs.close(self._fd)
             raise
-        self._size = self.replay.valid_bytes
-        for record in self.replay.records:
-            self._apply(record.header, record.payload)
+        self._size = len(self._opened)
+        self.state = LogState.of(self.scan)
+        self._high_water = self.state.high_water
+        if not self.scan.clean:
+            self._unusable = f"damage found at open is not repaired ({self.scan.reason})"
+
+    def _open_locked(self) -> int:
+        for _ in range(_LOCK_ATTEMPTS):
+            fd = self.fs.open(self.path, _LOG_FLAGS | os.O_CREAT, 0o644)
+            try:
+                if not self.fs.try_lock(fd):
+                    raise CheckpointDirectoryLocked(self.directory)
+                if self.fs.is_path_of(fd, self.path):
+                    return fd
+            except BaseException:
+                self.fs.close(fd)
+                raise
+            self.fs.close(fd)  # locked a log the holder had just replaced: open the new one
+        raise CheckpointDirectoryLocked(self.directory, "its log keeps being replaced")
 
     # -- state -------------------------------------------------------------------------------
 
@@ -334,34 +201,76 @@ class WriteAheadLog:
 
     def live(self) -> list[CheckpointRecord]:
         """Committed and not retired, oldest first."""
-        return [record for _, record in sorted(self._live.values(), key=lambda item: item[0])]
+        return [record for _, record in self.state.live()]
 
     def aborted(self) -> list[CheckpointFailure]:
         """Failures recorded by ABORT records still in the log, oldest first (a restarted
         sidecar reports them too; compaction drops them)."""
-        return list(self._aborted)
+        return list(self.state.failures)
 
     def in_doubt(self) -> list[CheckpointRecord]:
-        """BEGIN records with no COMMIT or ABORT: aborted transactions (their files are junk)."""
-        return list(self._begun.values())
+        """BEGIN records with no COMMIT, ABORT or RETIRE."""
+        return self.state.in_doubt()
 
     def skip_to(self, sequence: int) -> None:
-        """Makes `next_sequence` at least `sequence + 1` (a file on disk already uses it)."""
+        """Makes `next_sequence` at least `sequence + 1` (something on disk already uses it)."""
         self._high_water = max(self._high_water, sequence)
 
-    def _apply(self, header: RecordHeader, payload: bytes) -> None:
-        txn = header.transaction_id
-        self._high_water = max(self._high_water, header.sequence)
-        if header.op is Op.BEGIN:
-            self._begun[txn] = CheckpointRecord.FromString(payload)
-        elif header.op is Op.COMMIT:
-            self._begun.pop(txn, None)
-            self._live[txn] = (header.sequence, CheckpointRecord.FromString(payload))
-        elif header.op is Op.ABORT:
-            self._begun.pop(txn, None)
-            self._aborted.append(_failure(payload))
-        elif header.op is Op.RETIRE:
-            self._live.pop(txn, None)
+    # -- repairs at open -----------------------------------------------------------------------
+
+    def cut_torn_tail(self) -> None:
+        """Cuts an unfinished last append off the file (the scan found a torn tail and nothing
+        else). Raises `OSError`; appends stay refused until it succeeds."""
+        if not self.scan.torn_tail:
+            raise ValueError(f"{self.path}: no torn tail to cut ({self.scan.reason or 'clean'})")
+        keep = self.scan.damage[0].offset
+        self.fs.ftruncate(self._fd, keep)
+        self.fs.fsync(self._fd)
+        self._faults.hit("wal.recovery.after_cut")
+        self._size = keep
+        self._unusable = None
+        self._opened = b""
+
+    def rewrite(self, live: Sequence[tuple[int, CheckpointRecord]], *, preserve: bool) -> str:
+        """Replaces the log with a compacted one holding `live` ((commit sequence, record),
+        oldest first); with `preserve`, first links the old log aside as
+        `wal.log.damaged-<n>` (the first free n) and returns that name, else "".
+
+        Crash-safe: the copy is durable before the new log is renamed in, and the rename is
+        durable (directory fsync) before this returns. Raises `OSError` (the old log stays) or
+        `WalUnavailable` when the new log could not be made durable.
+        """
+        preserved = self._preserve() if preserve else ""
+        self._install(sorted(live, key=lambda item: item[0]))
+        self._opened = b""
+        return preserved
+
+    def _preserve(self) -> str:
+        taken = damaged_copy_names(self.fs.listdir(self.directory))
+        number = max(taken, default=0) + 1
+        while True:
+            target = self.directory / f"{DAMAGED_PREFIX}{number}"
+            try:
+                self.fs.link(self.path, target)
+            except FileExistsError:
+                number += 1
+                continue
+            except OSError as err:
+                if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                self._copy_to(target)  # a file system without hard links
+            break
+        self.fs.fsync_directory(self.directory)
+        self._faults.hit("wal.recovery.after_preserve")
+        return target.name
+
+    def _copy_to(self, target: Path) -> None:
+        fd = self.fs.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o644)
+        try:
+            _write_all(self.fs, fd, self._opened)
+            self.fs.fsync(fd)
+        finally:
+            self.fs.close(fd)
 
     # -- appends -----------------------------------------------------------------------------
 
@@ -376,7 +285,6 @@ class WriteAheadLog:
     def abort(self, record: CheckpointRecord, failure: CheckpointFailure) -> None:
         """ABORT: the transaction's file was removed; `failure` says why."""
         self._append(Op.ABORT, record.transaction_id, record.epoch, failure.SerializeToString())
-        self._aborted.append(failure)
 
     def retire(self, record: CheckpointRecord) -> None:
         """RETIRE: the committed checkpoint is dropped by retention; its file may be deleted."""
@@ -396,21 +304,23 @@ class WriteAheadLog:
         start_ns = time.perf_counter_ns()
         try:
             self._faults.hit("wal.append.before_header")
-            _write_all(self._fd, header)
+            _write_all(self.fs, self._fd, header)
             self._faults.hit("wal.append.after_header")
-            _write_all(self._fd, payload)
+            _write_all(self.fs, self._fd, payload)
             self._faults.hit("wal.append.after_payload")
-            _FDATASYNC(self._fd)
+            self.fs.fdatasync(self._fd)
             self._faults.hit("wal.append.after_sync")
         except OSError as err:
             self._cut_back(err)
             raise
         elapsed_ns = time.perf_counter_ns() - start_ns
-        self._size += HEADER_BYTES + len(payload)
-        self._apply(
+        self.state.apply(
             RecordHeader(op, sequence, transaction_id, epoch, len(payload), crc32c(payload)),
             payload,
+            self._size,
         )
+        self._high_water = max(self._high_water, sequence)
+        self._size += HEADER_BYTES + len(payload)
         self.appends += 1
         self.last_append_ns = elapsed_ns
         self.worst_append_ns = max(self.worst_append_ns, elapsed_ns)
@@ -426,8 +336,8 @@ class WriteAheadLog:
 
     def _cut_back(self, cause: OSError) -> None:
         try:
-            os.ftruncate(self._fd, self._size)
-            os.fsync(self._fd)
+            self.fs.ftruncate(self._fd, self._size)
+            self.fs.fsync(self._fd)
         except OSError as err:
             self._unusable = f"append failed ({cause}) and the tail could not be cut ({err})"
             logger.error("%s: %s", self.path, self._unusable)
@@ -437,65 +347,74 @@ class WriteAheadLog:
     def compact(self) -> None:
         """Rewrites the log as its live COMMIT records plus a COMPACTED high-water mark.
 
-        Call between transactions (never with a BEGIN open). Written to `wal.log.compact`,
-        fsynced, renamed over `wal.log`, directory fsynced: a crash leaves the old or the new
+        Call between transactions (never with a BEGIN open). A crash leaves the old or the new
         log, each holding the same live checkpoints. Raises `OSError` (the old log stays) or
-        `WalUnavailable` when the new log was installed but could not be opened.
+        `WalUnavailable` when the new log was installed but could not be made durable.
         """
         if self._unusable is not None:
             raise WalUnavailable(self.path, self._unusable)
-        parts: list[bytes] = []
-        for sequence, record in sorted(self._live.values(), key=lambda item: item[0]):
-            payload = record.SerializeToString()
-            parts += [
-                encode_header(Op.COMMIT, sequence, record.transaction_id, record.epoch, payload),
-                payload,
-            ]
-        marker = self.next_sequence
-        parts.append(encode_header(Op.COMPACTED, marker, bytes(16), 0, b""))
-        data = b"".join(parts)
-        tmp = self.directory / COMPACT_NAME
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(tmp, flags, 0o644)
-        try:
-            self._faults.hit("wal.compact.before_write")
-            _write_all(fd, data)
-            self._faults.hit("wal.compact.after_write")
-            os.fsync(fd)
-            self._faults.hit("wal.compact.after_sync")
-        except OSError:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        os.close(fd)
-        os.replace(tmp, self.path)
-        self._faults.hit("wal.compact.after_rename")
-        try:
-            new_fd = os.open(self.path, os.O_RDWR | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
-        except OSError as err:
-            self._unusable = f"compacted log installed but not reopened ({err})"
-            raise WalUnavailable(self.path, self._unusable) from err
-        old_fd, self._fd = self._fd, new_fd
-        os.close(old_fd)
         before = self._size
-        self._size = len(data)
-        self._high_water = marker
-        self._begun.clear()
-        fsync_directory(self.directory)
-        self._faults.hit("wal.compact.after_dir_sync")
+        self._install(self.state.live())
         logger.info("%s: compacted %d -> %d bytes", self.path, before, self._size)
 
+    def _install(self, live: Sequence[tuple[int, CheckpointRecord]]) -> None:
+        """Writes `live` and a COMPACTED marker to a locked temp file, renames it over the log
+        and makes that durable; the new file's descriptor becomes the log's."""
+        marker = self.next_sequence
+        parts = [
+            encode_record(
+                Op.COMMIT, sequence, record.transaction_id, record.epoch, record.SerializeToString()
+            )
+            for sequence, record in live
+        ]
+        parts.append(encode_record(Op.COMPACTED, marker, bytes(16), 0, b""))
+        data = b"".join(parts)
+        tmp = self.directory / COMPACT_NAME
+        fd = self.fs.open(tmp, _LOG_FLAGS | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            if not self.fs.try_lock(fd):
+                raise CheckpointDirectoryLocked(self.directory, f"{COMPACT_NAME} is locked")
+            self._faults.hit("wal.compact.before_write")
+            _write_all(self.fs, fd, data)
+            self._faults.hit("wal.compact.after_write")
+            self.fs.fsync(fd)
+            self._faults.hit("wal.compact.after_sync")
+            self.fs.rename(tmp, self.path)
+        except OSError:
+            self.fs.close(fd)
+            with contextlib.suppress(OSError):
+                self.fs.unlink(tmp)
+            raise
+        except BaseException:
+            self.fs.close(fd)
+            raise
+        # The new log is locked and in place: from here on it is the log (a crash closes it).
+        old_fd, self._fd = self._fd, fd
+        self.fs.close(old_fd)
+        self._faults.hit("wal.compact.after_rename")
+        state = LogState()
+        for sequence, record in live:
+            payload = record.SerializeToString()
+            state.apply(
+                RecordHeader(
+                    Op.COMMIT, sequence, record.transaction_id, record.epoch, len(payload), 0
+                ),
+                payload,
+                0,
+            )
+        self.state = state
+        self._size = len(data)
+        self._high_water = marker
+        try:
+            self.fs.fsync_directory(self.directory)
+        except OSError as err:
+            self._unusable = f"new log renamed in but the directory fsync failed ({err})"
+            raise WalUnavailable(self.path, self._unusable) from err
+        self._unusable = None
+        self._faults.hit("wal.compact.after_dir_sync")
+
     def close(self) -> None:
-        """Closes the descriptor; writes nothing (a crash-like close is safe)."""
+        """Closes the descriptor (releasing the lock); writes nothing (a crash-like close)."""
         if self._fd >= 0:
-            os.close(self._fd)
+            self.fs.close(self._fd)
             self._fd = -1
-
-
-def _failure(payload: bytes) -> CheckpointFailure:
-    """An ABORT payload; an unreadable one still counts as a failure with no detail."""
-    try:
-        return CheckpointFailure.FromString(payload)
-    except DecodeError:
-        return CheckpointFailure(error="unreadable ABORT payload")

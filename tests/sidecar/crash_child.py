@@ -15,14 +15,19 @@ from pathlib import Path
 
 from leyline.checksum import REGION_ALGORITHM, region_digest
 from leyline.shm import SLOT_DYNAMIC_AT, Slot, TornHeader, slot_name
-from tests.sidecar.scenarios import INSTANCE_ID, RUN_ID, SPEC, content, write_index, write_new_epoch
+from tests.sidecar.scenarios import (
+    ANNOUNCE,
+    DONE,
+    INSTANCE_ID,
+    RUN_ID,
+    SPEC,
+    content,
+    write_index,
+    write_new_epoch,
+)
 from tolaria_sidecar.checkpoints import DurableStore
 from tolaria_sidecar.faults import Faults
 
-ANNOUNCE = 1
-"""About to write or publish `index`: it may be what survives if the kill lands now."""
-DONE = 2
-"""`index` is committed (checkpoint) or published (slot): it must never be lost."""
 MESSAGE = struct.Struct("<BQ")
 MAX_ITERATIONS = 100_000
 PIECE_BYTES = 4096

@@ -14,6 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from leyline.checksum import digest_bytes, xxh3
+from leyline.durable import wal_format
+from leyline.durable.checkpoint_file import HEADER_BYTES
+from leyline.durable.wal_format import WAL_NAME
 from leyline.v1.resilience_pb2 import ChecksumAlgorithm
 from tests.sidecar.scenarios import (
     NEW_EPOCH,
@@ -27,7 +30,7 @@ from tests.sidecar.scenarios import (
     write_new_epoch,
 )
 from tolaria_sidecar import checkpoints, wal
-from tolaria_sidecar.checkpoints import HEADER_BYTES, DurableStore
+from tolaria_sidecar.checkpoints import DurableStore
 from tolaria_sidecar.errors import (
     BufferTooSmall,
     CheckpointCorrupt,
@@ -179,7 +182,7 @@ def test_retention_keeps_exactly_three(store: DurableStore) -> None:
         write_index(store, SEED, epoch)
     assert [r.epoch for r in store.committed()] == [6, 5, 4]
     on_disk = sorted(p.name for p in store.directory.iterdir())
-    assert on_disk == sorted([r.file_name for r in store.committed()] + ["wal.log"])
+    assert on_disk == sorted([r.file_name for r in store.committed()] + [WAL_NAME])
     store.close()
 
 
@@ -249,7 +252,8 @@ def test_a_failed_commit_record_keeps_the_previous_checkpoint(
         assert sorted(p.suffix for p in checkpoint_dir.iterdir()) == [".bin", ".log"]
     assert faults.fired == {point: 1}
     with DurableStore(checkpoint_dir, SPEC, run_id=RUN_ID) as reopened:
-        assert reopened.wal.replay.error is None and reopened.wal.in_doubt() == []
+        assert reopened.wal.scan.clean and reopened.wal.in_doubt() == []
+        assert not reopened.recovery_found
     assert restored_epoch(checkpoint_dir, buffer) == 1
 
 
@@ -340,24 +344,30 @@ def test_a_flipped_byte_anywhere_in_the_newest_file_is_detected(
 @pytest.mark.req("R6.4")
 @SETTINGS
 @given(data=st.data())
-def test_a_flipped_byte_in_the_newest_wal_record_falls_back_to_the_older_checkpoint(
+def test_a_flipped_byte_in_the_newest_wal_record_keeps_the_newest_checkpoint_restorable(
     two_committed: Path, buffer: memoryview, data: st.DataObject
 ) -> None:
     directory = damaged_copy(two_committed)
-    path = directory / wal.WAL_NAME
-    last = wal.scan(path.read_bytes(), path=path).records[-1]
-    assert last.header.op is wal.Op.COMMIT
+    path = directory / WAL_NAME
+    last = wal_format.scan(path.read_bytes()).records[-1]
+    assert last.header.op is wal_format.Op.COMMIT
     part = data.draw(st.sampled_from(["header", "payload"]))
     start, size = (
-        (last.offset, wal.HEADER_BYTES)
+        (last.offset, wal_format.HEADER_BYTES)
         if part == "header"
-        else (last.offset + wal.HEADER_BYTES, len(last.payload))
+        else (last.offset + wal_format.HEADER_BYTES, len(last.payload))
     )
     flip(path, start + data.draw(st.integers(0, size - 1)), data.draw(st.integers(1, 255)))
     with DurableStore(directory, SPEC, run_id=RUN_ID) as store:
-        assert store.wal.replay.error is not None and store.wal.replay.valid_bytes == last.offset
-        assert [r.epoch for r in store.committed()] == [1]
-    assert restored_epoch(directory, buffer) == 1
+        assert store.recovery.torn_tail and store.recovery.damaged_bytes > 0
+        newest = store.committed()[0]
+        assert [r.epoch for r in store.committed()] == [2, 1]
+        assert newest.recovered_from_file and list(store.recovery.adopted_files) == [
+            newest.file_name
+        ]
+    with DurableStore(directory, SPEC, run_id=RUN_ID) as reopened:
+        assert reopened.wal.scan.clean and not reopened.recovery_found
+    assert restored_epoch(directory, buffer) == 2
 
 
 @pytest.mark.req("R6.4")
@@ -428,16 +438,19 @@ def test_a_too_small_buffer_is_refused_before_reading(store: DurableStore) -> No
 
 
 @pytest.mark.req("R6.3")
-def test_open_removes_temp_files_and_files_of_uncommitted_writes(
+def test_open_removes_temp_files_and_keeps_a_file_it_cannot_prove_dead(
     two_committed: Path,
 ) -> None:
     directory = damaged_copy(two_committed)
     (directory / "ckpt-0000000003.tmp").write_bytes(b"partial")
-    (directory / "ckpt-0000000001-e0.bin").write_bytes(b"retired or aborted")
+    stranger = directory / "ckpt-0000000001-e0.bin"
+    stranger.write_bytes(b"no record names it, and it does not verify")
     with DurableStore(directory, SPEC, run_id=RUN_ID) as store:
-        expected = {r.file_name for r in store.committed()} | {"wal.log"}
+        expected = {r.file_name for r in store.committed()} | {WAL_NAME, stranger.name}
         assert {p.name for p in directory.iterdir()} == expected
-        assert store.unknown_files == []
+        assert list(store.recovery.removed_files) == ["ckpt-0000000003.tmp"]
+        assert list(store.recovery.damaged_files) == [stranger.name]
+        assert stranger.name not in {r.file_name for r in store.committed()}
 
 
 @pytest.mark.req("R6.3")
@@ -448,7 +461,7 @@ def test_open_keeps_files_the_wal_does_not_know_and_never_reuses_their_sequence(
     stranger = directory / "ckpt-0000000100-e9.bin"
     stranger.write_bytes(b"described by a WAL tail that was cut")
     with DurableStore(directory, SPEC, run_id=RUN_ID) as store:
-        assert store.unknown_files == [stranger] and stranger.exists()
+        assert list(store.recovery.damaged_files) == [stranger.name] and stranger.exists()
         record = write_index(store, SEED, 3)
     assert record.sequence > 100
 

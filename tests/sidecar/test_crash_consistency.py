@@ -22,7 +22,6 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from pathlib import Path
@@ -34,8 +33,6 @@ from leyline.checksum import region_digest
 from leyline.shm import Slot, TornHeader, shm_dir, slot_name
 from tests.sidecar import crash_child
 from tests.sidecar.crash_child import (
-    ANNOUNCE,
-    DONE,
     MESSAGE,
     SLOT_CAPACITY,
     SLOT_COUNT,
@@ -48,6 +45,7 @@ from tests.sidecar.scenarios import (
     RUN_ID,
     SPEC,
     WHOLE_OUTCOMES,
+    Ledger,
     content,
     reopen_and_inspect,
     seed_full_write,
@@ -74,49 +72,6 @@ def forkserver() -> ForkServerContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([crash_child.__name__])
     return context
-
-
-@dataclass
-class Ledger:
-    """What the children reported, across all trials of one test."""
-
-    done: set[int] = field(default_factory=set)
-    next_index: int = 1
-    in_flight: int | None = None
-    trials: int = 0
-    torn: int = 0
-    lost: int = 0
-    in_flight_survived: int = 0
-    killed_before_first_report: int = 0
-    refused: int = 0
-
-    def record(self, kind: int, index: int) -> None:
-        if kind == ANNOUNCE:
-            self.in_flight = index
-            self.next_index = max(self.next_index, index + 1)
-        elif kind == DONE:
-            self.done.add(index)
-            self.in_flight = None
-
-    def settle(self, survived: set[int]) -> None:
-        """The in-flight write's fate is decided: it either survived whole or never will."""
-        if self.in_flight is not None and self.in_flight in survived:
-            self.done.add(self.in_flight)
-            self.in_flight_survived += 1
-        self.in_flight = None
-
-    @property
-    def candidates(self) -> set[int]:
-        return self.done | ({self.in_flight} if self.in_flight is not None else set())
-
-    def summary(self, kind: str) -> str:
-        return (
-            f"{kind}: {self.trials} SIGKILL trials, {len(self.done)} commits reported, "
-            f"{self.in_flight_survived} in-flight writes survived whole, "
-            f"{self.killed_before_first_report} kills before the first report, "
-            f"{self.refused} torn candidates refused by checksum; "
-            f"torn restores {self.torn}, lost commits {self.lost}"
-        )
 
 
 def run_until_killed(

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from leyline import AnomalyKind, EmergencyLevel, EmergencySignal, EmergencyState, Participant
 from leyline.shm import control_name
+from leyline.spec.resilience import CheckpointSpec
 from leyline.v1 import sidecar_pb2 as pb
 from leyline.v1.sidecar_pb2_grpc import SidecarControlStub, TrainerLinkStub
 from tests.sidecar.conftest import GENEROUS_BUDGETS
@@ -36,6 +37,7 @@ from tests.sidecar.doubles import (
     wait_for,
 )
 from tolaria_sidecar.auth import bearer
+from tolaria_sidecar.checkpoints import DurableStore
 
 TOKEN = "e2e-token"
 STATE_BYTES = 256 * 1024
@@ -321,4 +323,37 @@ def test_invalid_input_exits_2_naming_the_field(
     )
     assert done.returncode == 2, done.stderr
     assert named in done.stderr
+    assert segments(workspace.shm) == []
+
+
+@pytest.mark.req("R6.3")
+def test_a_second_sidecar_on_a_checkpoint_directory_in_use_exits_2_naming_it(
+    workspace: Workspace,
+) -> None:
+    checkpoints = workspace.root / "checkpoints"
+    env = {
+        **os.environ,
+        "TOLARIA_SHM_DIR": str(workspace.shm),
+        "TOLARIA_INSTANCE_ID": "second-sidecar-1",
+    }
+    env.pop("TOLARIA_SIDECAR_TOKEN", None)
+    with DurableStore(checkpoints, CheckpointSpec(), run_id=RUN_ID):  # the first writer
+        done = subprocess.run(
+            [
+                *sidecar_command(),
+                "--manifest",
+                str(workspace.manifest),
+                "--socket",
+                str(workspace.root / "s.sock"),
+                "--checkpoint-dir",
+                str(checkpoints),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 2, done.stderr
+    assert "--checkpoint-dir" in done.stderr and str(checkpoints) in done.stderr
     assert segments(workspace.shm) == []

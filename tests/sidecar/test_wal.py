@@ -12,16 +12,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from leyline.checksum import crc32c
+from leyline.durable import wal_format
+from leyline.durable.wal_format import HEADER_BYTES, Op, WalRecordInvalid
 from leyline.spec.resilience import CheckpointSpec
 from leyline.v1.resilience_pb2 import CheckpointFailure, CheckpointRecord
 from tests.sidecar.strategies import checkpoint_records, transaction_ids
 from tolaria_sidecar import wal
-from tolaria_sidecar.errors import InjectedCrash, WalCorrupt, WalVersionUnsupported
+from tolaria_sidecar.errors import (
+    CheckpointDirectoryLocked,
+    InjectedCrash,
+    WalUnavailable,
+    WalVersionUnsupported,
+)
 from tolaria_sidecar.faults import Faults
-from tolaria_sidecar.wal import HEADER_BYTES, Op, WriteAheadLog
+from tolaria_sidecar.wal import WriteAheadLog
 
 SPEC = CheckpointSpec()
-HERE = Path("wal.log")
 
 
 @pytest.fixture
@@ -39,7 +45,7 @@ def record_for(sequence: int, epoch: int = 1) -> CheckpointRecord:
 
 
 def encoded(op: Op, sequence: int, payload: bytes = b"", txn: bytes = bytes(16)) -> bytes:
-    return wal.encode_header(op, sequence, txn, 3, payload) + payload
+    return wal_format.encode_header(op, sequence, txn, 3, payload) + payload
 
 
 def commit_records(directory: Path, count: int) -> list[CheckpointRecord]:
@@ -62,7 +68,7 @@ def commit_records(directory: Path, count: int) -> list[CheckpointRecord]:
 @pytest.mark.req("R6.3")
 def test_record_header_is_256_little_endian_bytes_in_the_documented_layout() -> None:
     txn = bytes(range(16))
-    header = wal.encode_header(Op.COMMIT, 7, txn, 9, b"abc")
+    header = wal_format.encode_header(Op.COMMIT, 7, txn, 9, b"abc")
     assert len(header) == HEADER_BYTES == 256
     assert header[0:8] == b"ESPERWAL"
     assert struct.unpack_from("<HHIQ", header, 8) == (1, 2, 0, 7)
@@ -85,10 +91,10 @@ def test_record_header_is_256_little_endian_bytes_in_the_documented_layout() -> 
 def test_record_header_round_trips(
     op: Op, sequence: int, txn: bytes, epoch: int, payload: bytes
 ) -> None:
-    header = wal.decode_header(
-        wal.encode_header(op, sequence, txn, epoch, payload), path=HERE, offset=0
+    header = wal_format.decode_header(wal_format.encode_header(op, sequence, txn, epoch, payload))
+    assert header == wal_format.RecordHeader(
+        op, sequence, txn, epoch, len(payload), crc32c(payload)
     )
-    assert header == wal.RecordHeader(op, sequence, txn, epoch, len(payload), crc32c(payload))
 
 
 @pytest.mark.req("R6.3")
@@ -98,13 +104,15 @@ def test_commit_payloads_round_trip_through_a_scan(records: list[CheckpointRecor
         encoded(Op.COMMIT, i + 1, r.SerializeToString(), r.transaction_id)
         for i, r in enumerate(records)
     )
-    result = wal.scan(data, path=HERE)
-    assert result.error is None and result.valid_bytes == len(data)
+    result = wal_format.scan(data)
+    assert result.clean and result.valid_bytes == len(data)
     assert [CheckpointRecord.FromString(r.payload) for r in result.records] == records
 
 
 @pytest.mark.req("R6.3")
-@settings(max_examples=15, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(record=checkpoint_records())
 def test_a_committed_record_survives_reopening(record: CheckpointRecord, tmp_path: Path) -> None:
     directory = tmp_path / os.urandom(6).hex()
@@ -113,7 +121,7 @@ def test_a_committed_record_survives_reopening(record: CheckpointRecord, tmp_pat
     log.commit(record)
     log.close()
     reopened = WriteAheadLog(directory, SPEC)
-    assert reopened.live() == [record] and reopened.replay.error is None
+    assert reopened.live() == [record] and reopened.scan.clean
     reopened.close()
 
 
@@ -123,10 +131,10 @@ def test_a_committed_record_survives_reopening(record: CheckpointRecord, tmp_pat
 @pytest.mark.req("R6.4")
 @given(offset=st.integers(0, HEADER_BYTES - 1), mask=st.integers(1, 255))
 def test_any_flipped_header_byte_is_detected(offset: int, mask: int) -> None:
-    raw = bytearray(wal.encode_header(Op.COMMIT, 5, os.urandom(16), 2, b"payload"))
+    raw = bytearray(wal_format.encode_header(Op.COMMIT, 5, os.urandom(16), 2, b"payload"))
     raw[offset] ^= mask
-    with pytest.raises(WalCorrupt):
-        wal.decode_header(raw, path=HERE, offset=0)
+    with pytest.raises(WalRecordInvalid):
+        wal_format.decode_header(raw)
 
 
 @pytest.mark.req("R6.4")
@@ -136,81 +144,118 @@ def test_any_flipped_payload_byte_is_detected(data: st.DataObject, payload: byte
     raw[HEADER_BYTES + data.draw(st.integers(0, len(payload) - 1))] ^= data.draw(
         st.integers(1, 255)
     )
-    result = wal.scan(bytes(raw), path=HERE)
-    assert result.records == () and result.stop_reason is not None
-    assert "payload crc32c" in result.stop_reason
+    result = wal_format.scan(bytes(raw))
+    assert result.records == () and [d.reason[:13] for d in result.damage] == ["payload crc32"]
 
 
 # -- replay ------------------------------------------------------------------------------------
 
 
 @pytest.mark.req("R6.3")
-def test_replay_stops_at_the_first_bad_record_and_truncates_the_file(wal_dir: Path) -> None:
+def test_a_damaged_record_mid_log_hides_none_of_the_records_after_it(wal_dir: Path) -> None:
     records = commit_records(wal_dir, 3)
-    path = wal_dir / wal.WAL_NAME
+    path = wal_dir / wal_format.WAL_NAME
     raw = bytearray(path.read_bytes())
-    clean = wal.scan(bytes(raw), path=path)
+    clean = wal_format.scan(bytes(raw))
     second_commit = clean.records[3]  # BEGIN, COMMIT, BEGIN, COMMIT(1), ...
     raw[second_commit.offset + 20] ^= 0xFF
     path.write_bytes(raw)
 
     log = WriteAheadLog(wal_dir, SPEC)
-    assert log.live() == [records[0]]
-    assert log.replay.valid_bytes == second_commit.offset
-    assert log.replay.dropped_bytes == len(raw) - second_commit.offset
-    assert log.replay.stop_reason is not None and "header crc32c" in log.replay.stop_reason
-    assert path.stat().st_size == second_commit.offset
+    assert log.live() == [records[0], records[2]]
     assert [r.transaction_id for r in log.in_doubt()] == [records[1].transaction_id]
+    assert log.scan.mid_log and not log.scan.torn_tail
+    assert [(d.offset, d.length) for d in log.scan.damage] == [
+        (second_commit.offset, second_commit.end - second_commit.offset)
+    ]
+    assert log.scan.reason.startswith(f"byte {second_commit.offset}: header crc32c")
+    assert path.read_bytes() == raw, "opening never cuts or rewrites by itself"
     log.close()
+
+
+@pytest.mark.req("R6.3")
+def test_a_damaged_log_refuses_appends_until_it_is_repaired(wal_dir: Path) -> None:
+    records = commit_records(wal_dir, 2)
+    path = wal_dir / wal_format.WAL_NAME
+    raw = bytearray(path.read_bytes())
+    raw[HEADER_BYTES + 3] ^= 0x10  # the first BEGIN's payload
+    path.write_bytes(raw)
+    log = WriteAheadLog(wal_dir, SPEC)
+    with pytest.raises(WalUnavailable, match="not repaired"):
+        log.begin(record_for(log.next_sequence))
+    preserved = log.rewrite(list(zip([2, 4], records, strict=True)), preserve=True)
+    assert preserved == "wal.log.damaged-1"
+    assert (wal_dir / preserved).read_bytes() == raw
+    log.begin(record_for(log.next_sequence))
+    log.close()
+    reopened = WriteAheadLog(wal_dir, SPEC)
+    assert reopened.scan.clean and reopened.live() == records
+    reopened.close()
+
+
+@pytest.mark.req("R6.3")
+def test_a_preserved_copy_is_never_overwritten(wal_dir: Path) -> None:
+    commit_records(wal_dir, 1)
+    (wal_dir / "wal.log.damaged-1").write_bytes(b"an earlier damaged log")
+    (wal_dir / "wal.log.damaged-3").write_bytes(b"and another")
+    log = WriteAheadLog(wal_dir, SPEC)
+    assert log.rewrite([], preserve=True) == "wal.log.damaged-4"
+    log.close()
+    assert (wal_dir / "wal.log.damaged-1").read_bytes() == b"an earlier damaged log"
+    assert (wal_dir / "wal.log.damaged-3").read_bytes() == b"and another"
 
 
 @pytest.mark.req("R6.3")
 @settings(max_examples=40)
 @given(data=st.data())
-def test_a_torn_tail_of_any_length_is_cut_back_to_the_last_whole_record(
+def test_a_torn_tail_of_any_length_is_found_after_the_last_whole_record(
     data: st.DataObject,
 ) -> None:
     payload = CheckpointRecord(transaction_id=bytes(16), file_name="x" * 40).SerializeToString()
     first = encoded(Op.COMMIT, 1, payload)
     second = encoded(Op.COMMIT, 2, payload)
     cut = data.draw(st.integers(0, len(second) - 1))
-    result = wal.scan(first + second[:cut], path=HERE)
+    result = wal_format.scan(first + second[:cut])
     assert len(result.records) == 1 and result.valid_bytes == len(first)
-    assert result.dropped_bytes == cut
-    assert (result.error is None) == (cut == 0)
+    assert result.damaged_bytes == cut
+    assert result.torn_tail == (cut > 0) and not result.mid_log and not result.garbage
 
 
 @pytest.mark.req("R6.3")
-def test_a_torn_tail_is_truncated_on_disk_and_reported(wal_dir: Path) -> None:
+def test_a_torn_tail_is_reported_and_cut_on_request(wal_dir: Path) -> None:
     commit_records(wal_dir, 1)
-    path = wal_dir / wal.WAL_NAME
+    path = wal_dir / wal_format.WAL_NAME
     whole = path.stat().st_size
     with path.open("ab") as f:
         f.write(encoded(Op.BEGIN, 99, b"z" * 40)[: HEADER_BYTES + 10])
     log = WriteAheadLog(wal_dir, SPEC)
-    assert path.stat().st_size == whole and log.replay.dropped_bytes == HEADER_BYTES + 10
-    assert log.replay.stop_reason is not None and "short payload" in log.replay.stop_reason
+    assert log.scan.torn_tail and log.scan.damaged_bytes == HEADER_BYTES + 10
+    assert "short payload" in log.scan.reason
+    log.cut_torn_tail()
+    assert path.stat().st_size == whole
     log.close()
 
 
 @pytest.mark.req("R6.3")
-def test_a_short_header_stops_replay() -> None:
-    result = wal.scan(encoded(Op.RETIRE, 1) + b"ESPERWAL\x01", path=HERE)
-    assert len(result.records) == 1 and result.stop_reason == "short header: 9 of 256 bytes"
+def test_a_short_header_at_the_end_is_a_torn_tail() -> None:
+    result = wal_format.scan(encoded(Op.RETIRE, 1) + b"ESPERWAL\x01")
+    assert len(result.records) == 1 and result.torn_tail
+    assert result.reason == "byte 256: short header: 9 of 256 bytes"
 
 
 @pytest.mark.req("R6.3")
 def test_sequences_must_strictly_increase() -> None:
     data = encoded(Op.RETIRE, 1) + encoded(Op.RETIRE, 3) + encoded(Op.RETIRE, 3)
-    result = wal.scan(data, path=HERE)
+    result = wal_format.scan(data)
     assert [r.header.sequence for r in result.records] == [1, 3]
-    assert result.stop_reason == "sequence 3 after 3: not increasing"
+    assert result.reason == "byte 512: sequence 3 after 3: not increasing"
+    assert not result.torn_tail, "a whole record out of order is not an unfinished append"
 
 
 @pytest.mark.req("R6.3")
 def test_a_whole_record_of_another_version_is_refused_not_cut(wal_dir: Path) -> None:
     commit_records(wal_dir, 1)
-    path = wal_dir / wal.WAL_NAME
+    path = wal_dir / wal_format.WAL_NAME
     raw = bytearray(path.read_bytes())
     struct.pack_into("<H", raw, 8, 2)
     raw[60:64] = bytes(4)
@@ -285,7 +330,7 @@ def test_a_failed_append_is_cut_back_so_later_records_survive(wal_dir: Path, poi
     log.commit(kept)
     log.close()
     reopened = WriteAheadLog(wal_dir, SPEC)
-    assert reopened.replay.error is None and reopened.live() == [kept]
+    assert reopened.scan.clean and reopened.live() == [kept]
     assert faults.fired == {point: 1}
     reopened.close()
 
@@ -313,16 +358,16 @@ def test_compaction_keeps_only_live_commits_and_sequences_keep_increasing(wal_di
 
     reopened = WriteAheadLog(wal_dir, spec)
     assert reopened.live() == committed[-3:] and reopened.next_sequence == before + 1
-    assert [r.header.op for r in reopened.replay.records] == [Op.COMMIT] * 3 + [Op.COMPACTED]
+    assert [r.header.op for r in reopened.scan.records] == [Op.COMMIT] * 3 + [Op.COMPACTED]
     reopened.close()
 
 
 @pytest.mark.req("R6.3")
 def test_a_leftover_compaction_file_is_removed_at_open(wal_dir: Path) -> None:
     records = commit_records(wal_dir, 1)
-    (wal_dir / wal.COMPACT_NAME).write_bytes(b"half a compaction")
+    (wal_dir / wal_format.COMPACT_NAME).write_bytes(b"half a compaction")
     log = WriteAheadLog(wal_dir, SPEC)
-    assert log.live() == records and not (wal_dir / wal.COMPACT_NAME).exists()
+    assert log.live() == records and not (wal_dir / wal_format.COMPACT_NAME).exists()
     log.close()
 
 
@@ -339,5 +384,30 @@ def test_a_crash_during_compaction_keeps_every_live_commit(wal_dir: Path, point:
     log.close()
     reopened = WriteAheadLog(wal_dir, SPEC)
     assert reopened.live() == records[1:] and faults.fired == {point: 1}
-    assert not (wal_dir / wal.COMPACT_NAME).exists()
+    assert not (wal_dir / wal_format.COMPACT_NAME).exists()
     reopened.close()
+
+
+# -- one writer per directory ------------------------------------------------------------------
+
+
+@pytest.mark.req("R6.3")
+def test_a_second_log_on_the_same_directory_is_refused_naming_it(wal_dir: Path) -> None:
+    first = WriteAheadLog(wal_dir, SPEC)
+    with pytest.raises(CheckpointDirectoryLocked, match=str(wal_dir)) as refused:
+        WriteAheadLog(wal_dir, SPEC)
+    assert refused.value.directory == wal_dir
+    first.close()
+    WriteAheadLog(wal_dir, SPEC).close()
+
+
+@pytest.mark.req("R6.3")
+def test_the_lock_holds_across_compaction(wal_dir: Path) -> None:
+    log = WriteAheadLog(wal_dir, SPEC)
+    record = record_for(log.next_sequence)
+    log.begin(record)
+    log.commit(record)
+    log.compact()
+    with pytest.raises(CheckpointDirectoryLocked):
+        WriteAheadLog(wal_dir, SPEC)
+    log.close()

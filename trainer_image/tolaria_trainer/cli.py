@@ -1,4 +1,4 @@
-"""The `tolaria` command line: `run`, `validate`, `drills`.
+"""The `tolaria` command line: `run`, `validate`, `drills`, `checkpoints`.
 
 `tolaria run` runs the manifest like a pod: the sidecar and the trainer as
 supervised child processes (see `supervisor.py`); `--no-sidecar` trains in
@@ -7,7 +7,9 @@ emergency broadcast). Exit codes (stable): 0 succeeded, 1 failed, 2 invalid
 input (manifest, flags, task, drills), 3 halted by an emergency. Invalid input
 is refused before anything is created on disk, with a message naming the field
 and the rule. `--workdir` and `--inject` are stable spellings; later versions
-add values. This module imports torch only for `--no-sidecar`.
+add values. `tolaria checkpoints DIR` (`checkpoints_cli.py`) lists and verifies a checkpoint
+directory read-only: 0 all verify, 1 damage, 2 not a directory. This module imports torch only
+for `--no-sidecar`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from types import FrameType
 
 from leyline import RunPhase, RunReport
 from leyline.spec import ManifestInvalid, load_manifest
+from tolaria_trainer.checkpoints_cli import cmd_checkpoints
 from tolaria_trainer.drills import KINDS, DrillSpec, parse_drill
 from tolaria_trainer.errors import DrillInvalid, TaskInvalid
 from tolaria_trainer.report import write_report
@@ -122,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a manifest without running it")
     validate.add_argument("manifest", type=Path)
     sub.add_parser("drills", help="list the fire drills --inject accepts")
+    checkpoints = sub.add_parser(
+        "checkpoints",
+        help="list and verify the checkpoints in a directory (read-only); exit 1 on damage",
+    )
+    checkpoints.add_argument("directory", type=Path, help="a checkpoint directory")
+    checkpoints.add_argument("--json", action="store_true", help="one JSON object instead")
     return parser
 
 
@@ -228,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "validate":
             return cmd_validate(args)
+        if args.command == "checkpoints":
+            return cmd_checkpoints(args.directory, as_json=args.json)
         return cmd_drills()
     except ManifestInvalid as err:
         print(f"error: {err}", file=sys.stderr)

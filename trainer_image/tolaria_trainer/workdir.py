@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leyline.durable import CheckpointFile, checkpoint_files, newest_valid_checkpoint
+from leyline.durable.wal_format import WAL_NAME
 from leyline.spec import TolariaRun, training_differences
 from tolaria_trainer.errors import TrainerError
-
-WAL_NAME = "wal.log"
 
 
 class RunDirectoryRefused(TrainerError):
