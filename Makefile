@@ -26,7 +26,7 @@ $(VENV)/.dev-installed: pyproject.toml $(VENV)/.trainer-installed
 	touch $@
 
 quickstart: $(VENV)/.trainer-installed
-	$(BIN)/tolaria run examples/quickstart.yaml
+	$(BIN)/tolaria run examples/quickstart.yaml --fresh
 
 system-deps:
 	@./scripts/system-deps.sh
