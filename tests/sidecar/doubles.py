@@ -39,7 +39,7 @@ def manifest_doc(name: str = RUN_ID, **spec: Any) -> dict[str, Any]:
         "apiVersion": "tolaria.dev/v1alpha1",
         "kind": "TolariaRun",
         "metadata": {"name": name},
-        "spec": spec,
+        "spec": {**spec, "training": {"task": "synthetic-mlp", **spec.get("training", {})}},
     }
 
 
