@@ -26,7 +26,7 @@ from types import FrameType
 from leyline import RunPhase, RunReport
 from leyline.spec import ManifestInvalid, TolariaRun, load_manifest
 from tolaria_trainer.drills import KINDS, DrillSpec, parse_drill
-from tolaria_trainer.errors import REFUSED_INPUT, DrillInvalid, TrainerError
+from tolaria_trainer.errors import REFUSED_INPUT, DrillInvalid, FlagInvalid
 from tolaria_trainer.report import write_report
 from tolaria_trainer.supervisor import Supervisor, SupervisorOptions
 
@@ -43,15 +43,6 @@ VALIDATE_HELP = (
     "(device: cuda needs a GPU torch can see). Takes a few seconds, most of it importing torch. "
     "Exit 0: valid; 2: invalid, naming the field and the rule."
 )
-
-
-class FlagInvalid(TrainerError):
-    """A flag contradicts the manifest (e.g. `--profile` past its last epoch): exit 2."""
-
-    def __init__(self, flag: str, rule: str) -> None:
-        super().__init__(f"{flag}: {rule}")
-        self.flag = flag
-        self.rule = rule
 
 
 def _epochs(text: str) -> frozenset[int]:

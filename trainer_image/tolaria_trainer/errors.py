@@ -25,6 +25,15 @@ class DrillInvalid(TrainerError):
     """An `--inject` value names no drill or has a bad trigger: refuse at the edge."""
 
 
+class FlagInvalid(TrainerError):
+    """A flag contradicts the manifest (`--profile` past the last epoch): refuse at the edge."""
+
+    def __init__(self, flag: str, rule: str) -> None:
+        super().__init__(f"{flag}: {rule}")
+        self.flag = flag
+        self.rule = rule
+
+
 class DeviceUnavailable(TrainerError):
     """`spec.training.device: cuda` on a machine where torch sees no GPU: refuse at the edge.
 
