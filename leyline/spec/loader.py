@@ -1,8 +1,14 @@
 """Reads a `TolariaRun` manifest from YAML and refuses bad input at the edge.
 
 YAML is parsed with a safe loader that also reads `1e-3` as a float (PyYAML's
-YAML 1.1 resolver would keep it a string, unlike kubectl). Every problem is
+YAML 1.1 resolver would keep it a string, unlike kubectl) and refuses a key
+written twice in one mapping (PyYAML would silently keep the last value, so
+`epochs: 500` above `epochs: 5` would train 5 epochs). Every problem is
 reported as `path: rule`, e.g. `spec.training.epochs: must be >= 1`.
+
+Callers: `tolaria run`/`validate`, the trainer worker and the sidecar, which
+all read manifest files. The operator never does: the API server parses YAML
+and hands it JSON, so `validate_manifest` is its entry point.
 """
 
 from __future__ import annotations
@@ -46,9 +52,73 @@ _Loader.add_implicit_resolver(
 )
 
 
+MERGE_KEY = "tag:yaml.org,2002:merge"
+"""`<<: *anchor`: merged keys may be overridden by the mapping's own, so they are no duplicates."""
+
+
+def _key_text(node: yaml.Node) -> str | None:
+    """A scalar key as the path spells it; None for a merge key or a non-scalar key."""
+    if isinstance(node, yaml.ScalarNode) and node.tag != MERGE_KEY:
+        return str(node.value)
+    return None
+
+
+def _where(mark: yaml.Mark, earlier: yaml.Mark) -> tuple[str, str]:
+    """Both places as `line N`, with columns when they share a line (`{lr: 1, lr: 2}`)."""
+    if mark.line != earlier.line:
+        return f"line {mark.line + 1}", f"line {earlier.line + 1}"
+    return (
+        f"line {mark.line + 1} column {mark.column + 1}",
+        f"column {earlier.column + 1}",
+    )
+
+
+def _duplicate_keys(root: yaml.Node) -> list[FieldError]:
+    """Every key written twice in one mapping of `root`, named by its path and both lines.
+
+    Walks the composed node tree (before construction, which is where PyYAML lets the last
+    value win). Keys compare by tag and text, so `epochs` and `"epochs"` are the same key. An
+    aliased node is walked once, which also ends the walk of a recursive alias.
+    """
+    found: list[tuple[int, FieldError]] = []
+    walked: set[int] = set()
+    todo: list[tuple[yaml.Node, str]] = [(root, "")]
+    while todo:
+        node, path = todo.pop()
+        if id(node) in walked:
+            continue
+        walked.add(id(node))
+        children: list[tuple[yaml.Node, str]] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = [(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+        first: dict[tuple[str, str], yaml.Mark] = {}
+        for key, value in node.value if isinstance(node, yaml.MappingNode) else ():
+            text = _key_text(key)
+            if text is None:  # a merge, or a key no path can name: its value sits at `path`
+                children.append((value, path))
+                continue
+            child = f"{path}.{text}" if path else text
+            earlier = first.setdefault((key.tag, text), key.start_mark)
+            if earlier is not key.start_mark:
+                here, there = _where(key.start_mark, earlier)
+                rule = (
+                    f"duplicate key at {here} (first at {there}); "
+                    "YAML would silently keep only the last value"
+                )
+                found.append((key.start_mark.index, FieldError(child, rule)))
+            children.append((value, child))
+        # depth first in file order, so an aliased mapping is named where its anchor is written
+        todo.extend(reversed(children))
+    return [error for _, error in sorted(found, key=lambda item: item[0])]
+
+
 def parse_document(text: str, source: str) -> dict[str, Any]:
-    """The single YAML document in `text` as a mapping."""
+    """The single YAML document in `text` as a mapping; refuses a key written twice."""
     try:
+        nodes = list(yaml.compose_all(text, Loader=_Loader))
+        duplicates = [e for node in nodes if node is not None for e in _duplicate_keys(node)]
+        if duplicates:
+            raise ManifestInvalid(source, duplicates)
         docs = [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
     except yaml.YAMLError as err:
         raise ManifestInvalid(source, [FieldError("(yaml)", f"not valid YAML: {err}")]) from err

@@ -65,8 +65,10 @@ def _type_text(info: FieldInfo) -> str:
 def _default_text(model: type[BaseModel], name: str, info: FieldInfo) -> str:
     if info.is_required():
         return "required"
+    # model_construct, not model(): a section with a required field (spec.training.task) has no
+    # default instance, but its other fields still have defaults to show
     default = (
-        model().model_dump(mode="json")[info.alias or name]
+        model.model_construct().model_dump(mode="json")[info.alias or name]
         if issubclass(model, SpecModel)
         else None
     )

@@ -42,8 +42,8 @@ NAME_MAX_LENGTH = 52
 class TolariaRunSpec(SpecModel):
     """`spec`: everything that defines one training run."""
 
-    training: TrainingSpec = Field(default_factory=TrainingSpec, json_schema_extra=IMMUTABLE)
-    """What to train and how."""
+    training: TrainingSpec = Field(json_schema_extra=IMMUTABLE)
+    """What to train and how; required, because `training.task` is."""
     budgets: BudgetsSpec = Field(default_factory=BudgetsSpec, json_schema_extra=IMMUTABLE)
     """Time budgets of the epoch boundary and the LR controller."""
     breakers: BreakerSpec = Field(default_factory=BreakerSpec, json_schema_extra=IMMUTABLE)
@@ -106,7 +106,8 @@ class TolariaRun(BaseModel):
     api_version: Literal["tolaria.dev/v1alpha1"] = Field(alias="apiVersion")
     kind: Literal["TolariaRun"]
     metadata: ObjectMeta
-    spec: TolariaRunSpec = Field(default_factory=TolariaRunSpec)
+    spec: TolariaRunSpec
+    """Required: `spec.training.task` has no default."""
     status: dict[str, Any] | None = None
     """Written by the operator; ignored on input."""
 

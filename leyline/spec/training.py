@@ -103,8 +103,9 @@ class ScheduleSpec(SpecModel):
 class TrainingSpec(SpecModel):
     """`spec.training`: the task and the loop around it."""
 
-    task: str = Field(default="synthetic-mlp", pattern=TASK_PATTERN, max_length=256)
-    """`synthetic-mlp`, `char-lm`, or `module:function` returning a `tolaria_trainer.Task`."""
+    task: str = Field(pattern=TASK_PATTERN, max_length=256)
+    """`synthetic-mlp`, `char-lm`, or `module:function` returning a `tolaria_trainer.Task`;
+    required, so a manifest that forgot its task is refused instead of training a toy model."""
     epochs: int = Field(default=10, ge=1, le=1_000_000)
     """Epochs to run; the end-of-epoch hook runs after each (R1.1)."""
     batch_size: int = Field(default=64, ge=1, le=1_048_576)

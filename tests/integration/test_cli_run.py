@@ -155,7 +155,7 @@ def test_validate_refuses_a_bad_manifest_with_exit_2(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(
         "apiVersion: tolaria.dev/v1alpha1\nkind: TolariaRun\nmetadata: {name: b}\n"
-        "spec: {budgets: {hookMs: -1}}\n"
+        "spec: {training: {task: synthetic-mlp}, budgets: {hookMs: -1}}\n"
     )
     done = tolaria(["validate", str(path)], cwd=tmp_path)
     assert done.returncode == 2 and "spec.budgets.hookMs: must be > 0.0" in done.stderr

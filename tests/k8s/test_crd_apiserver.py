@@ -73,11 +73,17 @@ def expectation(path: Path) -> tuple[str, int]:
 
 
 def run_doc(name: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A run named `name`; its training section names `synthetic-mlp` unless `spec` names a task
+    (or sets the section to null, to test the section itself)."""
+    spec = copy.deepcopy(spec or {})
+    training = spec.setdefault("training", {})
+    if isinstance(training, dict):
+        training.setdefault("task", "synthetic-mlp")
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "TolariaRun",
         "metadata": {"name": name},
-        "spec": spec or {},
+        "spec": spec,
     }
 
 
@@ -484,7 +490,8 @@ def server_accepts(runs: Runs, doc: dict[str, Any]) -> bool:
         pytest.param({"training": {"deterministic": 1}}, False, id="integer-for-boolean"),
         pytest.param({"training": {"epochs": True}}, False, id="boolean-for-integer"),
         pytest.param({"training": {"epochs": None}}, True, id="null-for-a-defaulted-field"),
-        pytest.param({"training": None}, True, id="null-for-a-section"),
+        pytest.param({"budgets": None}, True, id="null-for-a-section"),
+        pytest.param({"training": None}, False, id="null-for-the-required-section"),
         pytest.param({"training": {"maxStepsPerEpoch": None}}, True, id="null-optional-number"),
         pytest.param(
             {"training": {"schedule": {"groups": {"host": {"shape": None}}}}},

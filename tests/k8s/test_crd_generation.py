@@ -238,6 +238,15 @@ def test_incident_crd_is_cluster_scoped_with_a_status_subresource() -> None:
     assert INCIDENT["required"] == ["spec"]
 
 
+@pytest.mark.req("R10.1")
+def test_run_crd_requires_spec_training_and_its_task_with_no_default() -> None:
+    training = RUN["properties"]["spec"]["properties"]["training"]
+    assert RUN["required"] == ["spec"]
+    assert RUN["properties"]["spec"]["required"] == ["training"]
+    assert training["required"] == ["task"]
+    assert "default" not in training and "default" not in training["properties"]["task"]
+
+
 def test_run_printer_columns() -> None:
     columns = committed(crd.RUN_FILE)["spec"]["versions"][0]["additionalPrinterColumns"]
     table = [(c["name"], c["jsonPath"], c["type"], c.get("priority", 0)) for c in columns]
@@ -354,7 +363,9 @@ def test_every_default_is_the_model_default(
 
 def test_an_omitted_section_is_defaulted_to_the_whole_model_section() -> None:
     spec = RUN["properties"]["spec"]
-    assert crd.apply_defaults(spec, {}) == strip_none(TolariaRunSpec().model_dump(mode="json"))
+    given = {"training": {"task": "char-lm"}}  # the one thing without a default
+    model = TolariaRunSpec.model_validate(given)
+    assert crd.apply_defaults(spec, given) == strip_none(model.model_dump(mode="json"))
     status = RUN["properties"]["status"]
     assert crd.apply_defaults(status, {}) == strip_none(TolariaRunStatus().model_dump(mode="json"))
 
@@ -456,7 +467,7 @@ def test_unsupported_union_is_refused_with_the_field_named() -> None:
 @pytest.mark.parametrize(
     ("model", "minimal"),
     [
-        (TolariaRunSpec, {}),
+        (TolariaRunSpec, {"training": {"task": "synthetic-mlp"}}),
         (TolariaRunStatus, {}),
         (TolariaIncidentSpec, {"level": "critical", "sourceRun": {"namespace": "ns", "name": "r"}}),
         (TolariaIncidentStatus, {}),
@@ -480,8 +491,8 @@ def test_optional_pattern_fields_refuse_junk_before_a_valid_value(
 ) -> None:
     pattern = RUN["properties"]["spec"]["properties"][section]["properties"][key]["pattern"]
     assert re.search(pattern, junk) is None  # Go's regexp.MatchString also searches
-    with pytest.raises(ValidationError):
-        TolariaRunSpec.model_validate({section: {key: junk}})
+    with pytest.raises(ValidationError, match=key):
+        TolariaRunSpec.model_validate({"training": {"task": "char-lm"}, section: {key: junk}})
 
 
 def test_a_default_outside_its_enum_is_refused_with_the_field_named() -> None:

@@ -19,6 +19,7 @@ from leyline.spec import (
     TamiyoSpec,
     TolariaRun,
     TolariaRunSpec,
+    TrainingSpec,
     load_manifest,
     validate_manifest,
 )
@@ -26,12 +27,18 @@ from leyline.spec import (
 ROOT = Path(__file__).resolve().parents[2]
 
 
+TASK = "synthetic-mlp"
+
+
 def manifest(spec: dict[str, Any] | None = None, **top: Any) -> dict[str, Any]:
+    """A manifest whose training section names `TASK` unless `spec` names a task."""
+    spec = dict(spec or {})
+    spec["training"] = {"task": TASK, **spec.get("training", {})}
     doc: dict[str, Any] = {
         "apiVersion": "tolaria.dev/v1alpha1",
         "kind": "TolariaRun",
         "metadata": {"name": "unit"},
-        "spec": spec or {},
+        "spec": spec,
     }
     doc.update(top)
     return doc
@@ -73,21 +80,25 @@ def test_tamiyo_defaults_cut_the_lr_in_half_after_a_three_epoch_plateau() -> Non
     assert (t.plateau_epochs, t.lr_cut_factor) == (3, 0.5)
 
 
-def test_an_empty_spec_gets_every_default() -> None:
+def minimal_spec() -> TolariaRunSpec:
+    return TolariaRunSpec(training=TrainingSpec(task=TASK))
+
+
+def test_a_spec_naming_only_its_task_gets_every_default() -> None:
     run = validate_manifest(manifest())
-    assert run.spec == TolariaRunSpec()
+    assert run.spec == minimal_spec()
     assert run.spec.training.optimizer.kind == OptimizerKind.adamw
     assert run.spec.training.schedule.shape == LrShape.cosine
 
 
 def test_enum_fields_serialise_back_to_their_names() -> None:
-    dumped = TolariaRunSpec().model_dump()
+    dumped = minimal_spec().model_dump()
     assert dumped["training"]["optimizer"]["kind"] == "adamw"
     assert dumped["training"]["device"] == "auto"
 
 
 def test_spec_keys_are_camel_case() -> None:
-    dumped = TolariaRunSpec().model_dump()
+    dumped = minimal_spec().model_dump()
     assert "gradientAccumulationSteps" in dumped["training"]
     assert "hookMs" in dumped["budgets"]
 
@@ -126,6 +137,26 @@ def test_invalid_field_is_refused_naming_field_and_rule(
     )
 
 
+@pytest.mark.req("R10.1")
+def test_a_training_section_without_a_task_is_refused_naming_spec_training_task() -> None:
+    doc = manifest({"training": {"epochs": 3}})
+    del doc["spec"]["training"]["task"]
+    assert refusal(doc) == ["spec.training.task: is required"]
+
+
+@pytest.mark.req("R10.1")
+def test_a_spec_without_a_training_section_is_refused_naming_spec_training() -> None:
+    doc = manifest()
+    del doc["spec"]["training"]
+    assert refusal(doc) == ["spec.training: is required"]
+
+
+def test_a_manifest_without_a_spec_is_refused_naming_spec() -> None:
+    doc = manifest()
+    del doc["spec"]
+    assert refusal(doc) == ["spec: is required"]
+
+
 def test_wrong_kind_is_refused() -> None:
     assert refusal(manifest(kind="TrainJob")) == ["kind: must be 'TolariaRun'"]
 
@@ -156,7 +187,7 @@ def test_yaml_exponent_floats_are_numbers(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text(
         "apiVersion: tolaria.dev/v1alpha1\nkind: TolariaRun\nmetadata: {name: y}\n"
-        "spec: {training: {optimizer: {lr: 1e-3}}}\n"
+        "spec: {training: {task: synthetic-mlp, optimizer: {lr: 1e-3}}}\n"
     )
     assert load_manifest(path).spec.training.optimizer.lr == pytest.approx(1e-3)
 

@@ -27,6 +27,19 @@ def uid_of(name: str, namespace: str = "default") -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"tolaria-test/{namespace}/{name}"))
 
 
+TASK = "synthetic-mlp"
+"""The task of every test run that names none (`spec.training.task` is required)."""
+
+
+def with_task(spec: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of `spec` whose training section names a task (`TASK` unless it names one)."""
+    spec = copy.deepcopy(spec or {})
+    training = spec.setdefault("training", {})
+    if isinstance(training, dict):
+        training.setdefault("task", TASK)
+    return spec
+
+
 def run_body(
     name: str = "r1",
     *,
@@ -49,7 +62,7 @@ def run_body(
             "resourceVersion": "1",
             "labels": dict(labels or {}),
         },
-        "spec": copy.deepcopy(spec or {}),
+        "spec": with_task(spec),
     }
     if status is not None:
         body["status"] = copy.deepcopy(status)

@@ -86,7 +86,7 @@ class PodProcesses:
                 proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(timeout=10)
+                proc.wait(timeout=60)
         shutil.rmtree(self.shm, ignore_errors=True)
 
 

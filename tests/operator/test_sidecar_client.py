@@ -97,7 +97,7 @@ async def test_the_event_stream_resumes_after_the_last_sequence(sidecar: FakeSid
 @pytest.mark.asyncio
 async def test_a_checkpoint_request_returns_the_durable_record(sidecar: FakeSidecar) -> None:
     async with client(sidecar) as link:
-        answer = await link.request_checkpoint("suspend", stop_after=True, timeout_s=5.0)
+        answer = await link.request_checkpoint("suspend", stop_after=True, timeout_s=30.0)
     assert answer.checkpoint.checkpoint_id == "ckpt-0007"
     assert (sidecar.checkpoint_requests[0].reason, sidecar.checkpoint_requests[0].stop_after) == (
         "suspend",

@@ -39,7 +39,7 @@ def manifest_doc(name: str = RUN_ID, **spec: Any) -> dict[str, Any]:
         "apiVersion": "tolaria.dev/v1alpha1",
         "kind": "TolariaRun",
         "metadata": {"name": name},
-        "spec": spec,
+        "spec": {**spec, "training": {"task": "synthetic-mlp", **spec.get("training", {})}},
     }
 
 
@@ -75,9 +75,12 @@ def free_port() -> int:
 
 
 def wait_for(
-    condition: Callable[[], Any], *, timeout_s: float = 20.0, interval_s: float = 0.01
+    condition: Callable[[], Any], *, timeout_s: float = 120.0, interval_s: float = 0.01
 ) -> Any:
-    """Polls `condition` until it returns something truthy; fails after `timeout_s`."""
+    """Polls `condition` until it returns something truthy; fails after `timeout_s`.
+
+    The deadline only bounds a failure (a met condition returns at once), so it is sized for a
+    real sidecar process on a loaded 2-core machine, not for an idle one."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = condition()

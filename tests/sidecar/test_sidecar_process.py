@@ -357,3 +357,25 @@ def test_a_second_sidecar_on_a_checkpoint_directory_in_use_exits_2_naming_it(
     assert done.returncode == 2, done.stderr
     assert "--checkpoint-dir" in done.stderr and str(checkpoints) in done.stderr
     assert segments(workspace.shm) == []
+
+
+@pytest.mark.req("R10.1")
+def test_a_manifest_with_a_key_written_twice_exits_2_naming_its_path_and_lines(
+    workspace: Workspace,
+) -> None:
+    """The sidecar reads the manifest file through the same loader as `tolaria run`."""
+    text = yaml.safe_dump(manifest_doc())
+    workspace.manifest.write_text(text + "kind: TolariaRun\n")
+    line = len(text.splitlines()) + 1
+    socket = workspace.root / "s.sock"
+    done = subprocess.run(
+        [*sidecar_command(), "--manifest", str(workspace.manifest), "--socket", str(socket)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TOLARIA_SHM_DIR": str(workspace.shm)},
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"kind: duplicate key at line {line} (first at line " in done.stderr
+    assert segments(workspace.shm) == [] and not socket.exists()

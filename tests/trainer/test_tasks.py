@@ -168,7 +168,9 @@ def test_building_a_builtin_leaves_the_global_rng_untouched(name: str) -> None:
 
 
 def test_synthetic_mlp_loss_falls_over_two_short_epochs() -> None:
-    training = TrainingSpec(data=DataSpec(train_samples=4096, validation_samples=256))
+    training = TrainingSpec(
+        task="synthetic-mlp", data=DataSpec(train_samples=4096, validation_samples=256)
+    )
     task = load_task(training)
     cpu = torch.device("cpu")
     train = BatchPlan(task.train_set, 64, seed=0, shuffle=True, device=cpu)

@@ -4,12 +4,14 @@
 supervised child processes (see `supervisor.py`); `--no-sidecar` trains in
 this process with the epoch-boundary guards only (no snapshots, rollbacks or
 emergency broadcast). Exit codes (stable): 0 succeeded, 1 failed, 2 invalid
-input (manifest, flags, task, drills), 3 halted by an emergency. Invalid input
-is refused before anything is created on disk, with a message naming the field
-and the rule. `--workdir` and `--inject` are stable spellings; later versions
-add values. `tolaria checkpoints DIR` (`checkpoints_cli.py`) lists and verifies a checkpoint
-directory read-only: 0 all verify, 1 damage, 2 not a directory. This module imports torch only
-for `--no-sidecar`.
+input (manifest, flags, task, device, metrics port, drills), 3 halted by an
+emergency. Invalid input is refused before anything is created on disk, with a
+message naming the field or flag and the rule. `--workdir` and `--inject` are
+stable spellings; later versions add values. `tolaria checkpoints DIR`
+(`checkpoints_cli.py`) lists and verifies a checkpoint directory read-only: 0 all
+verify, 1 damage, 2 not a directory. This module imports torch only for
+`--no-sidecar` and for `validate` without `--offline` (which imports the task and
+asks torch about the device).
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from pathlib import Path
 from types import FrameType
 
 from leyline import RunPhase, RunReport
-from leyline.spec import ManifestInvalid, load_manifest
+from leyline.spec import ManifestInvalid, TolariaRun, load_manifest
 from tolaria_trainer.checkpoints_cli import cmd_checkpoints
 from tolaria_trainer.drills import KINDS, DrillSpec, parse_drill
-from tolaria_trainer.errors import DrillInvalid, TaskInvalid
+from tolaria_trainer.errors import REFUSED_INPUT, DrillInvalid, FlagInvalid
 from tolaria_trainer.report import write_report
 from tolaria_trainer.supervisor import Supervisor, SupervisorOptions
 
@@ -35,6 +37,15 @@ EXIT_FAILED = 1
 EXIT_INVALID = 2
 
 logger = logging.getLogger("tolaria")
+
+VALIDATE_HELP = (
+    "Check a TolariaRun manifest without running it. Checks every field and rule, as the "
+    "Kubernetes API server does with the CRD; a key written twice is refused too. Then, unless "
+    "--offline, imports spec.training.task's module and finds its function (it does not build "
+    "the model or load data) and checks that spec.training.device exists on this machine "
+    "(device: cuda needs a GPU torch can see). Takes a few seconds, most of it importing torch. "
+    "Exit 0: valid; 2: invalid, naming the field and the rule."
+)
 
 
 def _epochs(text: str) -> frozenset[int]:
@@ -122,8 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="train in this process without the sidecar (no snapshots or rollbacks)",
     )
     run.add_argument("-v", "--verbose", action="store_true", help="log INFO to stderr")
-    validate = sub.add_parser("validate", help="check a manifest without running it")
-    validate.add_argument("manifest", type=Path)
+    validate = sub.add_parser(
+        "validate",
+        help="check a manifest without running it: schema, task import, device",
+        description=VALIDATE_HELP,
+    )
+    validate.add_argument("manifest", type=Path, help="TolariaRun YAML file")
+    validate.add_argument(
+        "--offline",
+        action="store_true",
+        help="check the schema only: no task import, no device check, no torch "
+        "(for a manifest meant for another machine or image)",
+    )
     sub.add_parser("drills", help="list the fire drills --inject accepts")
     checkpoints = sub.add_parser(
         "checkpoints",
@@ -160,8 +181,23 @@ def _failed_report(name: str, reason: str) -> RunReport:
     )
 
 
+def check_profile(run: TolariaRun, epochs: frozenset[int] | None) -> None:
+    """Refuses `--profile` epochs the run never reaches (a trace that never comes is a silent
+    no-op otherwise); epochs are numbered from 0."""
+    last = run.spec.training.epochs - 1
+    beyond = sorted(e for e in epochs or () if e > last)
+    if beyond:
+        which = (
+            f"epoch {beyond[0]} is"
+            if len(beyond) == 1
+            else f"epochs {', '.join(map(str, beyond))} are"
+        )
+        raise FlagInvalid("--profile", f"{which} never reached (this run's last epoch is {last})")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     run = load_manifest(args.manifest)
+    check_profile(run, args.profile)
     if args.no_sidecar:
         return _run_in_process(run, args)
     profile = ",".join(str(e) for e in sorted(args.profile)) if args.profile else None
@@ -180,7 +216,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_in_process(run: object, args: argparse.Namespace) -> int:
-    from tolaria_trainer.device import DeviceUnavailable
     from tolaria_trainer.progress import JsonView, ProgressView, RichView
     from tolaria_trainer.runtime import RunOptions, run_training
 
@@ -198,7 +233,7 @@ def _run_in_process(run: object, args: argparse.Namespace) -> int:
     report_path = args.workdir / run.name / "report.json"  # type: ignore[attr-defined]
     try:
         report = run_training(run, options)  # type: ignore[arg-type]
-    except (TaskInvalid, DrillInvalid, DeviceUnavailable) as err:
+    except REFUSED_INPUT as err:
         print(f"error: {args.manifest}: {err}", file=sys.stderr)
         return EXIT_INVALID
     except Exception as err:  # boundary: set-up failed after validation; say why in a report
@@ -212,8 +247,21 @@ def _run_in_process(run: object, args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """The schema always; unless `--offline`, also what only this machine can tell: whether
+    the task imports and the device exists. Raises ManifestInvalid, TaskInvalid or
+    DeviceUnavailable; `main` turns each into exit 2."""
     run = load_manifest(args.manifest)
-    print(f"{args.manifest}: valid TolariaRun {run.name!r}")
+    if args.offline:
+        print(f"{args.manifest}: valid TolariaRun {run.name!r} (schema only)")
+        return 0
+    from tolaria_trainer.device import plan_execution
+    from tolaria_trainer.tasks import find_task
+
+    training = run.spec.training
+    target = find_task(training)
+    plan = plan_execution(training)
+    task = training.task if target == training.task else f"{training.task} = {target}"
+    print(f"{args.manifest}: valid TolariaRun {run.name!r} (task {task}, device {plan.device})")
     return 0
 
 
@@ -243,7 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ManifestInvalid as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID
-    except (TaskInvalid, DrillInvalid) as err:
+    except FlagInvalid as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    except REFUSED_INPUT as err:
         print(f"error: {args.manifest}: {err}", file=sys.stderr)
         return EXIT_INVALID
 

@@ -19,6 +19,7 @@ import torch
 
 from leyline import DeviceKind, Precision
 from leyline.spec import TrainingSpec
+from tolaria_trainer.errors import DeviceUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,6 @@ class ExecutionPlan:
         amp = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32"
         extras = (" compiled" if self.compile else "") + (" tf32" if self.tf32 else "")
         return f"{self.device} {amp}{extras}"
-
-
-class DeviceUnavailable(RuntimeError):
-    """`spec.training.device: cuda` on a machine where torch sees no GPU."""
 
 
 def plan_execution(spec: TrainingSpec) -> ExecutionPlan:

@@ -25,6 +25,47 @@ class DrillInvalid(TrainerError):
     """An `--inject` value names no drill or has a bad trigger: refuse at the edge."""
 
 
+class FlagInvalid(TrainerError):
+    """A flag contradicts the manifest (`--profile` past the last epoch): refuse at the edge."""
+
+    def __init__(self, flag: str, rule: str) -> None:
+        super().__init__(f"{flag}: {rule}")
+        self.flag = flag
+        self.rule = rule
+
+
+class DeviceUnavailable(TrainerError):
+    """`spec.training.device: cuda` on a machine where torch sees no GPU: refuse at the edge.
+
+    Never moved to the CPU silently: a run sized for a GPU would crawl, or not fit.
+    """
+
+
+class MetricsPortUnavailable(TrainerError):
+    """The metrics endpoint cannot be bound (port in use, address not local): refuse at the edge.
+
+    `field` is what the user wrote it with (`--metrics-port`, `spec.telemetry.metricsPort` or
+    `spec.telemetry.metricsAddress`), so the message says what to change.
+    """
+
+    def __init__(self, field: str, address: str, port: int, reason: str) -> None:
+        where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        super().__init__(f"{field}: cannot serve metrics on {where}: {reason}")
+        self.field = field
+        self.address = address
+        self.port = port
+        self.reason = reason
+
+
+REFUSED_INPUT: tuple[type[TrainerError], ...] = (
+    TaskInvalid,
+    DrillInvalid,
+    DeviceUnavailable,
+    MetricsPortUnavailable,
+)
+"""What the runtime refuses before it writes anything: the CLI and the worker exit 2 on these."""
+
+
 class BudgetBreached(TrainerError):
     """A budgeted operation overran: record a breaker failure (R1.4), never crash."""
 

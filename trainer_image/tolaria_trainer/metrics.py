@@ -12,10 +12,14 @@ only one counter.
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Iterable, Mapping
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
 from leyline import (
     BreakerId,
@@ -206,8 +210,37 @@ class TrainerMetrics:
         self.rebuild_seconds.observe(elapsed_ms / 1e3)
 
 
-def serve(registry: CollectorRegistry, port: int, address: str) -> tuple[object, int]:
-    """Starts the /metrics endpoint; returns (server, bound port). Port 0 binds a free port."""
-    server, thread = start_http_server(port, addr=address, registry=registry)
-    del thread
-    return server, int(server.server_port)
+class _QuietHandler(WSGIRequestHandler):
+    """Scrapes are routine: no access-log line on stderr for each one."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        del format, args
+
+
+class MetricsServer:
+    """/metrics served on an already bound, listening socket, from a daemon thread.
+
+    Takes the socket rather than a port so the bind happens at the edge
+    (`endpoint.bind_metrics_socket`), where a port in use is refused by name, and so a
+    socket inherited from `tolaria run` serves the same URL in every trainer attempt.
+    """
+
+    def __init__(self, registry: CollectorRegistry, sock: socket.socket) -> None:
+        host, port = sock.getsockname()[:2]
+        server = ThreadingWSGIServer((host, port), _QuietHandler, bind_and_activate=False)
+        server.socket.close()  # the unbound socket the constructor made; `sock` replaces it
+        server.socket = sock
+        server.server_address = sock.getsockname()
+        # what server_bind would set, without its reverse DNS lookup (getfqdn)
+        server.server_name, server.server_port = str(host), int(port)
+        server.setup_environ()
+        server.set_app(make_wsgi_app(registry))
+        self._server = server
+        self.port = int(port)
+        self._thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stops serving and closes this process's copy of the socket."""
+        self._server.shutdown()
+        self._server.server_close()

@@ -2,9 +2,10 @@
 
 This is the composition root: the only place that knows every concrete class.
 Everything else receives its collaborators. `run_training` never raises for a
-failed run (the report says why); it raises `TaskInvalid`, `DrillInvalid` or
-`DeviceUnavailable` for input refused before training starts, and writes
-nothing to disk before that point.
+failed run (the report says why); it raises one of `errors.REFUSED_INPUT`
+(`TaskInvalid`, `DrillInvalid`, `DeviceUnavailable`, `MetricsPortUnavailable`)
+for input refused before training starts, and writes nothing to disk before
+that point.
 
 With a sidecar socket (local mode under `tolaria run`, or a pod) the run gets
 the recovery layer: snapshots in shared memory, rollbacks, crash resume and
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -45,6 +47,7 @@ from tolaria_trainer.device import (
     seed_everything,
 )
 from tolaria_trainer.drills import Drills, DrillSpec, check_reachable
+from tolaria_trainer.endpoint import metrics_url, open_metrics_socket
 from tolaria_trainer.errors import TaskInvalid
 from tolaria_trainer.guards import Guards
 from tolaria_trainer.hardware import HardwareProbe
@@ -54,7 +57,7 @@ from tolaria_trainer.kasmina import NullSeedManager
 from tolaria_trainer.latency import percentile
 from tolaria_trainer.loop import EpochLoop, Outcome, Validator
 from tolaria_trainer.lr_controller import LRController
-from tolaria_trainer.metrics import TrainerMetrics, serve
+from tolaria_trainer.metrics import MetricsServer, TrainerMetrics
 from tolaria_trainer.optimizer_manager import OptimizerManager, ParamGroup
 from tolaria_trainer.position import Position
 from tolaria_trainer.profiler import EpochProfiler
@@ -98,6 +101,9 @@ class RunOptions:
     view: ProgressView
     drills: Sequence[DrillSpec] = ()
     metrics_port: int | None = None
+    """`--metrics-port` (0: a free port); None: `spec.telemetry.metricsPort` (0: off)."""
+    metrics_socket: socket.socket | None = None
+    """A bound, listening socket from `tolaria run` (`--metrics-fd`); wins over both ports."""
     profile_epochs: frozenset[int] | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     sidecar_socket: str | None = None
@@ -145,7 +151,7 @@ class Components:
     device: str
     started: float
     steps_per_epoch: int
-    server: object | None = None
+    server: MetricsServer | None = None
 
 
 def run_training(run: TolariaRun, options: RunOptions) -> RunReport:
@@ -195,7 +201,7 @@ def run_training(run: TolariaRun, options: RunOptions) -> RunReport:
     c.hub.close()
     c.sink.close()
     if c.server is not None:
-        c.server.shutdown()  # type: ignore[attr-defined]
+        c.server.close()
     return report
 
 
@@ -220,6 +226,9 @@ def build(run: TolariaRun, options: RunOptions) -> Components:
     per_epoch = steps_per_epoch(run, train.num_batches())
     check_reachable(options.drills, epochs=t.epochs, total_steps=per_epoch * t.epochs)
     drills = Drills(options.drills)
+    metrics_socket = options.metrics_socket or open_metrics_socket(
+        spec.telemetry, options.metrics_port
+    )
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: refused input leaves nothing behind
 
     clock = MonotonicClock()
@@ -235,13 +244,10 @@ def build(run: TolariaRun, options: RunOptions) -> Components:
     guards = Guards(spec.breakers, spec.conservative, clock, hub)
     guards_ref.append(guards)
     metrics = TrainerMetrics(CollectorRegistry())
-    port = options.metrics_port if options.metrics_port is not None else spec.telemetry.metrics_port
     server = None
-    if port:
-        server, bound = serve(metrics.registry, port, spec.telemetry.metrics_address)
-        options.view.notice(
-            "metrics served", url=f"http://{spec.telemetry.metrics_address}:{bound}/metrics"
-        )
+    if metrics_socket is not None:
+        server = MetricsServer(metrics.registry, metrics_socket)
+        options.view.notice("metrics served", url=metrics_url(metrics_socket))
 
     def compile_fallback(why: str) -> None:
         hub.event(

@@ -10,6 +10,10 @@ the way a kubelet runs the two containers of a run's pod:
 * exit codes 0, 1, 2 and 3 are final;
 * a sidecar that dies is restarted; it re-attaches the slots it left behind
   while the trainer carries on DEGRADED;
+* the metrics port (`--metrics-port`, else `spec.telemetry.metricsPort`) is
+  bound here, before anything is created: a port in use is exit 2 naming the
+  flag or field. Every trainer attempt serves on that one socket, so the URL
+  it prints holds across restarts;
 * however the run ends — success, failure, halt, SIGINT/SIGTERM, a crash of
   the supervisor itself (children get a parent-death signal) — nothing of the
   run stays in /dev/shm and the socket directory is removed.
@@ -25,6 +29,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +53,8 @@ from leyline.lifecycle import (
 from leyline.shm import new_instance_id, remove_instance_segments
 from leyline.spec import TolariaRun
 from tolaria_trainer.drills import SIDECAR_PID_ENV, DrillSpec, split
+from tolaria_trainer.endpoint import open_metrics_socket
+from tolaria_trainer.errors import MetricsPortUnavailable
 from tolaria_trainer.workdir import Prepared, RunDirectoryRefused, RunLock, prepare
 
 logger = logging.getLogger("tolaria.supervisor")
@@ -97,6 +104,7 @@ class Supervisor:
         self._socket = self._socket_dir / "sidecar.sock"
         self._sidecar: subprocess.Popen[str] | None = None
         self._trainer: subprocess.Popen[bytes] | None = None
+        self._metrics: socket.socket | None = None
         self._stop = threading.Event()
         self._made_run_dir = not self._run_dir.exists()
         self.seen = Supervision()
@@ -177,8 +185,10 @@ class Supervisor:
         if attempt == 1:  # a drill fires once: a restarted trainer gets none
             for d in self._trainer_drills:
                 cmd += ["--inject", d.raw]
-        if self._opts.metrics_port is not None:
-            cmd += ["--metrics-port", str(self._opts.metrics_port)]
+        inherited: tuple[int, ...] = ()
+        if self._metrics is not None:
+            inherited = (self._metrics.fileno(),)
+            cmd += ["--metrics-fd", str(inherited[0])]
         if self._opts.profile:
             cmd += ["--profile", self._opts.profile]
         if self._opts.verbose:
@@ -186,7 +196,7 @@ class Supervisor:
         env = {**os.environ, **child_environment(signal.SIGKILL), **self._identity()}
         if self._sidecar is not None:
             env[SIDECAR_PID_ENV] = str(self._sidecar.pid)
-        self._trainer = subprocess.Popen(cmd, env=env)
+        self._trainer = subprocess.Popen(cmd, env=env, pass_fds=inherited)
 
     def _identity(self) -> dict[str, str]:
         """What both children share: the instance, its lineage, and whether to resume it."""
@@ -200,11 +210,25 @@ class Supervisor:
     def run(self) -> int:
         """Runs to the end; returns the exit code `tolaria run` exits with."""
         try:
+            self._metrics = open_metrics_socket(self._run.spec.telemetry, self._opts.metrics_port)
+        except MetricsPortUnavailable as err:  # before the lock: a refusal leaves nothing
+            return self._refuse(err)
+        try:
+            return self._run_locked()
+        finally:
+            if self._metrics is not None:
+                self._metrics.close()
+
+    def _refuse(self, err: Exception) -> int:
+        sys.stderr.write(f"error: {err}\n")
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
+        return 2
+
+    def _run_locked(self) -> int:
+        try:
             self._lock.acquire(self.instance_id)
         except RunDirectoryRefused as err:
-            sys.stderr.write(f"error: {err}\n")
-            shutil.rmtree(self._socket_dir, ignore_errors=True)
-            return 2
+            return self._refuse(err)
         try:
             self._prepared = prepare(
                 self._run,
@@ -215,10 +239,8 @@ class Supervisor:
                 fresh=self._opts.fresh,
             )
         except RunDirectoryRefused as err:
-            sys.stderr.write(f"error: {err}\n")
             self._lock.release()
-            shutil.rmtree(self._socket_dir, ignore_errors=True)
-            return 2
+            return self._refuse(err)
         self._made_run_dir = not self._run_dir.exists()
         for moved in self._prepared.moved_aside:
             logger.warning("--fresh: moved the earlier run to %s", moved)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -28,14 +29,16 @@ from leyline.lifecycle import (
     adopt_parent_death_signal,
 )
 from leyline.spec import ManifestInvalid, load_manifest
-from tolaria_trainer.device import DeviceUnavailable
 from tolaria_trainer.drills import DrillSpec, parse_drill
-from tolaria_trainer.errors import DrillInvalid, TaskInvalid
+from tolaria_trainer.errors import REFUSED_INPUT, DrillInvalid
 from tolaria_trainer.progress import JsonView, ProgressView, RichView
 from tolaria_trainer.recovery.participant import POD_MODE_ENV
 from tolaria_trainer.runtime import EXIT_INVALID, RunOptions, run_training
 
 logger = logging.getLogger("tolaria.worker")
+
+REFUSED: tuple[type[Exception], ...] = (ManifestInvalid, *REFUSED_INPUT)
+"""Input refused before anything is written: exit 2 with the message, no traceback."""
 
 
 def _drill(text: str) -> DrillSpec:
@@ -54,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inject", type=_drill, action="append", default=[])
     p.add_argument("--log-format", choices=("rich", "json"), default="rich")
     p.add_argument("--metrics-port", type=int, default=None)
+    p.add_argument(
+        "--metrics-fd",
+        type=int,
+        default=None,
+        help="serve metrics on this inherited, listening socket (from `tolaria run`)",
+    )
     p.add_argument(
         "--profile", type=lambda s: frozenset(int(x) for x in s.split(",") if x), default=None
     )
@@ -112,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 view=view,
                 drills=tuple(args.inject),
                 metrics_port=args.metrics_port,
+                metrics_socket=(
+                    socket.socket(fileno=args.metrics_fd) if args.metrics_fd is not None else None
+                ),
                 profile_epochs=args.profile,
                 stop=stop,
                 sidecar_socket=args.socket,
@@ -120,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 resume_required=os.environ.get(RESUME_ENV, "") == RESUME_REQUIRED,
             ),
         )
-    except (ManifestInvalid, TaskInvalid, DrillInvalid, DeviceUnavailable) as err:
+    except REFUSED as err:
         sys.stderr.write(f"error: {args.manifest}: {err}\n")
         return _terminate(args, RunPhase.Name(RunPhase.Failed), EXIT_INVALID, str(err))
     return _terminate(args, RunPhase.Name(report.status), report.exit_code, report.reason)
