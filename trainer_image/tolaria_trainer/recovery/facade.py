@@ -178,6 +178,9 @@ class Recovery:
         self.degraded_reason = ""
         self._persist_next = False
         self._persist_after_commit = False
+        self._persist_retry = False
+        """A checkpoint was due but the sidecar could not take it: the next epoch-end snapshot
+        is persisted whatever `everyEpochs` says, so the durable tier catches up."""
         self.halt_reason = ""
         self.snapshots_committed = 0
         self.commit_failures: list[str] = []
@@ -431,8 +434,8 @@ class Recovery:
         self._ledger.epoch_completed(trained_steps=trained_steps)
         if self.writer is None:
             return ""
-        persist = self._persist_next
-        self._persist_next = False
+        persist = self._persist_next or self._persist_retry
+        self._persist_next = self._persist_retry = False
         if self._spec.snapshots.at_epoch_end or persist:
             self.fence()
             self._persist_after_commit = persist  # read by the worker after its commit
@@ -457,13 +460,15 @@ class Recovery:
         return reply.stop_reason or "stop requested by the sidecar" if reply.stop_requested else ""
 
     def _commit(self, slot: int, generation: int) -> str:
-        """Runs on the snapshot worker: tell the sidecar; persist it when asked."""
+        """Runs on the snapshot worker: tell the sidecar; persist it when asked (and remember
+        a persist the sidecar could not take, see `_persist_retry`)."""
+        persist, self._persist_after_commit = self._persist_after_commit, False
         try:
             self.link.commit(slot, generation)
-            if self._persist_after_commit:
-                self._persist_after_commit = False
+            if persist:
                 self.link.persist(slot, generation)
         except SidecarUnavailable as err:
+            self._persist_retry = self._persist_retry or persist
             return str(err)
         return ""
 
@@ -817,12 +822,17 @@ class Recovery:
             return None
 
     def close(self, *, phase: RunPhase.ValueType, reason: str) -> None:
+        """The end of the run: the newest snapshot is made durable if it is not yet (a
+        checkpoint the sidecar missed while it was down, the last epoch's still in flight),
+        then the trainer detaches with its final phase."""
         self.fence()
         if not self.link.health.reachable:
             try:  # a restarting sidecar: give it a moment to take the detach and the report query
                 self.link.wait_ready(CLOSE_WAIT_S)
             except SidecarUnavailable as err:
                 logger.warning("sidecar still unavailable at the end of the run: %s", err)
+        if phase != RunPhase.Halted and self._spec.checkpoints.every_epochs > 0:
+            self._final_checkpoint()
         try:
             self.link.detach(
                 pb.DetachRequest(run_id=self._run_id, final_phase=phase, reason=reason)
