@@ -271,7 +271,12 @@ class Segment:
     def attach(cls, path: Path) -> Segment:
         """Maps an existing segment read-write; raises `FileNotFoundError` if absent and
         `ForeignSegment` unless it is a regular file of this user with mode 0600."""
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise ForeignSegment(f"{path}: a symbolic link, never followed") from err
+            raise
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -285,10 +290,6 @@ class Segment:
             if st.st_size == 0:
                 raise LayoutMismatch(f"{path}: empty segment")
             mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError as err:
-            if err.errno == errno.ELOOP:
-                raise ForeignSegment(f"{path}: a symbolic link, never followed") from err
-            raise
         finally:
             os.close(fd)
         return cls(path, mm)

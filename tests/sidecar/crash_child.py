@@ -8,20 +8,15 @@ kills it (it stops after `MAX_ITERATIONS` if the parent is gone).
 
 from __future__ import annotations
 
-import os
 import struct
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from leyline.checksum import REGION_ALGORITHM, region_digest
-from leyline.shm import SLOT_DYNAMIC_AT, Slot, TornHeader, slot_name
 from tests.sidecar.scenarios import (
     ANNOUNCE,
     DONE,
-    INSTANCE_ID,
     RUN_ID,
     SPEC,
-    content,
     write_index,
     write_new_epoch,
 )
@@ -30,11 +25,6 @@ from tolaria_sidecar.faults import Faults
 
 MESSAGE = struct.Struct("<BQ")
 MAX_ITERATIONS = 100_000
-PIECE_BYTES = 4096
-"""Slot data is copied piece by piece (as a trainer copies tensor by tensor), so a kill can land
-in the middle of the data."""
-SLOT_CAPACITY = 64 * 1024
-SLOT_COUNT = 2
 
 
 def write_checkpoints(directory: str, seed: int, start: int, conn: Connection) -> None:
@@ -44,62 +34,6 @@ def write_checkpoints(directory: str, seed: int, start: int, conn: Connection) -
             conn.send_bytes(MESSAGE.pack(ANNOUNCE, index))
             write_index(store, seed, index)
             conn.send_bytes(MESSAGE.pack(DONE, index))
-
-
-def _even_sequence(slot: Slot) -> None:
-    # A writer killed inside a seqlock write leaves the sequence odd; the next writer must
-    # make it even first, or its own writes would look stable to readers.
-    word = slot.seg.u64(SLOT_DYNAMIC_AT)
-    if word.value & 1:
-        word.value += 1
-
-
-def _held_generation(slot: Slot) -> int:
-    """The generation a slot offers readers now (0: nothing restorable)."""
-    try:
-        header = slot.header()
-    except TornHeader:
-        return 0
-    return header.generation if header.visible else 0
-
-
-def publish_snapshots(shm_dir: str, seed: int, start: int, conn: Connection) -> None:
-    """Publishes generation after generation, each into the least recent slot, as a trainer does.
-
-    The least recent slot is judged by what the headers offer (not by generation parity), so a
-    restarted publisher never overwrites the newest restorable snapshot first.
-    """
-    os.environ["TOLARIA_SHM_DIR"] = shm_dir
-    slots = [
-        Slot.attach(Path(shm_dir) / slot_name(INSTANCE_ID, i), instance_id=INSTANCE_ID)
-        for i in range(SLOT_COUNT)
-    ]
-    for slot in slots:
-        _even_sequence(slot)
-    held = [_held_generation(slot) for slot in slots]
-    for generation in range(start, start + MAX_ITERATIONS):
-        manifest, data = content(seed, generation, max_bytes=SLOT_CAPACITY)
-        index = held.index(min(held))
-        slot = slots[index]
-        conn.send_bytes(MESSAGE.pack(ANNOUNCE, generation))
-        held[index] = 0
-        slot.invalidate()
-        region = slot.data
-        for offset in range(0, len(data), PIECE_BYTES):
-            end = min(offset + PIECE_BYTES, len(data))
-            region[offset:end] = data[offset:end]
-        slot.publish(
-            generation=generation,
-            manifest=manifest,
-            data_length=len(data),
-            data_checksum=region_digest(memoryview(data)),
-            checksum_algorithm=REGION_ALGORITHM,
-            global_step=generation,
-            epoch=0,
-            flags=0,
-        )
-        held[index] = generation
-        conn.send_bytes(MESSAGE.pack(DONE, generation))
 
 
 def write_new_epoch_exiting_at(directory: str, seed: int, point: str, nth: int) -> None:

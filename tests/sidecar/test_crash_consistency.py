@@ -1,16 +1,18 @@
-"""Real crashes (R6.2, R6.3): writers SIGKILLed at random moments serve nothing torn, lose nothing.
+"""Real crashes (R6.3): checkpoint writers SIGKILLed at random moments serve nothing torn, lose
+nothing. (Shared-memory snapshots have their own harness, driving the production writer and
+restorer: `tests/trainer/test_snapshot_crash_consistency.py`.)
 
-A child process writes checkpoints (or publishes snapshots into real shared-memory slots) of
-random content in a loop and reports over a pipe each index it is about to write and each it
-has committed. The parent kills it with SIGKILL at a random moment, then restores what the
-store or the slots offer and checks it, bit for bit, against the content the child reported:
+A child process writes checkpoints of random content in a loop and reports over a pipe each
+index it is about to write and each it has committed. The parent kills it with SIGKILL at a
+random moment, then restores what the store offers and checks it, bit for bit, against the
+content the child reported:
 
 * torn: something restorable that is not exactly a reported commit or the announced in-flight
-  write (or, for slots, passes its checksums but holds other bytes);
+  write;
 * lost: the newest restorable is older than the newest reported commit, or one of the last
   `keep` commits is gone.
 
-Both counts must be 0. `TOLARIA_SLOW=1` runs 1000 trials of each kind instead of 200.
+Both counts must be 0. `TOLARIA_SLOW=1` runs 1000 trials instead of 200.
 """
 
 from __future__ import annotations
@@ -29,18 +31,12 @@ from typing import Any
 
 import pytest
 
-from leyline.checksum import region_digest
-from leyline.shm import Slot, TornHeader, shm_dir, slot_name
 from tests.sidecar import crash_child
 from tests.sidecar.crash_child import (
     MESSAGE,
-    SLOT_CAPACITY,
-    SLOT_COUNT,
-    publish_snapshots,
     write_checkpoints,
 )
 from tests.sidecar.scenarios import (
-    INSTANCE_ID,
     NEW_EPOCH,
     RUN_ID,
     SPEC,
@@ -164,71 +160,6 @@ def test_sigkilled_checkpoint_writers_never_serve_a_torn_or_lose_a_committed_che
     record_property("checkpoint_lost_commits", ledger.lost)
     assert ledger.trials == TRIALS and len(ledger.done) > TRIALS // 2
     assert (ledger.torn, ledger.lost) == (0, 0), ledger.summary("checkpoints")
-
-
-# -- shared-memory snapshot slots ----------------------------------------------------------------
-
-
-def check_slots(directory: Path, seed: int, ledger: Ledger) -> None:
-    accepted: dict[int, tuple[bytes, bytes]] = {}
-    for index in range(SLOT_COUNT):
-        slot = Slot.attach(directory / slot_name(INSTANCE_ID, index), instance_id=INSTANCE_ID)
-        try:
-            header = slot.header()
-            if not header.visible:
-                continue
-            manifest = slot.manifest_bytes(header)
-            data = bytes(slot.data[: header.data_length])
-            if region_digest(memoryview(data)) != header.data_checksum:
-                ledger.refused += 1
-                continue
-            accepted[header.generation] = (manifest, data)
-        except TornHeader:
-            ledger.refused += 1
-        finally:
-            slot.close()
-    for generation, got in accepted.items():
-        expected = content(seed, generation, max_bytes=SLOT_CAPACITY)
-        if generation not in ledger.candidates or got != expected:
-            ledger.torn += 1
-    newest_done = max(ledger.done, default=0)
-    if max(accepted, default=0) < newest_done:
-        ledger.lost += 1
-    ledger.settle(set(accepted))
-
-
-@pytest.mark.req("R6.2")
-@pytest.mark.timeout(120 + TRIALS)
-def test_sigkilled_slot_publishers_never_serve_a_torn_snapshot(
-    forkserver: ForkServerContext,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    record_property: Callable[[str, object], None],
-) -> None:
-    monkeypatch.setenv("TOLARIA_SHM_DIR", str(tmp_path / "shm"))
-    directory = shm_dir()
-    directory.mkdir()
-    for index in range(SLOT_COUNT):
-        Slot.create(
-            directory / slot_name(INSTANCE_ID, index),
-            index,
-            SLOT_CAPACITY,
-            4096,
-            prefault=True,
-            instance_id=INSTANCE_ID,
-        ).close()
-    rng = random.Random(20240612)
-    ledger = Ledger()
-    for _ in range(TRIALS):
-        args = (str(directory), 5, ledger.next_index)
-        run_until_killed(forkserver, publish_snapshots, args, ledger, rng)
-        check_slots(directory, 5, ledger)
-    print(ledger.summary("slots"))
-    record_property("slot_trials", ledger.trials)
-    record_property("slot_torn_restores", ledger.torn)
-    record_property("slot_lost_commits", ledger.lost)
-    assert ledger.trials == TRIALS and len(ledger.done) > TRIALS // 2
-    assert (ledger.torn, ledger.lost) == (0, 0), ledger.summary("slots")
 
 
 # -- a real process exit at every write point ----------------------------------------------------

@@ -11,6 +11,7 @@ its SIGKILL landed.
 from __future__ import annotations
 
 import os
+import signal
 import struct
 from collections.abc import Mapping
 from multiprocessing.connection import Connection
@@ -87,16 +88,27 @@ def write_step(
 
 
 class _Reporting:
-    """Faults that report each write point to the parent before passing it."""
+    """Faults that report each write point to the parent before passing it, and SIGKILL this
+    process at the `nth` arrival at `kill_point` (a kill that lands exactly there)."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, kill_point: str, nth: int) -> None:
         self._conn = conn
+        self._kill_point = kill_point
+        self._left = nth
 
     def hit(self, point: str) -> None:
         self._conn.send_bytes(MESSAGE.pack(POINT, WRITE_POINTS.index(point)))
+        if point == self._kill_point:
+            self._left -= 1
+            if self._left == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
-def capture_forever(directory: str, start: int, conn: Connection) -> None:
+def capture_forever(
+    directory: str, start: int, kill_point: str, kill_nth: int, conn: Connection
+) -> None:
+    """Captures step after step from `start` until killed (by the parent, or by itself at the
+    `kill_nth` arrival at `kill_point`; "" for none)."""
     os.environ["TOLARIA_SHM_DIR"] = directory
     base = Path(directory)
     control = ControlBlock.attach(base / control_name(INSTANCE), instance_id=INSTANCE)
@@ -110,7 +122,7 @@ def capture_forever(directory: str, start: int, conn: Connection) -> None:
         commit=lambda slot, generation: "",
         run_id="harness",
         window=8,
-        faults=_Reporting(conn),
+        faults=_Reporting(conn, kill_point, kill_nth),
     )
     for step in range(start, start + MAX_STEPS):
         write_step(model, opt, counter, step)
