@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -379,3 +379,70 @@ def test_a_checkpoint_whose_data_does_not_match_its_legacy_manifest_is_refused(
     )
     with pytest.raises(CheckpointLoadFailed, match="data checksum"):
         slots.load_checkpoint(deadline_ns=clock.now_ns() + 12 * 10**9)
+
+
+def _manifest(instance: str, lineage: str, fingerprint: str = "layout-a") -> bytes:
+    return SnapshotManifest(
+        instance_id=instance, lineage_id=lineage, layout_fingerprint=fingerprint
+    ).SerializeToString()
+
+
+@pytest.mark.req("R13.1")
+def test_the_durable_tier_loads_only_this_instances_checkpoints_unless_asked_to_resume(
+    config: SidecarConfig,
+    control: ControlBlock,
+    store: DurableStore,
+    guard: PersistGuard,
+    clock: FakeClock,
+) -> None:
+    mine = make_slot_manager(config, control, store, guard, clock)
+    record = CheckpointRecord(instance_id="someone-else-01", lineage_id="their-lineage-01")
+    refused = mine.accepts(record, _manifest("someone-else-01", "their-lineage-01"), "")
+    assert refused is not None and "someone-else-01" in refused and "resume" in refused
+    assert mine.accepts(record, _manifest(config.instance_id, config.lineage_id), "") is None
+    resuming = replace(config, lineage_id="their-lineage-01", resume=True)
+    theirs = make_slot_manager(resuming, control, store, guard, clock)
+    assert theirs.accepts(record, _manifest("someone-else-01", "their-lineage-01"), "") is None
+    other = _manifest("someone-else-01", "a-third-lineage")
+    assert theirs.accepts(record, other, "") is not None, "only the lineage it resumes"
+    layout = mine.accepts(record, _manifest(config.instance_id, "x", "layout-b"), "layout-a")
+    assert layout is not None and "layout" in layout
+
+
+@pytest.mark.req("R13.1")
+def test_a_checkpoint_of_another_instance_is_refused_at_load_and_named_in_the_rejections(
+    config: SidecarConfig,
+    control: ControlBlock,
+    guard: PersistGuard,
+    clock: FakeClock,
+) -> None:
+    config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    with DurableStore(
+        config.checkpoint_dir,
+        config.checkpoints,
+        run_id=RUN_ID,
+        instance_id="earlier-run-0001",
+        faults=guard,
+    ) as earlier:
+        earlier.write(
+            manifest=_manifest("earlier-run-0001", "earlier-run-0001"),
+            data=memoryview(payload(STATE_BYTES, 7)),
+            epoch=3,
+            global_step=30,
+            snapshot_generation=4,
+        )
+    with DurableStore(
+        config.checkpoint_dir,
+        config.checkpoints,
+        run_id=RUN_ID,
+        instance_id=config.instance_id,
+        faults=guard,
+    ) as store:
+        slots = make_slot_manager(config, control, store, guard, clock)
+        slots.attach(state_bytes=STATE_BYTES, manifest_bytes=1024)
+        with pytest.raises(NoCheckpoint):
+            slots.load_checkpoint(deadline_ns=clock.now_ns() + 12 * 10**9)
+        (rejection,) = slots.last_rejections
+        assert rejection.instance_id == "earlier-run-0001" and rejection.global_step == 30
+        assert "earlier-run-0001" in rejection.reason
+        slots.close(unlink=True)
