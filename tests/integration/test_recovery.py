@@ -290,3 +290,18 @@ def test_a_run_resumed_with_resume_ends_bit_identical_to_an_uninterrupted_one(
     assert report["resumed_from"]
     assert final_state_digest(done) == final_state_digest(baseline)
     assert losses(report) == losses(baseline.report)
+
+
+@pytest.mark.req("R13.4")
+def test_with_nothing_to_restore_the_run_halts_at_once_saying_why(run: Run) -> None:
+    doc = small_manifest("nothing", epochs=3)
+    doc["spec"]["snapshots"] = {"enabled": False}
+    doc["spec"]["checkpoints"] = {"everyEpochs": 0}
+    done = run(doc, "--inject", "loss-spike@step=20")
+    assert done.returncode == 3, done.stderr[-3000:]
+    report = done.report
+    assert report["status"] == "Halted"
+    assert "no valid state before step 20" in report["reason"]
+    (decision,) = report["decisions"]
+    assert decision["kind"] == "ANOMALY_KIND_NO_ROLLBACK_TARGET"
+    assert report["wall_seconds"] < 30, "halted at once, not after the CRITICAL timeout"
