@@ -11,7 +11,9 @@ superseded by a newer one, no checkpoint for a full rollback) are answered in th
 response's own `accepted`/`scheduled`/`ready` + `error` fields instead.
 
 Servicers never touch slot bytes or disk themselves and never wait longer than the
-deadline they were given (the level's budget, the client's gRPC deadline).
+deadline they were given (the level's budget, the client's gRPC deadline). They know the
+sidecar only as `protocols.ServicedSidecar`, never the concrete `sidecar.Sidecar`, so a test
+can serve them over a fake and the wiring can import them without a cycle.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 import grpc
 
@@ -56,9 +58,7 @@ from tolaria_sidecar.errors import (
     SharedMemoryFull,
     SidecarError,
 )
-
-if TYPE_CHECKING:
-    from tolaria_sidecar.server import Sidecar
+from tolaria_sidecar.protocols import ServicedSidecar
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def check_signal(signal: EmergencySignal, run_id: str) -> None:
 class TrainerLinkService(TrainerLinkServicer):
     """The trainer's calls, over the Unix socket (no token: the socket is mode 0600)."""
 
-    def __init__(self, sidecar: Sidecar) -> None:
+    def __init__(self, sidecar: ServicedSidecar) -> None:
         self._s = sidecar
 
     def _run(self, run_id: str, *, required: bool) -> None:
@@ -370,7 +370,7 @@ class TrainerLinkService(TrainerLinkServicer):
 class SidecarControlService(SidecarControlServicer):
     """The operator's calls, over TCP; `auth.TokenAuth` has checked the token already."""
 
-    def __init__(self, sidecar: Sidecar) -> None:
+    def __init__(self, sidecar: ServicedSidecar) -> None:
         self._s = sidecar
 
     @guarded

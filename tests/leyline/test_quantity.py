@@ -90,9 +90,7 @@ def test_manifest_fields_and_parser_accept_the_same_quantities(field: str, text:
 @given(
     field=st.sampled_from(sorted(QUANTITY_FIELDS)),
     text=st.text(alphabet="0123456789.KMGTPEikm \n-+e", min_size=1, max_size=FIELD_MAX_LENGTH)
-    | st.from_regex(QUANTITY_PATTERN, fullmatch=True).filter(
-        lambda t: len(t) <= FIELD_MAX_LENGTH
-    ),
+    | st.from_regex(QUANTITY_PATTERN, fullmatch=True).filter(lambda t: len(t) <= FIELD_MAX_LENGTH),
 )
 def test_no_string_is_accepted_by_one_and_refused_by_the_other(field: str, text: str) -> None:
     assert spec_accepts(field, text) == parses(text)

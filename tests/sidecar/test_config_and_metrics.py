@@ -8,13 +8,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from leyline import AnomalyKind, EmergencyLevel, RollbackOutcome, RollbackTier
+from leyline import AnomalyKind, EmergencyLevel, RollbackOutcome, RollbackTier, enum_names
 from leyline.spec import TolariaRun
 from leyline.v1.resilience_pb2 import CheckpointOutcome, SlotCondition
 from tests.sidecar.doubles import tolaria_run
 from tolaria_sidecar.config import CheckpointDrill, ControlAddress, SidecarConfig, read_token
 from tolaria_sidecar.errors import ConfigInvalid
-from leyline import enum_names
 from tolaria_sidecar.metrics import SidecarMetrics
 
 
