@@ -6,7 +6,7 @@ for an in-process sidecar. `start_trainer_server` serves `TrainerLink` on the Un
 (born mode 0600); `start_control_server` serves the token-authenticated `SidecarControl` on
 TCP and refuses to start without a token; the stop lets in-flight calls finish within
 `Tuning.shutdown_grace_seconds`. Nothing here touches a slot or the disk beyond the socket:
-the servicers (`service`) and the `Sidecar` do the work.
+the servicers (`trainer_link`, `sidecar_control`) and the `Sidecar` do the work.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from tolaria_sidecar.errors import ConfigInvalid
 from tolaria_sidecar.metrics import serve as serve_metrics
 from tolaria_sidecar.protocols import Clock, ServicedSidecar
 from tolaria_sidecar.protocols import DurableStore as StoreProtocol
-from tolaria_sidecar.service import SidecarControlService, TrainerLinkService
 from tolaria_sidecar.sidecar import Sidecar
+from tolaria_sidecar.sidecar_control import SidecarControlService
+from tolaria_sidecar.trainer_link import TrainerLinkService
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """One run's sidecar, wired: the object the servicers call (`protocols.ServicedSidecar`),
 holding the run's components and their threads.
 
-`Sidecar` owns the run's control block (`control.open_control_block`), the durable store
+`Sidecar` owns the run's control block (`control_block.open_control_block`), the durable store
 (`store.open_store`), the slot manager, the emergency machine, the event log and the view of
 the trainer, plus three threads: the emergency monitor, the verifier and the persister
 (`workers`). `serving.serve` builds it, starts it, and stops and releases it; the servicers
@@ -33,7 +33,7 @@ from leyline.shm import PARTICIPANT_FLAG_ATTACHED, remove_instance_segments
 from leyline.v1 import sidecar_pb2 as pb
 from tolaria_sidecar.checkpoints import DurableStore
 from tolaria_sidecar.config import SidecarConfig
-from tolaria_sidecar.control import open_control_block
+from tolaria_sidecar.control_block import open_control_block
 from tolaria_sidecar.emergency import TRAINER, EmergencyMachine, EmergencyMonitor
 from tolaria_sidecar.errors import ConfigInvalid
 from tolaria_sidecar.events import EventLog

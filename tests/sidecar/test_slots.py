@@ -20,7 +20,7 @@ from tolaria_sidecar.allocation import round_pages
 from tolaria_sidecar.bandwidth import assess, measure_copy_bandwidth
 from tolaria_sidecar.checkpoints import DurableStore
 from tolaria_sidecar.config import SidecarConfig
-from tolaria_sidecar.control import open_control_block
+from tolaria_sidecar.control_block import open_control_block
 from tolaria_sidecar.errors import (
     ConfigInvalid,
     PreconditionFailed,
