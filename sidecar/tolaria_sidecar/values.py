@@ -1,10 +1,10 @@
 """Plain values the slot jobs answer with: the fast tier's feasibility, a row of the slot
 table, a checkpoint loaded into a slot, the outcome of a durable write.
 
-Made by `bandwidth`, `slot_table`, `loading` and `persistence`; read by the servicers, the
-background workers and the seams in `protocols`. Frozen data with no behaviour beyond unit
-conversion; imports nothing of the sidecar but its errors, so every module may name them
-without an import cycle.
+Made by `bandwidth`, `slot_table`, `loading` and the persister (`workers`); read by the
+servicers, the background workers and the seams in `protocols`. Frozen data with no
+behaviour beyond unit conversion; imports nothing of the sidecar but its errors, so every
+module may name them without an import cycle.
 """
 
 from __future__ import annotations
