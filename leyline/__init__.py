@@ -3,9 +3,11 @@
 The generated protobuf messages and enums (proto package `esper.leyline.v1`),
 the `TolariaRun` manifest model (`leyline.spec`) and, later, the shared-memory
 layout. Other packages import from here and never re-declare an enum or a
-message (ARCHITECTURE "Design rules"); a test fails when they do.
+message (ARCHITECTURE "Design rules"); a test fails when they do. `enum_names`
+is the one way to list an enum's value names (metric labels, CRD enum lists).
 """
 
+from leyline.enums import enum_names
 from leyline.v1.leyline_pb2 import (
     AdaptationCommand,
     CircuitBreakerState,
@@ -168,4 +170,5 @@ __all__ = [
     "TensorEntry",
     "TraceSpan",
     "WalRecovery",
+    "enum_names",
 ]

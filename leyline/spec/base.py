@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
-from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -25,6 +24,8 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
+
+from leyline.enums import enum_names
 
 
 class SpecModel(BaseModel):
@@ -71,11 +72,6 @@ class RuleViolation(ValueError):
     def __init__(self, rule: Rule) -> None:
         super().__init__(rule.message)
         self.rule = rule
-
-
-def enum_names(wrapper: EnumTypeWrapper) -> list[str]:
-    """Names of an enum's values except the reserved 0 (UNSPECIFIED)."""
-    return [name for name, number in wrapper.items() if number != 0]
 
 
 @dataclass(frozen=True)

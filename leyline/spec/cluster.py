@@ -10,12 +10,11 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from leyline.quantity import QUANTITY_PATTERN
 from leyline.spec.base import ProtoEnum, Rule, SpecModel
 from leyline.v1.cluster_pb2 import DeadlinePolicy, IncidentScope
 from leyline.v1.resilience_pb2 import EmergencyLevel
 
-QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?$"
-"""A Kubernetes resource quantity such as `4Gi`, `500m`, `2`."""
 LABEL_KEY_PATTERN = (
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
     r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"

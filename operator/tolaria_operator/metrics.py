@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from leyline import EmergencyLevel, RollbackTier, RunPhase
+from leyline import EmergencyLevel, RollbackTier, RunPhase, enum_names
 from leyline.v1.cluster_pb2 import IncidentAck
 
 logger = logging.getLogger(__name__)
@@ -26,11 +26,6 @@ HANDLERS = ("reconcile", "pod_event", "deadline", "resync", "sidecar", "delete",
 
 ROLLBACK_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 12.0, 20.0, 30.0, 60.0, 120.0)
 """Seconds; dense around the fast tier's 0.5 s and the full tier's 12 s budgets (R12)."""
-
-
-def _names(wrapper: object, skip_zero: bool = True) -> list[str]:
-    items = getattr(wrapper, "items")()  # noqa: B009 - protobuf enum wrappers are untyped here
-    return [name for name, number in items if number or not skip_zero]
 
 
 class OperatorMetrics:
@@ -80,15 +75,15 @@ class OperatorMetrics:
             ["handler"],
             registry=registry,
         )
-        for phase in _names(RunPhase):
+        for phase in enum_names(RunPhase):
             self.runs.labels(phase)
         for counted in ("true", "false"):
             self.restarts.labels(counted)
-        for tier in _names(RollbackTier):
+        for tier in enum_names(RollbackTier):
             self.rollback_duration.labels(tier)
-        for level in _names(EmergencyLevel):
+        for level in enum_names(EmergencyLevel):
             self.incidents.labels(level.removeprefix("EMERGENCY_LEVEL_").lower())
-        for ack in _names(IncidentAck):
+        for ack in enum_names(IncidentAck):
             self.signals.labels(ack)
         for handler in HANDLERS:
             self.reconcile_errors.labels(handler)

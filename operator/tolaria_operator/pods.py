@@ -19,9 +19,10 @@ from typing import Any
 import yaml
 
 from leyline.lifecycle import INSTANCE_ENV, LINEAGE_ENV, RESUME_ALLOWED, RESUME_ENV
+from leyline.quantity import format_quantity, parse_bytes
 from leyline.shm import INSTANCE_PATTERN
 from leyline.spec import TolariaRun
-from tolaria_operator.config import GiB, MiB, TolariaSettings
+from tolaria_operator.config import MiB, TolariaSettings
 from tolaria_operator.resources import (
     ATTEMPT_LABEL,
     COUNTED_BEFORE_ANNOTATION,
@@ -76,47 +77,13 @@ def identity_env(run: RunObject, attempt: int) -> list[dict[str, Any]]:
     return env
 
 
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?$")
-_FACTORS = {
-    None: 1,
-    "Ki": 1024,
-    "Mi": 1024**2,
-    "Gi": 1024**3,
-    "Ti": 1024**4,
-    "Pi": 1024**5,
-    "Ei": 1024**6,
-    "k": 10**3,
-    "M": 10**6,
-    "G": 10**9,
-    "T": 10**12,
-    "P": 10**15,
-    "E": 10**18,
-}
-
-
-def parse_quantity(text: str) -> int:
-    """Bytes in a Kubernetes quantity (`4Gi`, `500M`, `1073741824`); ValueError otherwise."""
-    match = _QUANTITY.match(text.strip())
-    if match is None or match.group(2) == "m":
-        raise ValueError(f"{text!r} is not a byte quantity")
-    return int(float(match.group(1)) * _FACTORS[match.group(2)])
-
-
-def quantity(nbytes: int) -> str:
-    """The shortest exact binary quantity: `4Gi`, `1088Mi`, or plain bytes."""
-    for suffix, factor in (("Gi", GiB), ("Mi", MiB), ("Ki", 1024)):
-        if nbytes % factor == 0:
-            return f"{nbytes // factor}{suffix}"
-    return str(nbytes)
-
-
 def shm_size_bytes(run: TolariaRun, settings: TolariaSettings) -> int:
     """Size limit of `/dev/shm`: `spec.pod.shmSizeLimit` when set; else the slots' byte budget
     (`spec.snapshots.maxBytes`) plus a margin for the control block; else the default; never
     below the minimum. The operator cannot know the model's state size, the trainer can."""
     pods = settings.pods
     if run.spec.pod.shm_size_limit:
-        return parse_quantity(run.spec.pod.shm_size_limit)
+        return parse_bytes(run.spec.pod.shm_size_limit)
     if run.spec.snapshots.max_bytes > 0:
         wanted = run.spec.snapshots.max_bytes + pods.shm_margin_bytes
         wanted = -(-wanted // MiB) * MiB  # whole MiB, rounded up
@@ -276,7 +243,7 @@ def _trainer_resources(run: TolariaRun) -> dict[str, Any]:
 
 
 def _sidecar_resources(shm_bytes: int, settings: TolariaSettings) -> dict[str, Any]:
-    memory = quantity(settings.pods.sidecar_memory_bytes + shm_bytes)
+    memory = format_quantity(settings.pods.sidecar_memory_bytes + shm_bytes)
     amounts = {"cpu": settings.pods.sidecar_cpu, "memory": memory}
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
@@ -397,7 +364,7 @@ def _volumes(run: RunObject, shm_bytes: int) -> list[dict[str, Any]]:
         else {"name": "checkpoints", "emptyDir": {"sizeLimit": volume.size_limit}}
     )
     return [
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": quantity(shm_bytes)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": format_quantity(shm_bytes)}},
         checkpoints,
         {"name": "socket", "emptyDir": {}},
         {"name": "manifest", "configMap": {"name": manifest_name(run.name)}},

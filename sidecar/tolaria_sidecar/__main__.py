@@ -1,7 +1,7 @@
 """`tolaria-sidecar` / `python -m tolaria_sidecar`: the sidecar process's command line.
 
 Parses the flags, loads and validates the manifest, builds the `SidecarConfig` and hands it to
-`server.run`. Invalid input (a bad manifest, flag, token file or drill) exits with code 2 and
+`serving.run`. Invalid input (a bad manifest, flag, token file or drill) exits with code 2 and
 names the field on stderr; nothing is created before the input is valid.
 
     tolaria-sidecar --manifest run.yaml --socket /run/tolaria/sidecar.sock \\
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cleanup_on_exit=args.cleanup_on_exit,
             inject=tuple(args.inject),
         )
-        from tolaria_sidecar.server import run as run_sidecar
+        from tolaria_sidecar.serving import run as run_sidecar
 
         return run_sidecar(config)
     except (ManifestInvalid, ConfigInvalid) as err:

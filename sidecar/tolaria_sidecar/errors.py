@@ -135,7 +135,7 @@ class InjectedCrash(BaseException):
         self.nth = nth
 
 
-# -- requests, slots and emergencies (service.py, slots.py, emergency.py, config.py) -----------
+# -- requests, slots and emergencies (boundary.py, the slot jobs, emergency.py, config.py) ----
 # Each names the request or manifest field it is about, so servicers and the CLI can say which
 # field broke which rule; servicers map the classes to gRPC status codes one to one.
 

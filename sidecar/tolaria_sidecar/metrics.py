@@ -9,22 +9,24 @@ emergency machine, the slot manager and the servicers on rare events only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import start_http_server
 
-from leyline import AnomalyKind, EmergencyLevel, Participant, RollbackOutcome, RollbackTier
+from leyline import (
+    AnomalyKind,
+    EmergencyLevel,
+    Participant,
+    RollbackOutcome,
+    RollbackTier,
+    enum_names,
+)
 from leyline.v1.resilience_pb2 import CheckpointOutcome, SlotCondition
 
 _ACK_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 _SLOW_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 12.0, 30.0, 120.0)
 _WAL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 1.0)
-
-
-def enum_names(enum: Iterable[tuple[str, int]]) -> list[str]:
-    """Value names of a Leyline enum without its 0 (UNSPECIFIED) value."""
-    return [name for name, number in enum if number != 0]
 
 
 class SidecarMetrics:
@@ -159,20 +161,20 @@ class SidecarMetrics:
 
     def _touch(self) -> None:
         self.emergency_level.set(0)
-        for level in enum_names(EmergencyLevel.items()):
+        for level in enum_names(EmergencyLevel):
             self.escalations.labels(level)
             self.ack_latency.labels(level)
-            for kind in enum_names(AnomalyKind.items()):
+            for kind in enum_names(AnomalyKind):
                 self.emergencies.labels(level, kind)
-        for participant in enum_names(Participant.items()):
+        for participant in enum_names(Participant):
             self.missing_acks.labels(participant)
-        for outcome in enum_names(CheckpointOutcome.items()):
+        for outcome in enum_names(CheckpointOutcome):
             self.checkpoint_writes.labels(outcome)
-        for tier in enum_names(RollbackTier.items()):
+        for tier in enum_names(RollbackTier):
             self.rollback_seconds.labels(tier)
-            for outcome in enum_names(RollbackOutcome.items()):
+            for outcome in enum_names(RollbackOutcome):
                 self.rollbacks.labels(tier, outcome)
-        for condition in enum_names(SlotCondition.items()):
+        for condition in enum_names(SlotCondition):
             self.slots.labels(condition).set(0)
         self.fast_tier_feasible.set(0)
         self.trainer_attached.set(0)
@@ -183,9 +185,8 @@ class SidecarMetrics:
 
     def set_slots(self, counts: dict[int, int]) -> None:
         """Sets the slot gauge from {SlotCondition value: count}; absent conditions read 0."""
-        for name, number in SlotCondition.items():
-            if number != 0:
-                self.slots.labels(name).set(counts.get(number, 0))
+        for name in enum_names(SlotCondition):
+            self.slots.labels(name).set(counts.get(SlotCondition.Value(name), 0))
 
 
 def serve(registry: CollectorRegistry, port: int, address: str) -> tuple[object, int]:

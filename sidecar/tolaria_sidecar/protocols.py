@@ -1,11 +1,17 @@
 """The sidecar's seams, as `typing.Protocol`s, so tests pass fakes without inheritance.
 
 `Clock` drives every budget of the emergency machine; `DurableStore` is the checkpoint
-store (`checkpoints.DurableStore` in production) as the slot manager uses it; `EventSink` is
+store (`checkpoints.DurableStore` in production) as the slot jobs use it; `EventSink` is
 where components report what happened (`events.EventLog` in production); `FileSystem` is every
 file operation of the WAL and the checkpoint store (`fs.OsFileSystem` in production), so a test
-can cut the power between any two of them. Components receive these in their constructors and
-never build their own.
+can cut the power between any two of them. `ServicedSidecar` is what the gRPC servicers need
+of one run's sidecar (`sidecar.Sidecar` in production), with the narrow views of its parts
+they call (`SlotDesk`, `EmergencyDesk`, `EventFeed`, `VerifyQueue`, `PersistQueue`): the
+servicers import these, never the concrete sidecar. Components receive their collaborators
+in their constructors and never build their own.
+
+This module names only Leyline types, the sidecar's config and plain values (`values`), so
+every module may import it without an import cycle.
 """
 
 from __future__ import annotations
@@ -17,7 +23,21 @@ from typing import Literal, Protocol
 
 from google.protobuf.message import Message
 
-from leyline import CheckpointRecord
+from leyline import (
+    CheckpointRecord,
+    CheckpointRejection,
+    EmergencyAck,
+    EmergencyLevel,
+    EmergencyResolution,
+    EmergencySignal,
+    RollbackReport,
+    RollbackRequest,
+    RunPhase,
+    WalRecovery,
+)
+from leyline.v1 import sidecar_pb2 as pb
+from tolaria_sidecar.config import SidecarConfig
+from tolaria_sidecar.values import Feasibility, LoadedCheckpoint, PersistOutcome, SlotEntry
 
 EventKind = Literal[
     "progress",
@@ -181,4 +201,196 @@ class FileSystem(Protocol):
 
     def advise_sequential(self, fd: int) -> None:
         """Hints a whole-file sequential read (a no-op where the kernel has no such hint)."""
+        ...
+
+
+# -- what the servicers need ------------------------------------------------------------------
+
+
+class SlotDesk(Protocol):
+    """The run's slots as the servicers use them (`slots.SlotManager` in production)."""
+
+    def attach(self, *, state_bytes: int, manifest_bytes: int) -> Feasibility:
+        """Creates or re-uses the slots for `state_bytes`; pre-faults new ones (Attach only)."""
+        ...
+
+    def infos(self) -> list[pb.SlotInfo]:
+        """Every slot, by index."""
+        ...
+
+    def resume_slot(self, layout_fingerprint: str) -> pb.SlotInfo | None:
+        """The newest committed, non-rejected slot whose manifest has `layout_fingerprint`."""
+        ...
+
+    def commit(self, index: int, generation: int) -> pb.SlotInfo:
+        """Accepts a commit after one header read; must not hash or touch disk (the trainer
+        waits). Raises `PreconditionFailed` naming `generation` when the header disagrees."""
+        ...
+
+    def committed_generation(self, index: int) -> int:
+        """The generation slot `index` holds committed now (0: none)."""
+        ...
+
+    def newest_persistable(self) -> SlotEntry | None:
+        """The newest committed slot that is not rejected."""
+        ...
+
+    def load_checkpoint(
+        self, *, deadline_ns: int, max_step: int | None = None, layout_fingerprint: str = ""
+    ) -> LoadedCheckpoint:
+        """Loads the newest usable checkpoint into a slot, each phase timed against
+        `deadline_ns`; never unpickles, never publishes bytes that do not verify."""
+        ...
+
+    @property
+    def last_rejections(self) -> Sequence[CheckpointRejection]:
+        """Checkpoints the last `load_checkpoint` refused, with why."""
+        ...
+
+
+class EmergencyDesk(Protocol):
+    """The emergency machine as the servicers use it (`emergency.EmergencyMachine`)."""
+
+    def active(self) -> EmergencySignal | None:
+        """The unresolved incident's current signal (a copy), or None."""
+        ...
+
+    def raise_signal(self, signal: EmergencySignal) -> tuple[int, EmergencyLevel.ValueType]:
+        """Raises `signal`; returns (generation, effective level). Never waits for an ack."""
+        ...
+
+    def resolve(
+        self, generation: int, by: str, reason: str, *, incident_id: str = ""
+    ) -> EmergencyResolution:
+        """Resolves the active incident if `generation` is its current one."""
+        ...
+
+    def wait_for_ack(
+        self, generation: int, participant: int, timeout_s: float
+    ) -> EmergencyAck | None:
+        """The ack of `participant` for `generation`, waiting no longer than `timeout_s`."""
+        ...
+
+    def start_rollback_deadline(self, rollback_id: str) -> int:
+        """Arms the full-rollback deadline; returns it (monotonic ns)."""
+        ...
+
+
+class EventStream(Protocol):
+    """One reader's position in the event log; not shared between threads."""
+
+    def next_batch(self, timeout_s: float) -> list[pb.SidecarEvent]:
+        """The next events in order, waiting no longer than `timeout_s`; empty on timeout."""
+        ...
+
+    @property
+    def closed(self) -> bool:
+        """The log is closed for good (shutdown): stop reading."""
+        ...
+
+
+class EventFeed(Protocol):
+    """Where event streams start (`events.EventLog` in production)."""
+
+    def subscribe(self, after_sequence: int) -> EventStream:
+        """A reader that starts after `after_sequence` (0: everything still buffered)."""
+        ...
+
+
+class VerifyQueue(Protocol):
+    """Background verification of committed slots (`workers.Verifier` in production)."""
+
+    def submit(self, index: int, generation: int) -> None:
+        """Queues one slot generation for hashing; returns at once."""
+        ...
+
+
+class PersistQueue(Protocol):
+    """Background durable writes (`workers.Persister` in production)."""
+
+    def schedule(self, index: int, generation: int) -> tuple[bool, str]:
+        """Queues one slot generation for a durable write; returns (scheduled, why not) at
+        once, never waiting for the write."""
+        ...
+
+    def wait(self, generation: int, timeout_s: float) -> PersistOutcome | None:
+        """The outcome of `generation`'s write, waiting no longer than `timeout_s`; None on
+        timeout (the write goes on)."""
+        ...
+
+
+class ServicedSidecar(Protocol):
+    """One run's sidecar as the gRPC servicers use it (`sidecar.Sidecar` in production).
+
+    Servicer threads call these concurrently. None of them waits on the trainer or the disk,
+    except through the parts' own bounded waits (`PersistQueue.wait`,
+    `EmergencyDesk.wait_for_ack`, `SlotDesk.load_checkpoint`), each given its deadline.
+    """
+
+    @property
+    def config(self) -> SidecarConfig: ...
+
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def slots(self) -> SlotDesk: ...
+
+    @property
+    def machine(self) -> EmergencyDesk: ...
+
+    @property
+    def store(self) -> DurableStore: ...
+
+    @property
+    def events(self) -> EventFeed: ...
+
+    @property
+    def verifier(self) -> VerifyQueue: ...
+
+    @property
+    def persister(self) -> PersistQueue: ...
+
+    @property
+    def wal_recovery(self) -> WalRecovery | None:
+        """What opening the checkpoint directory found (R13.5), when it found anything."""
+        ...
+
+    @property
+    def stop_requested(self) -> bool:
+        """The trainer is asked to stop (checkpoint-then-stop)."""
+        ...
+
+    @property
+    def stop_reason(self) -> str: ...
+
+    def trainer_attached(self, *, pid: int, attempt: int) -> None:
+        """The trainer attached: it is required for CRITICAL and its heartbeat is watched."""
+        ...
+
+    def trainer_detached(self, phase: RunPhase.ValueType, reason: str) -> None: ...
+
+    def heartbeat(self, request: pb.HeartbeatRequest) -> None:
+        """Records the trainer's progress; publishes a progress event at most once per
+        interval."""
+        ...
+
+    def rollback_started(self, request: RollbackRequest) -> None: ...
+
+    def rollback_finished(self, report: RollbackReport) -> None:
+        """Clears the full-rollback deadline and counts the rollback by tier and outcome."""
+        ...
+
+    def checkpoint_done(self, stop_after: bool, reason: str) -> None:
+        """A requested checkpoint is durable; with `stop_after` the trainer is asked to stop."""
+        ...
+
+    def checkpoints_rejected(self, rejections: Sequence[CheckpointRejection]) -> None: ...
+
+    def checkpoint_of(self, generation: int) -> CheckpointRecord | None:
+        """The committed checkpoint of snapshot `generation`, if one is kept."""
+        ...
+
+    def status(self) -> pb.SidecarStatus:
+        """Everything the sidecar knows, for `GetStatus` (reads only)."""
         ...

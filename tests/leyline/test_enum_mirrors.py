@@ -4,6 +4,7 @@ A mirror is an `Enum` class, or a dict literal keyed by strings, whose names
 are the value names of one Leyline enum (two or more of them, with or without
 the enum's common prefix, case-insensitive), or a string literal spelling a
 full prefixed Leyline value name. Code uses `leyline` enums and `Enum.Name(v)`.
+A second `enum_names` (or quantity grammar) is caught by `test_single_definitions.py`.
 """
 
 from __future__ import annotations

@@ -17,8 +17,6 @@ from tolaria_operator.pods import (
     manifest_config_map,
     network_policy,
     new_token,
-    parse_quantity,
-    quantity,
     read_token,
     shm_size_bytes,
     sidecar_service,
@@ -319,16 +317,6 @@ def test_the_token_is_32_random_bytes_and_round_trips_through_the_secret() -> No
     assert read_token(secret) == token
     with pytest.raises(ValueError, match=r"no data\.token"):
         read_token({"data": {}})
-
-
-def test_quantities_round_trip() -> None:
-    assert parse_quantity("4Gi") == 4 * GiB
-    assert parse_quantity("500M") == 500_000_000
-    assert quantity(4 * GiB) == "4Gi"
-    assert quantity(1088 * MiB) == "1088Mi"
-    assert quantity(1000) == "1000"
-    with pytest.raises(ValueError, match="not a byte quantity"):
-        parse_quantity("500m")
 
 
 @pytest.mark.req("R10.1")

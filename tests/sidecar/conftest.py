@@ -31,9 +31,11 @@ from tolaria_sidecar.checkpoints import DurableStore
 from tolaria_sidecar.config import SidecarConfig, Tuning
 from tolaria_sidecar.emergency import EmergencyMachine
 from tolaria_sidecar.metrics import SidecarMetrics
+from tolaria_sidecar.persist_guard import PersistGuard
 from tolaria_sidecar.protocols import DurableStore as DurableStoreProtocol
-from tolaria_sidecar.server import Running, Sidecar, serve
-from tolaria_sidecar.slots import PersistGuard, SlotManager
+from tolaria_sidecar.serving import Running, serve
+from tolaria_sidecar.sidecar import Sidecar
+from tolaria_sidecar.slots import SlotManager
 
 COPY_BYTES_PER_SECOND = 10e9
 """Injected copy bandwidth, so tests never depend on how fast this machine copies."""

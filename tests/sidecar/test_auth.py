@@ -14,7 +14,7 @@ from tests.sidecar.conftest import TOKEN, Served
 from tolaria_sidecar.auth import MISSING, WRONG, TokenAuth, bearer
 from tolaria_sidecar.config import SidecarConfig
 from tolaria_sidecar.errors import TokenRequired
-from tolaria_sidecar.server import serve
+from tolaria_sidecar.serving import serve
 
 Start = Callable[..., Served]
 

@@ -8,13 +8,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from leyline import AnomalyKind, EmergencyLevel, RollbackOutcome, RollbackTier
+from leyline import AnomalyKind, EmergencyLevel, RollbackOutcome, RollbackTier, enum_names
 from leyline.spec import TolariaRun
 from leyline.v1.resilience_pb2 import CheckpointOutcome, SlotCondition
 from tests.sidecar.doubles import tolaria_run
 from tolaria_sidecar.config import CheckpointDrill, ControlAddress, SidecarConfig, read_token
 from tolaria_sidecar.errors import ConfigInvalid
-from tolaria_sidecar.metrics import SidecarMetrics, enum_names
+from tolaria_sidecar.metrics import SidecarMetrics
 
 
 def build(run: TolariaRun, tmp_path: Path, **options: object) -> SidecarConfig:
@@ -118,14 +118,14 @@ def test_every_series_is_prefixed_in_base_units_and_touched_at_start() -> None:
     level = EmergencyLevel.Name(EmergencyLevel.EMERGENCY_LEVEL_CRITICAL)
     kind = AnomalyKind.Name(AnomalyKind.ANOMALY_KIND_STALLED_STEP)
     assert ("tolaria_sidecar_emergencies_total", (("kind", kind), ("level", level))) in samples
-    for outcome in enum_names(CheckpointOutcome.items()):
+    for outcome in enum_names(CheckpointOutcome):
         assert (
             "tolaria_sidecar_checkpoint_writes_total",
             (("outcome", outcome),),
         ) in samples
-    for condition in enum_names(SlotCondition.items()):
+    for condition in enum_names(SlotCondition):
         assert ("tolaria_sidecar_slots", (("condition", condition),)) in samples
-    for tier in enum_names(RollbackTier.items()):
-        for outcome in enum_names(RollbackOutcome.items()):
+    for tier in enum_names(RollbackTier):
+        for outcome in enum_names(RollbackOutcome):
             key = (("outcome", outcome), ("tier", tier))
             assert ("tolaria_sidecar_rollbacks_total", key) in samples

@@ -33,8 +33,9 @@ from tolaria_sidecar.errors import (
     PreconditionFailed,
 )
 from tolaria_sidecar.metrics import SidecarMetrics
-from tolaria_sidecar.server import Persister
-from tolaria_sidecar.slots import AFTER_COPY_POINT, PersistGuard, SlotManager
+from tolaria_sidecar.persist_guard import AFTER_COPY_POINT, PersistGuard
+from tolaria_sidecar.slots import SlotManager
+from tolaria_sidecar.workers import Persister
 
 
 def outcomes(metrics: SidecarMetrics, outcome: int) -> float | None:

@@ -44,7 +44,7 @@ from tolaria_sidecar.errors import (
     InjectedCrash,
 )
 from tolaria_sidecar.faults import Faults
-from tolaria_sidecar.server import Sidecar
+from tolaria_sidecar.sidecar import Sidecar
 
 SEED = 5
 INTACT = (7, 8, 9)

@@ -15,9 +15,12 @@ from leyline.v1.resilience_pb2 import SlotCondition
 from tests.fakes import FakeClock
 from tests.sidecar.conftest import COPY_BYTES_PER_SECOND, STATE_BYTES, make_slot_manager
 from tests.sidecar.doubles import RecordedEvents, TrainerDouble, payload, tolaria_run
-from tolaria_sidecar import slots as slots_module
+from tolaria_sidecar import verification
+from tolaria_sidecar.allocation import round_pages
+from tolaria_sidecar.bandwidth import assess, measure_copy_bandwidth
 from tolaria_sidecar.checkpoints import DurableStore
 from tolaria_sidecar.config import SidecarConfig
+from tolaria_sidecar.control_block import open_control_block
 from tolaria_sidecar.errors import (
     ConfigInvalid,
     PreconditionFailed,
@@ -25,14 +28,8 @@ from tolaria_sidecar.errors import (
     SlotBudgetTooSmall,
 )
 from tolaria_sidecar.metrics import SidecarMetrics
-from tolaria_sidecar.server import open_control_block
-from tolaria_sidecar.slots import (
-    PersistGuard,
-    SlotManager,
-    assess,
-    measure_copy_bandwidth,
-    round_pages,
-)
+from tolaria_sidecar.persist_guard import PersistGuard
+from tolaria_sidecar.slots import SlotManager
 
 MIB = 1 << 20
 
@@ -243,13 +240,13 @@ def test_a_verification_overtaken_by_the_trainer_is_discarded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     trainer.write(0, 1, payload(STATE_BYTES))
-    real_hash = slots_module.region_digest
+    real_hash = verification.region_digest
 
     def trainer_writes_meanwhile(view: memoryview, algorithm: int = REGION_ALGORITHM) -> int:
         trainer.write(0, 2, payload(STATE_BYTES, 2))
         return real_hash(view, algorithm)
 
-    monkeypatch.setattr(slots_module, "region_digest", trainer_writes_meanwhile)
+    monkeypatch.setattr(verification, "region_digest", trainer_writes_meanwhile)
     assert slots.verify(0, 1) is None
     state = control.slot_state(0)
     assert (state.verified_generation, state.rejected_generation) == (0, 0)

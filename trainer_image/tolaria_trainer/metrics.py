@@ -27,15 +27,12 @@ from leyline import (
     MessagePriority,
     PriorityCount,
     RebuildOutcome,
+    enum_names,
 )
 from tolaria_trainer.breaker import CircuitBreaker
 
 _HOOK_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.018, 0.025, 0.05, 0.1, 0.5, 2.0)
 _SLOW_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
-
-
-def _names(enum: Iterable[tuple[str, int]]) -> list[str]:
-    return [name for name, number in enum if number != 0]
 
 
 class TrainerMetrics:
@@ -160,15 +157,15 @@ class TrainerMetrics:
         self._touch()
 
     def _touch(self) -> None:
-        for name in _names(BreakerId.items()):
+        for name in enum_names(BreakerId):
             self.breaker_state.labels(name).set(1)
             self.breaker_failures.labels(name)
             self.breaker_trips.labels(name)
-        for name in _names(HookPhase.items()):
+        for name in enum_names(HookPhase):
             self.hook_phase_seconds.labels(name)
-        for name in _names(RebuildOutcome.items()):
+        for name in enum_names(RebuildOutcome):
             self.rebuilds.labels(name)
-        for name in _names(MessagePriority.items()):
+        for name in enum_names(MessagePriority):
             self.telemetry_packets.labels(name)
             self.telemetry_dropped.labels(name)
 

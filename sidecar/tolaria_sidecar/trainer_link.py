@@ -1,38 +1,28 @@
-"""The gRPC servicers: `TrainerLink` (Unix socket, the trainer) and `SidecarControl` (TCP,
-the operator, token-authenticated by `auth.TokenAuth`).
+"""The `TrainerLink` servicer: the trainer's calls over the sidecar's Unix socket (no token:
+the socket is born mode 0600).
 
-Each method validates every request field at the edge, calls the sidecar's components (slot
-manager, emergency machine, event log, persister) and maps typed errors to status codes
-naming the field: `RequestInvalid` -> INVALID_ARGUMENT, `PreconditionFailed` and other
-`SidecarError`s -> FAILED_PRECONDITION, `NotFound` -> NOT_FOUND, `AckTimeout` ->
-DEADLINE_EXCEEDED. Anything else is a bug: logged with its traceback, answered INTERNAL.
-Outcomes a caller is expected to handle (a commit whose header moved on, a persist
-superseded by a newer one, no checkpoint for a full rollback) are answered in the
-response's own `accepted`/`scheduled`/`ready` + `error` fields instead.
-
-Servicers never touch slot bytes or disk themselves and never wait longer than the
-deadline they were given (the level's budget, the client's gRPC deadline).
+Served by `serving.start_trainer_server`. Each method checks its request at the edge
+(`boundary`), calls the sidecar (`protocols.ServicedSidecar`: slots, emergency machine,
+persister) and answers; outcomes the trainer is expected to handle (a commit whose header
+moved on, a persist superseded by a newer one, no checkpoint for a full rollback) come back
+in the response's own `accepted`/`scheduled`/`ready` + `error` fields, not as an error. It
+never touches slot bytes or disk itself, never waits longer than the deadline it was given,
+and knows the sidecar only through its Protocol, never the concrete `sidecar.Sidecar`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 import grpc
 
 from leyline import (
     SCHEMA_VERSION,
     AnomalyKind,
-    EmergencyAck,
-    EmergencyAction,
     EmergencyResolution,
     EmergencySignal,
     HealthStatus,
-    Participant,
     RollbackOutcome,
     RollbackReport,
     RollbackRequest,
@@ -41,98 +31,26 @@ from leyline import (
 )
 from leyline.shm import LAYOUT_VERSION, control_name
 from leyline.v1 import sidecar_pb2 as pb
-from leyline.v1.sidecar_pb2_grpc import SidecarControlServicer, TrainerLinkServicer
-from tolaria_sidecar.emergency import TRAINER, budget_ms, participant_name
+from leyline.v1.sidecar_pb2_grpc import TrainerLinkServicer
+from tolaria_sidecar.boundary import check_enum, check_signal, check_version, guarded
+from tolaria_sidecar.emergency import TRAINER
 from tolaria_sidecar.errors import (
-    AckTimeout,
     BufferTooSmall,
     CheckpointCorrupt,
     CheckpointLoadFailed,
     NoCheckpoint,
-    NotFound,
-    PersistFailed,
     PreconditionFailed,
     RequestInvalid,
-    SharedMemoryFull,
-    SidecarError,
 )
-
-if TYPE_CHECKING:
-    from tolaria_sidecar.server import Sidecar
+from tolaria_sidecar.protocols import ServicedSidecar
 
 logger = logging.getLogger(__name__)
-
-_S = TypeVar("_S")
-_R = TypeVar("_R")
-_P = ParamSpec("_P")
-
-_CODES: tuple[tuple[type[SidecarError], grpc.StatusCode], ...] = (
-    (RequestInvalid, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (AckTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (SharedMemoryFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (SidecarError, grpc.StatusCode.FAILED_PRECONDITION),
-)
-
-
-def status_code(err: SidecarError) -> grpc.StatusCode:
-    """The gRPC status a typed sidecar error is answered with."""
-    return next(code for kind, code in _CODES if isinstance(err, kind))
-
-
-def guarded(
-    method: Callable[Concatenate[_S, _P], _R],
-) -> Callable[Concatenate[_S, _P], _R]:
-    """Servicer boundary: typed errors -> their status code; anything else -> INTERNAL."""
-
-    def wrapper(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        context = args[1] if len(args) > 1 else kwargs["context"]
-        if not isinstance(context, grpc.ServicerContext):
-            raise TypeError("a servicer method's second argument is its context")
-        try:
-            return method(self, *args, **kwargs)
-        except SidecarError as err:
-            context.abort(status_code(err), str(err))
-        except Exception as err:  # boundary: a servicer never lets a bug kill the RPC thread
-            logger.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}")
-
-    functools.update_wrapper(wrapper, method)
-    return wrapper
-
-
-# -- field checks -----------------------------------------------------------------------------
-
-
-def check_version(version: int) -> None:
-    if version not in (0, SCHEMA_VERSION):
-        raise RequestInvalid("version", f"must be {SCHEMA_VERSION} (or unset), got {version}")
-
-
-def check_enum(field: str, enum: object, value: int, *, required: bool = False) -> None:
-    """Refuses a value the Leyline enum does not define (and 0 when `required`)."""
-    names = getattr(enum, "items")()  # noqa: B009 - protobuf enum wrappers are untyped here
-    if value not in {number for _, number in names}:
-        raise RequestInvalid(field, f"{value} is not a {getattr(enum, 'DESCRIPTOR').name} value")  # noqa: B009
-    if required and value == 0:
-        raise RequestInvalid(field, "must be set")
-
-
-def check_signal(signal: EmergencySignal, run_id: str) -> None:
-    check_version(signal.version)
-    if not 1 <= signal.level <= 4:
-        raise RequestInvalid("level", f"must be MINOR..CRITICAL (1..4), got {signal.level}")
-    check_enum("kind", AnomalyKind, signal.kind)
-    check_enum("action", EmergencyAction, signal.action)
-    check_enum("source", Participant, signal.source)
-    if signal.run_id and signal.run_id != run_id:
-        raise RequestInvalid("run_id", f"{signal.run_id!r} is not this sidecar's run {run_id!r}")
 
 
 class TrainerLinkService(TrainerLinkServicer):
     """The trainer's calls, over the Unix socket (no token: the socket is mode 0600)."""
 
-    def __init__(self, sidecar: Sidecar) -> None:
+    def __init__(self, sidecar: ServicedSidecar) -> None:
         self._s = sidecar
 
     def _run(self, run_id: str, *, required: bool) -> None:
@@ -365,92 +283,3 @@ class TrainerLinkService(TrainerLinkServicer):
         self, request: pb.GetStatusRequest, context: grpc.ServicerContext
     ) -> pb.SidecarStatus:
         return self._s.status()
-
-
-class SidecarControlService(SidecarControlServicer):
-    """The operator's calls, over TCP; `auth.TokenAuth` has checked the token already."""
-
-    def __init__(self, sidecar: Sidecar) -> None:
-        self._s = sidecar
-
-    @guarded
-    def GetStatus(  # noqa: N802 - gRPC method name
-        self, request: pb.GetStatusRequest, context: grpc.ServicerContext
-    ) -> pb.SidecarStatus:
-        return self._s.status()
-
-    def StreamEvents(  # noqa: N802 - gRPC method name
-        self, request: pb.StreamEventsRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.SidecarEvent]:
-        """Replays buffered events after `after_sequence`, then follows live until the client
-        goes away or the sidecar stops. A client too slow for the ring loses the oldest events
-        (counted) and sees the jump in `sequence`."""
-        subscription = self._s.events.subscribe(request.after_sequence)
-        poll_s = self._s.config.tuning.monitor_idle_interval_ms / 1e3
-        while context.is_active() and not subscription.closed:
-            yield from subscription.next_batch(poll_s)
-
-    @guarded
-    def SignalEmergency(  # noqa: N802 - gRPC method name
-        self, request: EmergencySignal, context: grpc.ServicerContext
-    ) -> EmergencyAck:
-        s = self._s
-        check_signal(request, s.config.run_id)
-        signal = EmergencySignal()
-        signal.CopyFrom(request)
-        signal.source = Participant.PARTICIPANT_OPERATOR
-        signal.origin = signal.origin or "operator"
-        if not signal.kind and signal.incident_id:
-            signal.kind = AnomalyKind.ANOMALY_KIND_CLUSTER_INCIDENT
-        generation, level = s.machine.raise_signal(signal)
-        budget = budget_ms(s.config.emergency, level)
-        ack = s.machine.wait_for_ack(generation, TRAINER, budget / 1e3)
-        if ack is None:
-            raise AckTimeout(generation, participant_name(TRAINER), budget)
-        return ack
-
-    @guarded
-    def ResolveEmergency(  # noqa: N802 - gRPC method name
-        self, request: EmergencyResolution, context: grpc.ServicerContext
-    ) -> pb.ResolveEmergencyResponse:
-        check_version(request.version)
-        self._s.machine.resolve(
-            request.generation,
-            request.resolved_by or "operator",
-            request.reason,
-            incident_id=request.incident_id,
-        )
-        return pb.ResolveEmergencyResponse(resolved=True)
-
-    @guarded
-    def RequestCheckpoint(  # noqa: N802 - gRPC method name
-        self, request: pb.CheckpointRequest, context: grpc.ServicerContext
-    ) -> pb.CheckpointResponse:
-        s = self._s
-        entry = s.slots.newest_persistable()
-        if entry is None:
-            raise PreconditionFailed("slot", "no committed snapshot to persist yet")
-        reason = request.reason or "requested"
-        if entry.durable:
-            record = s.checkpoint_of(entry.generation)
-            if record is not None:
-                s.checkpoint_done(request.stop_after, reason)
-                return pb.CheckpointResponse(scheduled=True, checkpoint=record)
-        scheduled, error = s.persister.schedule(entry.index, entry.generation)
-        if not scheduled:
-            return pb.CheckpointResponse(scheduled=False, error=error)
-        remaining = context.time_remaining()
-        wait_s = (
-            remaining * 0.9 if remaining is not None else s.config.rollback.full_deadline_seconds
-        )
-        outcome = s.persister.wait(entry.generation, wait_s)
-        if outcome is None:
-            return pb.CheckpointResponse(
-                scheduled=True,
-                error=f"generation {entry.generation} still being written after {wait_s:.1f} s; "
-                "watch the event stream for its checkpoint event",
-            )
-        if isinstance(outcome, PersistFailed):
-            return pb.CheckpointResponse(scheduled=True, error=str(outcome))
-        s.checkpoint_done(request.stop_after, reason)
-        return pb.CheckpointResponse(scheduled=True, checkpoint=outcome)
