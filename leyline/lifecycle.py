@@ -33,6 +33,13 @@ def child_environment(parent_death_signal: int) -> dict[str, str]:
     return {PARENT_PID_ENV: str(os.getpid()), PARENT_DEATH_SIGNAL_ENV: str(parent_death_signal)}
 
 
+def supervisor_gone() -> bool:
+    """True in a child whose supervising parent has died since it started it (the child was
+    re-parented): a parent-death signal, not a request from the parent."""
+    parent = os.environ.get(PARENT_PID_ENV, "")
+    return parent.isdigit() and os.getppid() != int(parent)
+
+
 def adopt_parent_death_signal() -> None:
     """Asks the kernel for the agreed signal when the parent dies; exits if it is gone already."""
     parent = os.environ.get(PARENT_PID_ENV)

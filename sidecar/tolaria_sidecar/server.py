@@ -45,6 +45,7 @@ from leyline import (
     RollbackTier,
     RunPhase,
 )
+from leyline.lifecycle import supervisor_gone
 from leyline.shm import (
     PARTICIPANT_FLAG_ATTACHED,
     ControlBlock,
@@ -67,6 +68,7 @@ from tolaria_sidecar.errors import ConfigInvalid, PersistFailed
 from tolaria_sidecar.events import EventLog
 from tolaria_sidecar.metrics import SidecarMetrics
 from tolaria_sidecar.metrics import serve as serve_metrics
+from tolaria_sidecar.orphan import wait_for_trainer
 from tolaria_sidecar.protocols import Clock, EventKind, MonotonicClock
 from tolaria_sidecar.protocols import DurableStore as StoreProtocol
 from tolaria_sidecar.service import SidecarControlService, TrainerLinkService
@@ -311,7 +313,7 @@ class Sidecar:
         )
         sink = _Events(self.events, self.view, self._lock)
         self.control = open_control_block(config)
-        self.guard = PersistGuard(config.drills)
+        self.guard = PersistGuard(config.drills, config.checkpoint_dir)
         self._own_store: DurableStore | None = None
         if store is None:
             try:
@@ -487,6 +489,12 @@ class Sidecar:
             _outcome_name(report.outcome),
             " (deadline cleared)" if pending else "",
         )
+
+    @property
+    def trainer_pid(self) -> int:
+        """The pid of the trainer last attached (0: none yet)."""
+        with self._lock:
+            return self.view.pid
 
     @property
     def stop_requested(self) -> bool:
@@ -691,9 +699,17 @@ class Running:
         shutdown = getattr(self.metrics_server, "shutdown", None)
         if shutdown is not None:
             shutdown()
-        self.sidecar.release(unlink=self.sidecar.config.cleanup_on_exit)
+        config = self.sidecar.config
+        self.sidecar.release(unlink=config.cleanup_on_exit)
         with contextlib.suppress(FileNotFoundError):
-            self.sidecar.config.socket_path.unlink()
+            config.socket_path.unlink()
+        if config.remove_socket_dir:
+            try:
+                config.socket_path.parent.rmdir()  # only when empty: never anyone else's files
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                logger.warning("socket directory %s left: %s", config.socket_path.parent, err)
 
 
 def serve(
@@ -757,6 +773,10 @@ def run(config: SidecarConfig) -> int:
         print(running.ready_line(), flush=True)  # noqa: T201 - the launcher reads this line
         while not stop.wait(0.5):  # a timed wait: signal handlers run between waits
             pass
+        if supervisor_gone():  # the trainer is stopping too and still needs us (orphan.py)
+            wait_for_trainer(
+                running.sidecar.trainer_pid, config.tuning.orphaned_trainer_wait_seconds
+            )
         running.stop()
     finally:
         for signum, handler in previous.items():

@@ -70,7 +70,7 @@ from leyline.spec import RollbackSpec, SnapshotSpec
 from leyline.v1.resilience_pb2 import CheckpointOutcome, SlotCondition
 from leyline.v1.sidecar_pb2 import SlotInfo, SnapshotEvent
 from tolaria_sidecar.checkpoints import WRITE_POINTS as CHECKPOINT_WRITE_POINTS
-from tolaria_sidecar.config import CheckpointDrill, Tuning
+from tolaria_sidecar.config import CORRUPT_CHECKPOINT, SLOW_CHECKPOINT, CheckpointDrill, Tuning
 from tolaria_sidecar.errors import (
     CheckpointLoadFailed,
     CheckpointWriteFailed,
@@ -162,11 +162,17 @@ class _Overwritten(OSError):
 
 class PersistGuard(Faults):
     """The `Faults` handed to the `DurableStore`: runs the slot manager's overwrite check at
-    `AFTER_COPY_POINT`, and arms the `checkpoint-io-error@epoch=N` drills."""
+    `AFTER_COPY_POINT`, arms the `checkpoint-io-error@epoch=N` drills and runs the
+    `slow-checkpoint@epoch=N` and `corrupt-checkpoint@epoch=N` ones (on the persister thread,
+    never a servicer's)."""
 
-    def __init__(self, drills: Sequence[CheckpointDrill] = ()) -> None:
+    def __init__(
+        self, drills: Sequence[CheckpointDrill] = (), directory: Path | None = None
+    ) -> None:
+        """`directory`: where the checkpoint files are (for `corrupt-checkpoint`)."""
         super().__init__()
         self._drills = tuple(drills)
+        self._directory = directory
         self._check: Callable[[], None] | None = None
         self.drills_armed: list[CheckpointDrill] = []
 
@@ -180,7 +186,13 @@ class PersistGuard(Faults):
         """Runs `check` after the copy of the write made inside the block; arms the drills
         of `epoch`."""
         for drill in self._drills:
-            if drill.epoch == epoch:
+            if drill.name == CORRUPT_CHECKPOINT:
+                continue  # after the commit: `committed`
+            if drill.epoch == epoch and drill.name == SLOW_CHECKPOINT:
+                self.drills_armed.append(drill)
+                logger.warning("drill %s: checkpoint write waits %.1f s", drill.raw, drill.seconds)
+                time.sleep(drill.seconds)
+            elif drill.epoch == epoch:
                 self.drills_armed.append(drill)
                 self.fail_at(
                     AFTER_COPY_POINT,
@@ -192,6 +204,24 @@ class PersistGuard(Faults):
         finally:
             self._check = None
             self._fail.pop(AFTER_COPY_POINT, None)  # a drill the write never reached
+
+    def committed(self, record: CheckpointRecord) -> None:
+        """After a commit: the `corrupt-checkpoint` drill of its epoch flips bytes at the end of
+        the file (its data), as bit rot would; a later load rejects it by its checksum."""
+        for drill in self._drills:
+            if drill.name != CORRUPT_CHECKPOINT or drill.epoch != record.epoch:
+                continue
+            if self._directory is None:
+                continue
+            self.drills_armed.append(drill)
+            path = self._directory / record.file_name
+            with path.open("r+b") as f:
+                size = f.seek(0, 2)
+                f.seek(max(0, size - 64))
+                damaged = bytes(b ^ 0xFF for b in f.read(4))
+                f.seek(max(0, size - 64))
+                f.write(damaged)
+            logger.warning("drill %s: damaged %s", drill.raw, path.name)
 
 
 # -- the slot table ---------------------------------------------------------------------------
@@ -768,6 +798,7 @@ class SlotManager:
                     CheckpointOutcome.CHECKPOINT_OUTCOME_FAILED,
                     cause=err,
                 )
+            self._guard.committed(record)
             self._control.set_durable(index, generation)
         finally:
             self._control.set_pinned(index, 0)
