@@ -4,9 +4,10 @@ Under `tolaria run` both children get SIGTERM as their parent-death signal, so a
 killed by SIGKILL stops the trainer and the sidecar at the same moment. The trainer then
 finishes its step, detaches and asks the sidecar for the status its report is built from; a
 sidecar that went away at once would take the run's checkpoints and emergencies out of that
-report. So `server.run`, on SIGTERM with its launcher gone, first waits (bounded) for the
-trainer process it served to end, then stops as usual: segments unlinked, socket and socket
-directory removed. In a pod there is no launcher to lose, and nothing here runs.
+report. So `server.run`, on SIGTERM under a launcher, first waits (bounded) for the trainer
+process it served to end, then stops as usual: segments unlinked, socket and socket directory
+removed. A launcher that is alive stops the trainer before the sidecar, so then the wait ends
+at once. In a pod the trainer's pid is not ours to see, and nothing here runs.
 
 Never used by a servicer; blocks only the sidecar's main thread.
 """

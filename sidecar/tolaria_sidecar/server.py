@@ -45,7 +45,7 @@ from leyline import (
     RollbackTier,
     RunPhase,
 )
-from leyline.lifecycle import supervisor_gone
+from leyline.lifecycle import supervised
 from leyline.shm import (
     PARTICIPANT_FLAG_ATTACHED,
     ControlBlock,
@@ -773,7 +773,7 @@ def run(config: SidecarConfig) -> int:
         print(running.ready_line(), flush=True)  # noqa: T201 - the launcher reads this line
         while not stop.wait(0.5):  # a timed wait: signal handlers run between waits
             pass
-        if supervisor_gone():  # the trainer is stopping too and still needs us (orphan.py)
+        if supervised():  # the trainer may still be stopping and need us (orphan.py)
             wait_for_trainer(
                 running.sidecar.trainer_pid, config.tuning.orphaned_trainer_wait_seconds
             )

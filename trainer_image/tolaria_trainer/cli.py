@@ -29,6 +29,7 @@ from tolaria_trainer.report_file import ReportNotWritten
 from tolaria_trainer.stopping import (
     Interrupted,
     StopRequest,
+    exit_now,
     ignore_stop_signals,
     install_stop_handlers,
 )
@@ -180,7 +181,7 @@ def _run_in_process(run: object, args: argparse.Namespace) -> int:
 
     view: ProgressView = JsonView() if args.log_format == "json" else RichView()
     stop = StopRequest()
-    install_stop_handlers(stop, cause=lambda: "")
+    install_stop_handlers(stop, cause=lambda signum: "")
     options = RunOptions(
         workdir=args.workdir,
         view=view,
@@ -239,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             code = cmd_run(args)
             ignore_stop_signals()  # the report is written; the exit code is the run's
+            if args.no_sidecar and argv is None:  # torch trained here: see `exit_now`
+                exit_now(code)
             return code
         if args.command == "validate":
             return cmd_validate(args)

@@ -70,14 +70,15 @@ def record_stop(
     if not signals or (from_trainer and report.status in FINAL_PHASES):
         return
     first = signals[0]
-    cause = ""
+    causes = []
+    if from_trainer and report.status == RunPhase.Stopped and "; " in report.reason:
+        causes.append(report.reason.split("; ", 1)[1])  # what the trainer saw (stopping.py)
     if trainer_killed:
-        cause = (
+        causes.append(
             f"the trainer was killed after a second {signal_name(first)} "
             "(its step in progress and its own report abandoned)"
         )
-    elif len(signals) > 1:
-        cause = f"a second {signal_name(first)} abandoned the step in progress"
+    cause = "; ".join(causes)
     report.status = RunPhase.Stopped
     report.exit_code = exit_code_for(first)
     report.reason = stop_reason(

@@ -16,17 +16,22 @@ The supervisor (`tolaria run`) uses the exit codes and `stop_reason` without imp
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
+from typing import NoReturn
 
-from leyline.lifecycle import supervisor_gone
+from leyline.lifecycle import supervised, supervisor_gone
 
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+ABANDONED = "a second signal abandoned the step in progress"
 
 
 def exit_code_for(signum: int) -> int:
@@ -82,7 +87,10 @@ class StopRequest(threading.Event):
         self.signum = 0
         """The first signal received (0: stopped without a signal, by a caller's `set`)."""
         self.cause = ""
-        """Why the signal came, when known (e.g. the supervising `tolaria run` died)."""
+        """Why the signal came, when the caller of `request` knew."""
+        self.explain: Callable[[int], str] = lambda signum: ""
+        """Asked when the reason is written (not in the handler: it may wait a moment) why
+        signal `signum` came, e.g. the supervising `tolaria run` died."""
         self.interrupted = False
         """A second signal abandoned the step in progress."""
         self.interruptible = False
@@ -108,16 +116,24 @@ class StopRequest(threading.Event):
             global_step=global_step,
             epochs_completed=epochs_completed,
             epochs=epochs,
-            cause=self.cause,
+            cause=self.cause or self.explain(self.signum),
         )
         if self.interrupted:
-            reason += f"; a second {signal_name(self.signum or signal.SIGTERM)} abandoned the step"
+            reason += f"; {ABANDONED}"
         return reason
 
 
-def supervisor_cause() -> str:
-    """Why a SIGTERM came when it was the parent-death signal: the supervisor is gone."""
-    return "the supervising `tolaria run` died" if supervisor_gone() else ""
+SUPERVISOR_DEATH_WAIT_S = 1.0
+"""How long a SIGTERM'd trainer looks for its supervisor's death before calling the signal a
+plain request: a killed process is gone within milliseconds."""
+
+
+def supervisor_cause(signum: int) -> str:
+    """Why a signal came: SIGTERM is the parent-death signal under `tolaria run` (which itself
+    stops its trainer with SIGINT), so it means the supervisor died if it is gone now."""
+    if signum != signal.SIGTERM or not supervised():
+        return ""
+    return "the supervising `tolaria run` died" if supervisor_gone(SUPERVISOR_DEATH_WAIT_S) else ""
 
 
 def ignore_stop_signals() -> None:
@@ -127,8 +143,23 @@ def ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def exit_now(code: int) -> NoReturn:
+    """Ends a process that has trained with `code`, skipping the interpreter's teardown.
+
+    Call once the report is written and the exit code decided. torch's C++ teardown at
+    interpreter exit sometimes aborts (SIGABRT, "terminate called without an active
+    exception") in a process a signal interrupted; that would turn a stopped or finished
+    run into a crash, which a supervisor restarts. Output and logs are flushed first.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
 def install_stop_handlers(
-    stop: StopRequest, *, cause: Callable[[], str] = supervisor_cause
+    stop: StopRequest, *, cause: Callable[[int], str] = supervisor_cause
 ) -> dict[int, object]:
     """Routes SIGINT and SIGTERM to `stop` (see the module docstring); returns the previous
     handlers. Call on the main thread, before training starts."""
@@ -141,7 +172,8 @@ def install_stop_handlers(
         if stop.is_set():
             stop.interrupted = True
             raise Interrupted(stop.signum or signum)
-        stop.request(signum, cause())
+        stop.request(signum)
         logger.warning("%s: stopping after the current step", signal_name(signum))
 
+    stop.explain = cause
     return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}

@@ -373,12 +373,13 @@ class Supervisor:
 
     def _forward_signals(self, trainer: subprocess.Popen[bytes]) -> None:
         """Passes the signals received on to the trainer, from the supervision loop (never
-        from the handler): SIGTERM for each of the first two, SIGKILL when the grace is over.
-        """
+        from the handler): SIGINT for each of the first two, SIGKILL when the grace is over.
+        SIGINT, whatever we got: SIGTERM is the trainer's parent-death signal, which tells it
+        that we died."""
         wanted = min(len(self.seen.signals), 2)
         while self._forwarded < wanted:
             self._forwarded += 1
-            trainer.send_signal(signal.SIGTERM)
+            trainer.send_signal(signal.SIGINT)
         if self._kill_at is not None and time.monotonic() >= self._kill_at:
             logger.error("the trainer did not end in time: SIGKILL")
             trainer.kill()
@@ -410,9 +411,11 @@ class Supervisor:
         for sig, handler in previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
 
-    def _stop_child(self, proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
+    def _stop_child(
+        self, proc: subprocess.Popen[str] | subprocess.Popen[bytes], signum: int
+    ) -> None:
         grace = ESCALATED_GRACE_S if len(self.seen.signals) > 1 else STOP_GRACE_S
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         try:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
@@ -431,10 +434,10 @@ class Supervisor:
                     trainer.kill()
                     trainer.wait()
             else:
-                self._stop_child(trainer)
+                self._stop_child(trainer, signal.SIGINT)
         sidecar = self._sidecar
         if sidecar is not None and sidecar.poll() is None:
-            self._stop_child(sidecar)
+            self._stop_child(sidecar, signal.SIGTERM)
         remove_instance_segments(self.instance_id)  # exact names: never another run's
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 

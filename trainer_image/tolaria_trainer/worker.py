@@ -32,6 +32,7 @@ from tolaria_trainer.runtime import EXIT_INVALID, RunOptions, run_training
 from tolaria_trainer.stopping import (
     Interrupted,
     StopRequest,
+    exit_now,
     ignore_stop_signals,
     install_stop_handlers,
 )
@@ -129,4 +130,4 @@ def _work(args: argparse.Namespace, stop: StopRequest) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())
