@@ -90,8 +90,12 @@ logger = logging.getLogger(__name__)
 AFTER_COPY_POINT = "checkpoint.after_data_write"
 """The store's write point right after the data is copied into the file: where the slot's
 generation is checked again before anything is made durable."""
-if AFTER_COPY_POINT not in CHECKPOINT_WRITE_POINTS:
-    raise ImportError(f"checkpoints.WRITE_POINTS no longer has {AFTER_COPY_POINT!r}")
+DAMAGE_POINT = "checkpoint.after_dir_fsync"
+"""Where the corrupt-checkpoint drill damages the file: renamed and durable, not yet committed
+in the WAL, so no load can see it whole."""
+for _point in (AFTER_COPY_POINT, DAMAGE_POINT):
+    if _point not in CHECKPOINT_WRITE_POINTS:
+        raise ImportError(f"checkpoints.WRITE_POINTS no longer has {_point!r}")
 
 
 def round_pages(nbytes: int) -> int:
@@ -174,11 +178,15 @@ class PersistGuard(Faults):
         self._drills = tuple(drills)
         self._directory = directory
         self._check: Callable[[], None] | None = None
+        self._damage_epoch: int | None = None
         self.drills_armed: list[CheckpointDrill] = []
 
     def hit(self, point: str) -> None:
         if point == AFTER_COPY_POINT and self._check is not None:
             self._check()
+        if point == DAMAGE_POINT and self._damage_epoch is not None:
+            self._damage(self._damage_epoch)
+            self._damage_epoch = None
         super().hit(point)
 
     @contextmanager
@@ -186,9 +194,10 @@ class PersistGuard(Faults):
         """Runs `check` after the copy of the write made inside the block; arms the drills
         of `epoch`."""
         for drill in self._drills:
-            if drill.name == CORRUPT_CHECKPOINT:
-                continue  # after the commit: `committed`
-            if drill.epoch == epoch and drill.name == SLOW_CHECKPOINT:
+            if drill.epoch == epoch and drill.name == CORRUPT_CHECKPOINT:
+                self.drills_armed.append(drill)
+                self._damage_epoch = epoch
+            elif drill.epoch == epoch and drill.name == SLOW_CHECKPOINT:
                 self.drills_armed.append(drill)
                 logger.warning("drill %s: checkpoint write waits %.1f s", drill.raw, drill.seconds)
                 time.sleep(drill.seconds)
@@ -203,25 +212,26 @@ class PersistGuard(Faults):
             yield
         finally:
             self._check = None
+            self._damage_epoch = None
             self._fail.pop(AFTER_COPY_POINT, None)  # a drill the write never reached
 
-    def committed(self, record: CheckpointRecord) -> None:
-        """After a commit: the `corrupt-checkpoint` drill of its epoch flips bytes at the end of
-        the file (its data), as bit rot would; a later load rejects it by its checksum."""
-        for drill in self._drills:
-            if drill.name != CORRUPT_CHECKPOINT or drill.epoch != record.epoch:
-                continue
-            if self._directory is None:
-                continue
-            self.drills_armed.append(drill)
-            path = self._directory / record.file_name
-            with path.open("r+b") as f:
-                size = f.seek(0, 2)
-                f.seek(max(0, size - 64))
-                damaged = bytes(b ^ 0xFF for b in f.read(4))
-                f.seek(max(0, size - 64))
-                f.write(damaged)
-            logger.warning("drill %s: damaged %s", drill.raw, path.name)
+    def _damage(self, epoch: int) -> None:
+        """The `corrupt-checkpoint` drill: flips bytes at the end of the file just written for
+        `epoch` (its data), after its rename and before its WAL commit, as bit rot would; the
+        checkpoint commits, and a load rejects it by its checksum."""
+        if self._directory is None:
+            return
+        written = sorted(self._directory.glob(f"ckpt-*-e{epoch}.bin"))
+        if not written:
+            return
+        path = written[-1]  # the highest sequence: this write's
+        with path.open("r+b") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - 64))
+            damaged = bytes(b ^ 0xFF for b in f.read(4))
+            f.seek(max(0, size - 64))
+            f.write(damaged)
+        logger.warning("drill corrupt-checkpoint@epoch=%d: damaged %s", epoch, path.name)
 
 
 # -- the slot table ---------------------------------------------------------------------------
@@ -798,7 +808,6 @@ class SlotManager:
                     CheckpointOutcome.CHECKPOINT_OUTCOME_FAILED,
                     cause=err,
                 )
-            self._guard.committed(record)
             self._control.set_durable(index, generation)
         finally:
             self._control.set_pinned(index, 0)

@@ -68,12 +68,12 @@ from tolaria_trainer.report_file import (
     reserve,
     reserve_bytes,
 )
+from tolaria_trainer.sidecar_child import SidecarChild
 from tolaria_trainer.stopping import STOP_SIGNALS, signal_name
 from tolaria_trainer.workdir import Prepared, RunDirectoryRefused, RunLock, prepare
 
 logger = logging.getLogger("tolaria.supervisor")
 
-READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 20.0
 """After the first signal: time for the trainer to end its step and write its report, and
 then for the sidecar to finish an in-flight checkpoint, before either is killed."""
@@ -83,8 +83,6 @@ before SIGKILL; a third signal kills at once."""
 POLL_S = 0.05
 """How often the supervisor looks at its children (and forwards signals it received)."""
 FINAL_CODES = frozenset({0, 1, 2, 3, 130, 143})
-LOG_TAIL_BYTES = 4096
-"""How much of the end of `sidecar.log` a failed start quotes."""
 
 
 @dataclass
@@ -134,7 +132,7 @@ class Supervisor:
         self._lock = RunLock(options.workdir, run.name)
         self._socket_dir = Path(tempfile.mkdtemp(prefix=f"tolaria-{self.instance_id}-"))
         self._socket = self._socket_dir / "sidecar.sock"
-        self._sidecar: subprocess.Popen[str] | None = None
+        self._sidecar: SidecarChild | None = None
         self._trainer: subprocess.Popen[bytes] | None = None
         self._stop = threading.Event()
         self._forwarded = 0
@@ -168,63 +166,15 @@ class Supervisor:
         ]
         for d in self._sidecar_drills:
             cmd += ["--inject", d.raw]
-        log_path = self._run_dir / "sidecar.log"
         env = {**os.environ, **child_environment(signal.SIGTERM), **self._identity()}
-        with log_path.open("a") as log:
-            proc = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, process_group=0
-            )
-        line = self._read_ready(proc)
-        if not line.startswith("READY"):
-            proc.kill()
-            proc.wait()
-            tail = _tail(log_path) or line.strip() or "no output"
-            raise SidecarDidNotStart(f"the sidecar did not start (see {log_path}): {tail}")
-        threading.Thread(target=self._drain, args=(proc,), daemon=True).start()
-        self._sidecar = proc
-        logger.info("sidecar ready (pid %d): %s", proc.pid, line.strip())
+        if self._sidecar is not None:
+            self.seen.log_lines_lost += self._sidecar.lines_lost
+            self._sidecar = None
+        self._sidecar = SidecarChild.start(cmd, env, self._run_dir / "sidecar.log")
 
     def _checkpoint_dir(self) -> Path:
         configured = self._run.spec.checkpoints.directory
         return Path(configured) if configured else self._run_dir / "checkpoints"
-
-    @staticmethod
-    def _read_ready(proc: subprocess.Popen[str]) -> str:
-        box: list[str] = []
-        reader = threading.Thread(
-            target=lambda: box.append(proc.stdout.readline() if proc.stdout else ""), daemon=True
-        )
-        reader.start()
-        reader.join(READY_TIMEOUT_S)
-        return box[0] if box else ""
-
-    def _drain(self, proc: subprocess.Popen[str]) -> None:
-        """Copies the sidecar's output into `sidecar.log`; a full disk loses lines (counted),
-        never the sidecar: the pipe is read to the end either way."""
-        if proc.stdout is None:
-            return
-        fd = -1
-        with contextlib.suppress(OSError):
-            fd = os.open(
-                self._run_dir / "sidecar.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
-            )
-        try:
-            for line in proc.stdout:
-                if fd < 0:
-                    self.seen.log_lines_lost += 1
-                    continue
-                try:
-                    data = line.encode("utf-8", "replace")
-                    while data:
-                        data = data[os.write(fd, data) :]
-                except OSError as err:
-                    logger.error("sidecar.log: %s; the sidecar's output is dropped", err)
-                    self.seen.log_lines_lost += 1
-                    os.close(fd)
-                    fd = -1
-        finally:
-            if fd >= 0:
-                os.close(fd)
 
     def _start_trainer(self, attempt: int) -> None:
         cmd = [
@@ -254,7 +204,7 @@ class Supervisor:
         # SIGTERM when we die: the trainer stops after its step and still writes its report
         env = {**os.environ, **child_environment(signal.SIGTERM), **self._identity()}
         if self._sidecar is not None:
-            env[SIDECAR_PID_ENV] = str(self._sidecar.pid)
+            env[SIDECAR_PID_ENV] = str(self._sidecar.proc.pid)
         self._forwarded = 0
         self._trainer = subprocess.Popen(cmd, env=env, process_group=0)
 
@@ -361,10 +311,9 @@ class Supervisor:
                 return code
             self._forward_signals(trainer)
             sidecar = self._sidecar
-            if sidecar is not None and sidecar.poll() is not None and not self._stop.is_set():
+            if sidecar is not None and sidecar.proc.poll() is not None and not self._stop.is_set():
                 self.seen.sidecar_restarts += 1
-                logger.warning("sidecar died (exit %s); restarting it", sidecar.returncode)
-                self._sidecar = None
+                logger.warning("sidecar died (exit %s); restarting it", sidecar.proc.returncode)
                 try:
                     self._start_sidecar()
                 except SidecarDidNotStart as err:
@@ -436,8 +385,8 @@ class Supervisor:
             else:
                 self._stop_child(trainer, signal.SIGINT)
         sidecar = self._sidecar
-        if sidecar is not None and sidecar.poll() is None:
-            self._stop_child(sidecar, signal.SIGTERM)
+        if sidecar is not None and sidecar.proc.poll() is None:
+            self._stop_child(sidecar.proc, signal.SIGTERM)
         remove_instance_segments(self.instance_id)  # exact names: never another run's
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
@@ -502,6 +451,9 @@ class Supervisor:
 
     def _add_warnings(self, report: RunReport) -> None:
         warnings = list(self.seen.warnings)
+        if self._sidecar is not None:
+            self.seen.log_lines_lost += self._sidecar.lines_lost
+            self._sidecar.lines_lost = 0
         if self.seen.log_lines_lost:
             warnings.append(
                 f"sidecar.log: {self.seen.log_lines_lost} line(s) of the sidecar's output "
@@ -537,14 +489,3 @@ class Supervisor:
         from tolaria_trainer.progress import RichView
 
         RichView().finish(report, str(path))
-
-
-def _tail(path: Path) -> str:
-    """The last non-empty line of `path` (bounded read), or ""."""
-    try:
-        with path.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return ""
-    return next((line.strip() for line in reversed(lines) if line.strip()), "")
