@@ -11,7 +11,10 @@ and ignored, so they cannot cut the report short (a supervisor that must end it 
 A handler never writes to disk or logs more than one line: it may run in the middle of
 anything.
 
-The supervisor (`tolaria run`) uses the exit codes and `stop_reason` without importing torch.
+Under `tolaria run` the supervisor stops its trainer with SIGINT and the trainer's
+parent-death signal is SIGTERM, so a SIGTERM there means the supervisor died, and the reason
+says so (`supervisor_cause`). The supervisor uses the exit codes and `stop_reason` without
+importing torch.
 """
 
 from __future__ import annotations
