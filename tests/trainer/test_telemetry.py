@@ -161,8 +161,9 @@ def test_an_unreachable_sidecar_is_degraded_with_the_reason_and_outranked_by_fai
     away = assess_health(HealthInputs(sidecar_unreachable="CommitSnapshot: UNAVAILABLE"))
     assert away.status == HealthStatus.HEALTH_STATUS_DEGRADED
     assert "sidecar unreachable" in away.summary and "UNAVAILABLE" in away.summary
-    both = HealthInputs(sidecar_unreachable="x", rollback_in_progress=True)
-    assert assess_health(both).status == HealthStatus.HEALTH_STATUS_UNHEALTHY
+    both = assess_health(HealthInputs(sidecar_unreachable="x", rollback_in_progress=True))
+    assert both.status == HealthStatus.HEALTH_STATUS_UNHEALTHY
+    assert both.summary == "rollback in progress; sidecar unreachable (x)"
 
 
 def test_health_summary_names_the_open_breaker() -> None:

@@ -69,7 +69,9 @@ class HealthInputs:
 
 def assess_health(inputs: HealthInputs) -> SystemHealth:
     """HEALTHY / DEGRADED (sidecar unreachable, conservative, breaches) / UNHEALTHY (rollback,
-    failing component) / CRITICAL (freeze, halt), with a one-line summary."""
+    failing component) / CRITICAL (freeze, halt), with a one-line summary. An unreachable
+    sidecar is named in the summary even when a worse condition sets the status."""
+    away = f"sidecar unreachable ({inputs.sidecar_unreachable})"
     if inputs.halted or inputs.frozen:
         what = "halted" if inputs.halted else "frozen by a CRITICAL emergency"
         status, summary = HealthStatus.HEALTH_STATUS_CRITICAL, what
@@ -81,8 +83,7 @@ def assess_health(inputs: HealthInputs) -> SystemHealth:
     elif inputs.sidecar_unreachable:
         # training goes on from the slots it has mapped; full rollbacks and the emergency
         # broadcast wait for the sidecar (R6.2): degraded, not failing
-        status = HealthStatus.HEALTH_STATUS_DEGRADED
-        summary = f"sidecar unreachable ({inputs.sidecar_unreachable})"
+        status, summary = HealthStatus.HEALTH_STATUS_DEGRADED, away
     elif inputs.conservative:
         status, summary = HealthStatus.HEALTH_STATUS_DEGRADED, "conservative mode"
     elif inputs.budget_breaches_this_epoch:
@@ -92,6 +93,8 @@ def assess_health(inputs: HealthInputs) -> SystemHealth:
         status, summary = HealthStatus.HEALTH_STATUS_HEALTHY, "stable"
     if inputs.reason:
         summary = f"{summary}: {inputs.reason}"
+    if inputs.sidecar_unreachable and summary != away:
+        summary = f"{summary}; {away}"
     return SystemHealth(status=status, summary=summary)
 
 
