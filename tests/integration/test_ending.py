@@ -295,12 +295,13 @@ def test_a_full_shm_fails_the_run_naming_the_bytes_needed_and_available(
 
 @pytest.mark.req("R13.5")
 def test_in_a_pod_sigterm_writes_a_stopped_termination_message(
-    start: Callable[..., Started], tmp_path: Path
+    start: Callable[..., Started], tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     doc = long_run("pod")
     manifest = tmp_path / "pod.yaml"
     manifest.write_text(yaml.safe_dump(doc))
-    socket = Path(tempfile.mkdtemp(prefix="tp-", dir="/tmp")) / "s.sock"
+    socket = Path(tempfile.mkdtemp(prefix="tp-", dir="/tmp")) / "s.sock"  # short: a Unix path
+    request.addfinalizer(lambda: shutil.rmtree(socket.parent, ignore_errors=True))
     sidecar = start(
         doc,
         command=[
