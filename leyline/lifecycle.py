@@ -14,6 +14,8 @@ import contextlib
 import ctypes
 import os
 import signal
+import time
+from pathlib import Path
 
 PARENT_PID_ENV = "TOLARIA_PARENT_PID"
 PARENT_DEATH_SIGNAL_ENV = "TOLARIA_PARENT_DEATH_SIGNAL"
@@ -35,6 +37,39 @@ _PR_SET_PDEATHSIG = 1
 def child_environment(parent_death_signal: int) -> dict[str, str]:
     """The variables a supervising parent adds to a child's environment."""
     return {PARENT_PID_ENV: str(os.getpid()), PARENT_DEATH_SIGNAL_ENV: str(parent_death_signal)}
+
+
+def supervised() -> bool:
+    """True in a child started by a supervising parent (`tolaria run`), dead or alive."""
+    return os.environ.get(PARENT_PID_ENV, "").isdigit()
+
+
+def supervisor_gone(wait_s: float = 0.0) -> bool:
+    """True in a child whose supervising parent has died since it started it.
+
+    The kernel sends the parent-death signal when the *thread* that forked the child exits,
+    which can be a moment before the whole parent is gone (the child is first handed to a
+    surviving thread of the same process); `wait_s` gives it that moment. Never call with a
+    wait from a signal handler.
+    """
+    parent = os.environ.get(PARENT_PID_ENV, "")
+    if not parent.isdigit():
+        return False
+    deadline = time.monotonic() + wait_s
+    while os.getppid() == int(parent) and not _ended(int(parent)):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _ended(pid: int) -> bool:
+    """True when `pid` is gone or a zombie (exited, not yet reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[:1] in (["Z"], ["X"])
 
 
 def adopt_parent_death_signal() -> None:

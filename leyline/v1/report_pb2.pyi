@@ -479,6 +479,7 @@ class EpochRecord(_message.Message):
     COMMAND_TYPE_FIELD_NUMBER: _builtins.int
     FALLBACK_COMMAND_FIELD_NUMBER: _builtins.int
     FALLBACK_REASON_FIELD_NUMBER: _builtins.int
+    HEALTH_REASON_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     global_step: _builtins.int
     training_loss: _builtins.float
@@ -492,6 +493,8 @@ class EpochRecord(_message.Message):
     command_type: _leyline_pb2.CommandType.ValueType
     fallback_command: _builtins.bool
     fallback_reason: _builtins.str
+    health_reason: _builtins.str
+    """why `health` is not HEALTHY (e.g. "sidecar unreachable: ...")"""
     @_builtins.property
     def learning_rates(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """group id -> LR at epoch end"""
@@ -513,10 +516,11 @@ class EpochRecord(_message.Message):
         command_type: _leyline_pb2.CommandType.ValueType = ...,
         fallback_command: _builtins.bool = ...,
         fallback_reason: _builtins.str = ...,
+        health_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_type", b"command_type", "conservative", b"conservative", "epoch", b"epoch", "fallback_command", b"fallback_command", "fallback_reason", b"fallback_reason", "global_step", b"global_step", "health", b"health", "hook_ms", b"hook_ms", "learning_rates", b"learning_rates", "train_seconds", b"train_seconds", "training_loss", b"training_loss", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss", "validation_ms", b"validation_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_type", b"command_type", "conservative", b"conservative", "epoch", b"epoch", "fallback_command", b"fallback_command", "fallback_reason", b"fallback_reason", "global_step", b"global_step", "health", b"health", "health_reason", b"health_reason", "hook_ms", b"hook_ms", "learning_rates", b"learning_rates", "train_seconds", b"train_seconds", "training_loss", b"training_loss", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss", "validation_ms", b"validation_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -722,6 +726,7 @@ class RunReport(_message.Message):
     HISTORY_OMITTED_FIELD_NUMBER: _builtins.int
     RESUMED_FROM_FIELD_NUMBER: _builtins.int
     QUARANTINED_SAMPLES_FIELD_NUMBER: _builtins.int
+    TELEMETRY_UNWRITTEN_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     run_id: _builtins.str
     status: Global___RunPhase.ValueType
@@ -749,6 +754,8 @@ class RunReport(_message.Message):
     """oldest history records dropped to bound snapshots"""
     resumed_from: _builtins.str
     """--resume: the checkpoint this run continued"""
+    telemetry_unwritten: _builtins.int
+    """packets not written to telemetry.jsonl (disk full)"""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -871,10 +878,11 @@ class RunReport(_message.Message):
         history_omitted: _builtins.int = ...,
         resumed_from: _builtins.str = ...,
         quarantined_samples: _abc.Iterable[_builtins.int] | None = ...,
+        telemetry_unwritten: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "hook_latency", b"hook_latency", "lr_step_latency", b"lr_step_latency", "snapshot_stall", b"snapshot_stall", "started_at", b"started_at", "tamiyo_latency", b"tamiyo_latency", "training_loss", b"training_loss", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss", "validation_time", b"validation_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker_trips", b"breaker_trips", "breakers", b"breakers", "checkpoint_failures", b"checkpoint_failures", "checkpoint_rejections", b"checkpoint_rejections", "checkpoints", b"checkpoints", "conservative_intervals", b"conservative_intervals", "decisions", b"decisions", "device", b"device", "drills", b"drills", "emergencies", b"emergencies", "epochs", b"epochs", "epochs_completed", b"epochs_completed", "epochs_planned", b"epochs_planned", "exit_code", b"exit_code", "experiment_name", b"experiment_name", "fallback_commands", b"fallback_commands", "final_health", b"final_health", "finished_at", b"finished_at", "global_step", b"global_step", "history_omitted", b"history_omitted", "hook_latency", b"hook_latency", "instance_id", b"instance_id", "lineage_id", b"lineage_id", "lr_changes", b"lr_changes", "lr_integrity_breaches", b"lr_integrity_breaches", "lr_step_latency", b"lr_step_latency", "optimizer_rebuilds", b"optimizer_rebuilds", "quarantined_samples", b"quarantined_samples", "reason", b"reason", "restarts", b"restarts", "resumed_from", b"resumed_from", "resumes", b"resumes", "rollbacks", b"rollbacks", "run_id", b"run_id", "sidecar_restarts", b"sidecar_restarts", "skipped_batches", b"skipped_batches", "snapshot_rejections", b"snapshot_rejections", "snapshot_stall", b"snapshot_stall", "snapshots_committed", b"snapshots_committed", "started_at", b"started_at", "status", b"status", "tamiyo_latency", b"tamiyo_latency", "task", b"task", "telemetry", b"telemetry", "trace_paths", b"trace_paths", "training_loss", b"training_loss", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss", "validation_time", b"validation_time", "version", b"version", "wal_recoveries", b"wal_recoveries", "wall_seconds", b"wall_seconds", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker_trips", b"breaker_trips", "breakers", b"breakers", "checkpoint_failures", b"checkpoint_failures", "checkpoint_rejections", b"checkpoint_rejections", "checkpoints", b"checkpoints", "conservative_intervals", b"conservative_intervals", "decisions", b"decisions", "device", b"device", "drills", b"drills", "emergencies", b"emergencies", "epochs", b"epochs", "epochs_completed", b"epochs_completed", "epochs_planned", b"epochs_planned", "exit_code", b"exit_code", "experiment_name", b"experiment_name", "fallback_commands", b"fallback_commands", "final_health", b"final_health", "finished_at", b"finished_at", "global_step", b"global_step", "history_omitted", b"history_omitted", "hook_latency", b"hook_latency", "instance_id", b"instance_id", "lineage_id", b"lineage_id", "lr_changes", b"lr_changes", "lr_integrity_breaches", b"lr_integrity_breaches", "lr_step_latency", b"lr_step_latency", "optimizer_rebuilds", b"optimizer_rebuilds", "quarantined_samples", b"quarantined_samples", "reason", b"reason", "restarts", b"restarts", "resumed_from", b"resumed_from", "resumes", b"resumes", "rollbacks", b"rollbacks", "run_id", b"run_id", "sidecar_restarts", b"sidecar_restarts", "skipped_batches", b"skipped_batches", "snapshot_rejections", b"snapshot_rejections", "snapshot_stall", b"snapshot_stall", "snapshots_committed", b"snapshots_committed", "started_at", b"started_at", "status", b"status", "tamiyo_latency", b"tamiyo_latency", "task", b"task", "telemetry", b"telemetry", "telemetry_unwritten", b"telemetry_unwritten", "trace_paths", b"trace_paths", "training_loss", b"training_loss", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss", "validation_time", b"validation_time", "version", b"version", "wal_recoveries", b"wal_recoveries", "wall_seconds", b"wall_seconds", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

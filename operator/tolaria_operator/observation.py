@@ -56,7 +56,10 @@ START_FAILURE_REASONS = frozenset(
 
 FINAL_PHASES = {
     RunPhase.Name(p): p for p in (RunPhase.Succeeded, RunPhase.Failed, RunPhase.Halted)
-} | {RunPhase.Name(RunPhase.Suspended): RunPhase.Suspended}
+} | {RunPhase.Name(p): p for p in (RunPhase.Suspended, RunPhase.Stopped)}
+"""Phases a trainer's termination message may carry. `Stopped` (SIGTERM: the pod was deleted,
+evicted or preempted) ends the attempt, not the run; it exits 0, so it must not read as
+success."""
 
 
 @dataclass(frozen=True)

@@ -454,7 +454,7 @@ def _outcome(
     outcome = pod.outcome
     if outcome is None:  # pragma: no cover - checked by the caller
         return
-    if outcome.phase == RunPhase.Suspended:  # stopped (e.g. SIGTERM) without spec.suspend
+    if outcome.phase in (RunPhase.Suspended, RunPhase.Stopped):  # SIGTERM, no spec.suspend
         loss = Loss("TrainerStopped", False, f"trainer stopped: {outcome.reason or 'stopped'}")
         _next_attempt(run, d, plan, pod, others, loss, now)
         return

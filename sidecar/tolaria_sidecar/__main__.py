@@ -7,7 +7,7 @@ names the field on stderr; nothing is created before the input is valid.
     tolaria-sidecar --manifest run.yaml --socket /run/tolaria/sidecar.sock \\
         [--control-address 0.0.0.0:7070 --token-file /var/run/secrets/tolaria/token] \\
         [--metrics-port 9464] [--checkpoint-dir DIR] [--cleanup-on-exit] \\
-        [--inject checkpoint-io-error@epoch=N]
+        [--remove-socket-dir] [--inject checkpoint-io-error@epoch=N]
 """
 
 from __future__ import annotations
@@ -85,11 +85,16 @@ def parser() -> argparse.ArgumentParser:
         help="unlink the run's shared-memory segments at exit (local mode)",
     )
     p.add_argument(
+        "--remove-socket-dir",
+        action="store_true",
+        help="the socket's directory was made for this sidecar: remove it at exit (local mode)",
+    )
+    p.add_argument(
         "--inject",
         action="append",
         default=[],
         metavar="DRILL",
-        help="sidecar-side drill: checkpoint-io-error@epoch=N",
+        help="sidecar-side drill: checkpoint-io-error@epoch=N, slow-checkpoint@epoch=N[,seconds=S]",
     )
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return p
@@ -118,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_address=args.metrics_address,
             checkpoint_dir=args.checkpoint_dir,
             cleanup_on_exit=args.cleanup_on_exit,
+            remove_socket_dir=args.remove_socket_dir,
             inject=tuple(args.inject),
         )
         from tolaria_sidecar.serving import run as run_sidecar

@@ -37,6 +37,13 @@ UNIX_PATH_MAX = 107
 
 CHECKPOINT_IO_ERROR = "checkpoint-io-error"
 """Drill: the durable write of one epoch's checkpoint fails with ENOSPC."""
+CORRUPT_CHECKPOINT = "corrupt-checkpoint"
+"""Drill: the file of one epoch's checkpoint is damaged on disk after its commit (bit rot)."""
+SLOW_CHECKPOINT = "slow-checkpoint"
+"""Drill: the durable write of one epoch's checkpoint starts `seconds` late (a slow disk)."""
+SLOW_CHECKPOINT_SECONDS = 3.0
+"""The slow-checkpoint drill's default delay: longer than a trainer takes to detach and fetch
+the status for its report, shorter than `Tuning.shutdown_grace_seconds`."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,10 @@ class Tuning:
     shutdown_grace_seconds: float = 5.0
     """On SIGTERM: time for an in-flight checkpoint and in-flight RPCs before they are
     abandoned (a pod's default termination grace is 30 s; this leaves room for the trainer)."""
+    orphaned_trainer_wait_seconds: float = 30.0
+    """On SIGTERM after the launcher died (`tolaria run` killed): how long the sidecar keeps
+    serving a trainer that is still running, so that it can finish its step, detach and fetch
+    the status for its report before the segments go; longer than a step plus the report."""
     server_workers: int = 8
     """gRPC worker threads per server; event streams hold one each while open."""
 
@@ -99,28 +110,46 @@ class ControlAddress:
 
 @dataclass(frozen=True)
 class CheckpointDrill:
-    """`--inject checkpoint-io-error@epoch=N`: the checkpoint write of epoch N fails (ENOSPC)."""
+    """A sidecar drill on the checkpoint of epoch N: `checkpoint-io-error@epoch=N` (the write
+    fails with ENOSPC), `corrupt-checkpoint@epoch=N` (its file is damaged after the commit) or
+    `slow-checkpoint@epoch=N[,seconds=S]` (it starts S seconds late)."""
 
     raw: str
     epoch: int
+    name: str = CHECKPOINT_IO_ERROR
+    seconds: float = 0.0
+    """slow-checkpoint: the delay."""
 
     @classmethod
     def parse(cls, raw: str) -> CheckpointDrill:
-        name, sep, trigger = raw.partition("@")
-        if name != CHECKPOINT_IO_ERROR:
+        name, sep, rest = raw.partition("@")
+        known = (CHECKPOINT_IO_ERROR, CORRUPT_CHECKPOINT, SLOW_CHECKPOINT)
+        if name not in known:
             raise ConfigInvalid(
-                "--inject", f"unknown sidecar drill {name!r} (known: {CHECKPOINT_IO_ERROR})"
+                "--inject", f"unknown sidecar drill {name!r} (known: {', '.join(known)})"
             )
+        trigger, *options = rest.split(",")
         key, eq, value = trigger.partition("=")
         if not sep or key != "epoch" or not eq:
-            raise ConfigInvalid("--inject", f"{raw!r}: expected {CHECKPOINT_IO_ERROR}@epoch=N")
+            raise ConfigInvalid("--inject", f"{raw!r}: expected {name}@epoch=N")
         try:
             epoch = int(value)
         except ValueError as err:
             raise ConfigInvalid("--inject", f"{raw!r}: epoch must be an integer") from err
         if epoch < 0:
             raise ConfigInvalid("--inject", f"{raw!r}: epoch must be >= 0")
-        return cls(raw, epoch)
+        seconds = SLOW_CHECKPOINT_SECONDS if name == SLOW_CHECKPOINT else 0.0
+        for option in options:
+            key, eq, value = option.partition("=")
+            if name != SLOW_CHECKPOINT or key != "seconds" or not eq:
+                raise ConfigInvalid("--inject", f"{raw!r}: unknown option {option!r}")
+            try:
+                seconds = float(value)
+            except ValueError as err:
+                raise ConfigInvalid("--inject", f"{raw!r}: seconds must be a number") from err
+            if not 0 <= seconds <= 60:
+                raise ConfigInvalid("--inject", f"{raw!r}: seconds must be 0..60")
+        return cls(raw, epoch, name, seconds)
 
 
 @dataclass(frozen=True)
@@ -159,6 +188,9 @@ class SidecarConfig:
     """Bind address of the metrics endpoint."""
     cleanup_on_exit: bool
     """Unlink the run's segments at exit (local mode); in a pod they must outlive restarts."""
+    remove_socket_dir: bool
+    """The launcher made the socket's directory for this sidecar alone (`tolaria run`): remove
+    it at exit (when empty), also when the launcher died and cannot."""
     drills: tuple[CheckpointDrill, ...]
     tuning: Tuning = field(default_factory=Tuning)
 
@@ -179,6 +211,7 @@ class SidecarConfig:
         metrics_address: str | None = None,
         checkpoint_dir: Path | None = None,
         cleanup_on_exit: bool = False,
+        remove_socket_dir: bool = False,
         inject: tuple[str, ...] = (),
         tuning: Tuning | None = None,
     ) -> SidecarConfig:
@@ -226,6 +259,7 @@ class SidecarConfig:
             metrics_port=metrics_port,
             metrics_address=metrics_address or spec.telemetry.metrics_address,
             cleanup_on_exit=cleanup_on_exit,
+            remove_socket_dir=remove_socket_dir,
             drills=tuple(CheckpointDrill.parse(raw) for raw in inject),
             tuning=tuning or Tuning(),
         )

@@ -26,6 +26,7 @@ from types import FrameType
 import grpc
 from prometheus_client import CollectorRegistry
 
+from leyline.lifecycle import supervised
 from leyline.v1.sidecar_pb2_grpc import (
     add_SidecarControlServicer_to_server,
     add_TrainerLinkServicer_to_server,
@@ -34,6 +35,7 @@ from tolaria_sidecar.auth import TokenAuth
 from tolaria_sidecar.config import ControlAddress, SidecarConfig
 from tolaria_sidecar.errors import ConfigInvalid
 from tolaria_sidecar.metrics import serve as serve_metrics
+from tolaria_sidecar.orphan import wait_for_trainer
 from tolaria_sidecar.protocols import Clock, ServicedSidecar
 from tolaria_sidecar.protocols import DurableStore as StoreProtocol
 from tolaria_sidecar.sidecar import Sidecar
@@ -121,9 +123,17 @@ class Running:
         shutdown = getattr(self.metrics_server, "shutdown", None)
         if shutdown is not None:
             shutdown()
-        self.sidecar.release(unlink=self.sidecar.config.cleanup_on_exit)
+        config = self.sidecar.config
+        self.sidecar.release(unlink=config.cleanup_on_exit)
         with contextlib.suppress(FileNotFoundError):
-            self.sidecar.config.socket_path.unlink()
+            config.socket_path.unlink()
+        if config.remove_socket_dir:
+            try:
+                config.socket_path.parent.rmdir()  # only when empty: never anyone else's files
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                logger.warning("socket directory %s left: %s", config.socket_path.parent, err)
 
 
 def serve(
@@ -187,6 +197,10 @@ def run(config: SidecarConfig) -> int:
         print(running.ready_line(), flush=True)  # noqa: T201 - the launcher reads this line
         while not stop.wait(0.5):  # a timed wait: signal handlers run between waits
             pass
+        if supervised():  # the trainer may still be stopping and need us (orphan.py)
+            wait_for_trainer(
+                running.sidecar.trainer_pid, config.tuning.orphaned_trainer_wait_seconds
+            )
         running.stop()
     finally:
         for signum, handler in previous.items():

@@ -77,7 +77,7 @@ class Sidecar:
         )
         sink = ViewedEventLog(self.events, self.view)
         self.control = open_control_block(config)
-        self.guard = PersistGuard(config.drills)
+        self.guard = PersistGuard(config.drills, config.checkpoint_dir)
         self._own_store: DurableStore | None = None
         self.wal_recovery: WalRecovery | None = None
         """What opening the checkpoint directory found (R13.5), when it found anything; every
@@ -211,6 +211,11 @@ class Sidecar:
             outcome,
             " (deadline cleared)" if pending else "",
         )
+
+    @property
+    def trainer_pid(self) -> int:
+        """The pid of the trainer last attached (0: none yet)."""
+        return self.view.pid
 
     @property
     def stop_requested(self) -> bool:

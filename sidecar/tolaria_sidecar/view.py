@@ -64,6 +64,12 @@ class TrainerView:
             if running:
                 self._phase = RunPhase.Running
 
+    @property
+    def pid(self) -> int:
+        """The pid of the trainer last attached (0: none yet)."""
+        with self._lock:
+            return self._pid
+
     def detach(self, phase: RunPhase.ValueType) -> pb.ProgressEvent:
         """The trainer detached in `phase` (0: unchanged); returns the progress to publish."""
         with self._lock:

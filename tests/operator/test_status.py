@@ -275,6 +275,16 @@ def test_the_trainers_termination_message_ends_the_run(final: str, phase: str, r
         assert w["firstFailure"]["reason"] == reason
 
 
+@pytest.mark.req("R13.5")
+def test_a_trainer_stopped_by_sigterm_is_a_new_uncounted_attempt_not_a_success() -> None:
+    run = attempt(b.run_object(), 1)
+    pod = b.finished(b.new_pod(run, 1), "Stopped", reason="stopped by SIGTERM at step 7")
+    p = plan(run, [pod])
+    w = wire(p)
+    assert w["phase"] != "Succeeded" and w.get("restartsCounted", 0) == 0
+    assert "stopped by SIGTERM" in w["message"]
+
+
 @pytest.mark.req("R10.1")
 def test_exit_zero_without_a_message_is_success() -> None:
     run = attempt(b.run_object(), 1)

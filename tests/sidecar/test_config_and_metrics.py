@@ -100,6 +100,22 @@ def test_the_checkpoint_io_error_drill_parses_and_unknown_drills_are_refused() -
             CheckpointDrill.parse(bad)
 
 
+@pytest.mark.req("R13.5")
+def test_the_slow_and_corrupt_checkpoint_drills_parse_with_their_options() -> None:
+    slow = CheckpointDrill.parse("slow-checkpoint@epoch=6,seconds=2")
+    assert (slow.name, slow.epoch, slow.seconds) == ("slow-checkpoint", 6, 2.0)
+    assert CheckpointDrill.parse("slow-checkpoint@epoch=1").seconds == 3.0
+    assert CheckpointDrill.parse("corrupt-checkpoint@epoch=2").name == "corrupt-checkpoint"
+    for bad in (
+        "slow-checkpoint@epoch=1,seconds=x",
+        "slow-checkpoint@epoch=1,seconds=99",
+        "corrupt-checkpoint@epoch=1,seconds=1",
+        "checkpoint-io-error@epoch=1,seconds=1",
+    ):
+        with pytest.raises(ConfigInvalid, match="--inject"):
+            CheckpointDrill.parse(bad)
+
+
 @pytest.mark.req("R8.3")
 def test_every_series_is_prefixed_in_base_units_and_touched_at_start() -> None:
     registry = CollectorRegistry()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -154,6 +156,16 @@ def test_health_follows_the_worst_condition(inputs: HealthInputs, status: int) -
     assert assess_health(inputs).status == status
 
 
+@pytest.mark.req("R8.2")
+def test_an_unreachable_sidecar_is_degraded_with_the_reason_and_outranked_by_failures() -> None:
+    away = assess_health(HealthInputs(sidecar_unreachable="CommitSnapshot: UNAVAILABLE"))
+    assert away.status == HealthStatus.HEALTH_STATUS_DEGRADED
+    assert "sidecar unreachable" in away.summary and "UNAVAILABLE" in away.summary
+    both = assess_health(HealthInputs(sidecar_unreachable="x", rollback_in_progress=True))
+    assert both.status == HealthStatus.HEALTH_STATUS_UNHEALTHY
+    assert both.summary == "rollback in progress; sidecar unreachable (x)"
+
+
 def test_health_summary_names_the_open_breaker() -> None:
     assert "BREAKER_TAMIYO" in assess_health(HealthInputs(open_breakers=["BREAKER_TAMIYO"])).summary
 
@@ -169,3 +181,24 @@ def test_json_lines_sink_writes_one_parseable_packet_per_line(tmp_path: Path) ->
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert [x["events"][0]["eventId"] for x in lines] == ["a", "b"]
     assert lines[0]["priority"] == "MESSAGE_PRIORITY_CRITICAL"
+
+
+@pytest.mark.req("R13.5")
+def test_json_lines_sink_keeps_every_line_up_to_a_full_disk_then_counts_what_it_lost(
+    small_tmpfs: Callable[[str, str], Path],
+) -> None:
+    disk = small_tmpfs("disk", "64k")
+    sink = JsonLinesSink(disk / "telemetry.jsonl")
+    h = TelemetryHub(TelemetrySpec(), ConservativeSpec(), "r", [sink], start_thread=False)
+    for i in range(5):
+        h.event(f"before-{i}", INFO, CRITICAL)
+    with (disk / "filler").open("wb") as filler:  # the rest of the disk, minus a few bytes
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        filler.write(b"\0" * (free - 100))
+    for i in range(20):  # no exception reaches the run, whatever the sink hits
+        h.event(f"after-{i}", INFO, CRITICAL)
+    sink.close()
+    lines = [json.loads(x) for x in (disk / "telemetry.jsonl").read_text().splitlines()]
+    assert [x["events"][0]["eventId"] for x in lines[:5]] == [f"before-{i}" for i in range(5)]
+    assert sink.written == len(lines) and sink.written + sink.unwritten == 25
+    assert sink.unwritten >= 1 and "No space left" in sink.failure

@@ -5,9 +5,11 @@ supervised child processes (see `supervisor.py`); `--no-sidecar` trains in
 this process with the epoch-boundary guards only (no snapshots, rollbacks or
 emergency broadcast). Exit codes (stable): 0 succeeded, 1 failed, 2 invalid
 input (manifest, flags, task, device, metrics port, drills), 3 halted by an
-emergency. Invalid input is refused before anything is created on disk, with a
-message naming the field or flag and the rule. `--workdir` and `--inject` are
-stable spellings; later versions add values. `tolaria checkpoints DIR`
+emergency, 130/143 stopped by SIGINT (Ctrl-C)/SIGTERM (status `Stopped`, report
+written; a second signal abandons the step in progress, still with a report).
+Invalid input is refused before anything is created on disk, with a message
+naming the field or flag and the rule. `--workdir` and `--inject` are stable
+spellings; later versions add values. `tolaria checkpoints DIR`
 (`checkpoints_cli.py`) lists and verifies a checkpoint directory read-only: 0 all
 verify, 1 damage, 2 not a directory. This module imports torch only for
 `--no-sidecar` and for `validate` without `--offline` (which imports the task and
@@ -18,12 +20,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
 from leyline import RunPhase, RunReport
 from leyline.spec import ManifestInvalid, TolariaRun, load_manifest
@@ -31,6 +30,14 @@ from tolaria_trainer.checkpoints_cli import cmd_checkpoints
 from tolaria_trainer.drills import KINDS, DrillSpec, parse_drill
 from tolaria_trainer.errors import REFUSED_INPUT, DrillInvalid, FlagInvalid
 from tolaria_trainer.report import write_report
+from tolaria_trainer.report_file import ReportNotWritten
+from tolaria_trainer.stopping import (
+    Interrupted,
+    StopRequest,
+    exit_now,
+    ignore_stop_signals,
+    install_stop_handlers,
+)
 from tolaria_trainer.supervisor import Supervisor, SupervisorOptions
 
 EXIT_FAILED = 1
@@ -163,19 +170,16 @@ def _configure_logging(verbose: bool) -> None:
     )
 
 
-def _install_stop(stop: threading.Event) -> None:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        del frame
-        if stop.is_set():
-            raise KeyboardInterrupt
-        logger.warning("%s received: stopping after the current step", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-
-
-def _failed_report(name: str, reason: str) -> RunReport:
+def _failed_report(name: str, reason: str, *, stop: StopRequest | None = None) -> RunReport:
+    """What the report says when the run ended before the runtime could write one."""
+    if stop is not None and stop.is_set():
+        return RunReport(
+            version=1,
+            run_id=name,
+            status=RunPhase.Stopped,
+            reason=reason,
+            exit_code=stop.exit_code,
+        )
     return RunReport(
         version=1, run_id=name, status=RunPhase.Failed, reason=reason, exit_code=EXIT_FAILED
     )
@@ -220,8 +224,8 @@ def _run_in_process(run: object, args: argparse.Namespace) -> int:
     from tolaria_trainer.runtime import RunOptions, run_training
 
     view: ProgressView = JsonView() if args.log_format == "json" else RichView()
-    stop = threading.Event()
-    _install_stop(stop)
+    stop = StopRequest()
+    install_stop_handlers(stop, cause=lambda signum: "")
     options = RunOptions(
         workdir=args.workdir,
         view=view,
@@ -230,20 +234,29 @@ def _run_in_process(run: object, args: argparse.Namespace) -> int:
         profile_epochs=args.profile,
         stop=stop,
     )
-    report_path = args.workdir / run.name / "report.json"  # type: ignore[attr-defined]
+    name: str = run.name  # type: ignore[attr-defined]
+    report_path = args.workdir / name / "report.json"
     try:
         report = run_training(run, options)  # type: ignore[arg-type]
     except REFUSED_INPUT as err:
         print(f"error: {args.manifest}: {err}", file=sys.stderr)
         return EXIT_INVALID
+    except Interrupted as err:  # a second signal before training started or while it ended
+        report = _failed_report(name, str(err), stop=stop)
+        _write_quietly(report, report_path)
     except Exception as err:  # boundary: set-up failed after validation; say why in a report
-        logger.exception("run %s could not start", run.name)  # type: ignore[attr-defined]
-        report = _failed_report(run.name, f"{type(err).__name__}: {err}")  # type: ignore[attr-defined]
-        write_report(report, report_path)
-    if stop.is_set() and report.status == RunPhase.Failed and not report.reason:
-        report.reason = "stopped by signal"
+        logger.exception("run %s could not start", name)
+        report = _failed_report(name, f"{type(err).__name__}: {err}", stop=stop)
+        _write_quietly(report, report_path)
     view.finish(report, str(report_path))
     return report.exit_code
+
+
+def _write_quietly(report: RunReport, path: Path) -> None:
+    try:
+        write_report(report, path)
+    except ReportNotWritten as err:
+        logger.error("%s", err)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -282,7 +295,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(getattr(args, "verbose", False))
     try:
         if args.command == "run":
-            return cmd_run(args)
+            code = cmd_run(args)
+            ignore_stop_signals()  # the report is written; the exit code is the run's
+            if args.no_sidecar and argv is None:  # torch trained here: see `exit_now`
+                exit_now(code)
+            return code
         if args.command == "validate":
             return cmd_validate(args)
         if args.command == "checkpoints":

@@ -39,6 +39,8 @@ HANG = "hang"
 CORRUPT_SNAPSHOT = "corrupt-snapshot"
 SIDECAR_CRASH = "sidecar-crash"
 CHECKPOINT_IO_ERROR = "checkpoint-io-error"
+SLOW_CHECKPOINT = "slow-checkpoint"
+CORRUPT_CHECKPOINT = "corrupt-checkpoint"
 
 TRAINER = "trainer"
 SIDECAR = "sidecar"
@@ -102,6 +104,22 @@ KINDS: dict[str, DrillKind] = {
             "the durable checkpoint of epoch N fails with ENOSPC",
             SIDECAR,
         ),
+        DrillKind(
+            CORRUPT_CHECKPOINT,
+            "epoch",
+            {},
+            "the file of epoch N's durable checkpoint is damaged after its commit: "
+            "a full rollback rejects it and loads the one before",
+            SIDECAR,
+        ),
+        DrillKind(
+            SLOW_CHECKPOINT,
+            "epoch",
+            {"seconds": 3.0},
+            "the durable checkpoint of epoch N starts late (a slow disk; the last one "
+            "races the run's end)",
+            SIDECAR,
+        ),
     )
 }
 
@@ -162,6 +180,8 @@ def check_reachable(drills: Sequence[DrillSpec], *, epochs: int, total_steps: in
     """Refuses drills whose trigger the run never reaches (they would silently not fire)."""
     for d in drills:
         limit = epochs - 1 if d.kind.trigger == "epoch" else total_steps
+        if d.kind.side == SIDECAR:  # checkpoints count completed epochs: the last is `epochs`
+            limit = epochs
         if d.at > limit:
             raise DrillInvalid(
                 f"--inject {d.raw!r}: {d.kind.trigger} {d.at} is never reached "

@@ -100,3 +100,8 @@ class OptimizerInvalid(TrainerError):
     Unknown kind, clashing group ids or parameter names, a parameter whose rank
     changed. A rebuild reports it as FAILED_RESTORED and keeps the old optimizer.
     """
+
+
+class SidecarDidNotStart(TrainerError):
+    """`tolaria run` could not start the sidecar (no READY line): the run fails with this
+    message, which quotes the end of `sidecar.log`."""

@@ -128,8 +128,8 @@ class EpochLoop:
         """Runs from the current position to the last epoch, or until halted or stopped."""
         self.outcome.phase = RunPhase.Running
         while self.pos.epoch < self.epochs:
-            if self.stop.is_set():
-                return self._end(RunPhase.Failed, "stopped by signal before the last epoch")
+            if self.stop.is_set():  # the run's end names the signal (stopping.py)
+                return self._end(RunPhase.Stopped, "stopped before the last epoch")
             epoch = self.pos.epoch
             with self.profiler.epoch(epoch, conservative=self.guards.conservative.active):
                 response = self.run_epoch(epoch)
@@ -317,6 +317,9 @@ class EpochLoop:
             train_seconds=train_ns / 1e9,
             learning_rates=self.lr.current_lrs(),
             health=health.status,
+            health_reason=health.summary
+            if health.status != HealthStatus.HEALTH_STATUS_HEALTHY
+            else "",
             conservative=self.guards.conservative.active,
             command_type=outcome.command.command_type,
             fallback_command=outcome.used_fallback,

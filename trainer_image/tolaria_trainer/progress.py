@@ -75,11 +75,13 @@ class RichView:
             self._task = None
         lr = " ".join(f"{k}={v:.2e}" for k, v in sorted(record.learning_rates.items()))
         mode = " conservative" if record.conservative else ""
+        why = f" ({record.health_reason})" if record.health_reason else ""
         self._console.print(
             f"epoch {record.epoch:>3}  loss {_fmt(record.training_loss)}  "
             f"val {_fmt(record.validation_loss)}  acc {_fmt(record.validation_accuracy)}  "
-            f"hook p95 {hook_p95_ms:5.2f} ms  lr {lr}  {_health(record.health)}{mode}",
+            f"hook p95 {hook_p95_ms:5.2f} ms  lr {lr}  {_health(record.health)}{why}{mode}",
             highlight=False,
+            markup=False,
         )
 
     def notice(self, message: str, **fields: str) -> None:
@@ -142,6 +144,7 @@ class JsonView:
                 "validation_ms": record.validation_ms,
                 "learning_rates": dict(record.learning_rates),
                 "health": HealthStatus.Name(record.health),
+                "health_reason": record.health_reason,
                 "conservative": record.conservative,
                 "fallback_reason": record.fallback_reason,
             }

@@ -3,14 +3,14 @@
 Written once at the end of a run however it ends (the CLI writes it in a
 `finally`), with proto field names and zero values spelled out, so a reader
 sees `"rollbacks": []` rather than a missing key. Written to a temporary file
-and renamed, so a reader never sees half a report.
+and renamed, so a reader never sees half a report; on a full disk into the
+space reserved when the run started (`report_file.py`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +85,11 @@ def report_json(report: RunReport) -> str:
 
 
 def write_report(report: RunReport, path: Path) -> None:
-    """Atomically writes the report JSON to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(report_json(report) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Writes the report JSON to `path`: atomically, or on a full disk into the space reserved
+    at the start of the run (`report_file.write`; raises `ReportNotWritten`)."""
+    from tolaria_trainer import report_file  # it builds on report_json: imported when used
+
+    report_file.write(report, path)
 
 
 def read_report(path: Path) -> RunReport:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import socket
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -69,9 +68,12 @@ from tolaria_trainer.recovery import (
     ResumeImpossible,
     SidecarLink,
 )
+from tolaria_trainer.recovery.link import LinkHealth, SidecarRefused
 from tolaria_trainer.report import accuracy_summary, loss_summary, write_report
+from tolaria_trainer.report_file import ReportNotWritten, placeholder, reserve, reserve_bytes
 from tolaria_trainer.state import DocumentSource, TrainingState
 from tolaria_trainer.steps import StepRunner
+from tolaria_trainer.stopping import Interrupted, StopRequest
 from tolaria_trainer.tamiyo import HeuristicTamiyo
 from tolaria_trainer.tasks import Task, load_task
 from tolaria_trainer.telemetry import JsonLinesSink, TelemetryHub
@@ -105,7 +107,8 @@ class RunOptions:
     metrics_socket: socket.socket | None = None
     """A bound, listening socket from `tolaria run` (`--metrics-fd`); wins over both ports."""
     profile_epochs: frozenset[int] | None = None
-    stop: threading.Event = field(default_factory=threading.Event)
+    stop: StopRequest = field(default_factory=StopRequest)
+    """Set by the first SIGINT/SIGTERM (`stopping.py`): the run ends `Stopped` after the step."""
     sidecar_socket: str | None = None
     attempt: int = 1
     instance_id: str | None = None
@@ -152,13 +155,21 @@ class Components:
     started: float
     steps_per_epoch: int
     server: MetricsServer | None = None
+    warnings: list[str] = field(default_factory=list)
+    """What the run could not do but survived (no report reservation, ...), for the report."""
 
 
 def run_training(run: TolariaRun, options: RunOptions) -> RunReport:
-    """Runs the manifest in this process and returns its report (also written to disk)."""
+    """Runs the manifest in this process and returns its report (also written to disk).
+
+    However it ends — finished, failed, halted, stopped by a signal (twice: `Interrupted`),
+    refused by the sidecar — the report is written; a disk too full for it is logged
+    (`ReportNotWritten`), and the returned report's exit code still says what happened.
+    """
     c = build(run, options)
     report_path = c.run_dir / "report.json"
     outcome = Outcome(RunPhase.Failed, "")
+    options.stop.interruptible = True
     try:
         if c.recovery is not None:
             restored = c.recovery.attach(timeout_s=ATTACH_TIMEOUT_S)
@@ -175,18 +186,31 @@ def run_training(run: TolariaRun, options: RunOptions) -> RunReport:
     except ResumeImpossible as err:
         logger.error("run %s cannot start: %s", run.name, err)
         outcome = Outcome(RunPhase.Failed, str(err))
+    except SidecarRefused as err:  # e.g. a full /dev/shm: the sidecar's message says it all
+        logger.error("run %s cannot start: %s", run.name, err)
+        outcome = Outcome(RunPhase.Failed, str(err))
+    except Interrupted:  # a second signal: the step in progress is abandoned, the report stays
+        outcome = Outcome(RunPhase.Stopped, "")
     except Exception as err:  # boundary: a crashing model or task fails the run, with the reason
         logger.exception("run %s failed", run.name)
         outcome = Outcome(RunPhase.Failed, f"{type(err).__name__}: {err}")
     finally:
+        options.stop.interruptible = False  # from here on the run writes its report
         c.loop.hook.close()
         c.hub.flush()
+    if outcome.phase == RunPhase.Stopped:
+        outcome = Outcome(RunPhase.Stopped, _stop_reason(c, options.stop))
     sidecar = None
     if c.recovery is not None:
         c.recovery.close(phase=outcome.phase, reason=outcome.reason)
         sidecar = c.recovery.status()
     report = build_report(c, outcome, sidecar)
-    write_report(report, report_path)
+    if outcome.phase == RunPhase.Stopped:
+        report.exit_code = options.stop.exit_code
+    try:
+        write_report(report, report_path)
+    except ReportNotWritten as err:
+        logger.error("%s", err)
     c.hub.event(
         "tolaria.run_finished",
         TelemetryLevel.TELEMETRY_LEVEL_INFO
@@ -230,6 +254,13 @@ def build(run: TolariaRun, options: RunOptions) -> Components:
         spec.telemetry, options.metrics_port
     )
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: refused input leaves nothing behind
+    warnings = []
+    if no_room := reserve(  # the final report must fit even if the run fills the disk (R13.5)
+        run_dir / "report.json",
+        placeholder(run.name, options.instance_id or ""),
+        reserve_bytes(t.epochs),
+    ):
+        warnings.append(no_room)
 
     clock = MonotonicClock()
     sink = JsonLinesSink(run_dir / "telemetry.jsonl")
@@ -340,7 +371,10 @@ def build(run: TolariaRun, options: RunOptions) -> Components:
         def set_rollback(active: bool) -> None:
             hub.health_inputs.rollback_in_progress = active
 
-        link = SidecarLink(options.sidecar_socket)
+        def on_link_health(health: LinkHealth) -> None:
+            hub.health_inputs.sidecar_unreachable = "" if health.reachable else health.last_error
+
+        link = SidecarLink(options.sidecar_socket, on_health=on_link_health)
         recovery = Recovery(
             run_id=run.name,
             instance_id=options.instance_id,
@@ -410,6 +444,7 @@ def build(run: TolariaRun, options: RunOptions) -> Components:
         started=started,
         steps_per_epoch=per_epoch,
         server=server,
+        warnings=warnings,
     )
     components_ref.append(components)
     if recovery is not None:
@@ -421,6 +456,15 @@ def _origin(origin: int, checkpoint_id: str) -> str:
     if origin == ResumeSource.RESUME_SOURCE_CHECKPOINT:
         return f"checkpoint {checkpoint_id}"
     return "shared memory"
+
+
+def _stop_reason(c: Components, stop: StopRequest) -> str:
+    pos = c.loop.pos
+    return stop.reason(
+        global_step=pos.global_step,
+        epochs_completed=pos.epochs_completed,
+        epochs=c.run.spec.training.epochs,
+    )
 
 
 def _corrupt_newest(recovery: Recovery, every: bool) -> str:
@@ -523,12 +567,20 @@ def build_report(
             report.emergencies.extend(sidecar.emergencies)
         report.checkpoints.extend(sidecar.checkpoints)
         report.checkpoint_failures.extend(sidecar.checkpoint_failures)
+        known = {(r.file_name, r.reason) for r in report.checkpoint_rejections}
+        report.checkpoint_rejections.extend(
+            r for r in sidecar.checkpoint_rejections if (r.file_name, r.reason) not in known
+        )
     r = c.recovery
     if r is not None:
         report.snapshots_committed = r.snapshots_committed
         report.quarantined_samples.extend(r.quarantine)
         if r.writer is not None:
             report.snapshot_stall.CopyFrom(r.writer.stall.summary())
+    report.warnings.extend(c.warnings)
+    report.telemetry_unwritten = c.sink.unwritten
+    if c.sink.failure:
+        report.warnings.append(f"telemetry stopped: {c.sink.failure}")
     report.started_at.FromSeconds(int(c.started))
     report.finished_at.GetCurrentTime()
     _describe_drills(report)
@@ -563,7 +615,11 @@ def _describe_drills(report: RunReport) -> None:
                 f"{report.lr_integrity_breaches} LR integrity breach(es) detected, LR restored"
             )
         if drill.spec.startswith(("loss-spike", "nan", "corrupt-snapshot")):
-            later = [rb for rb in report.rollbacks if rb.from_step >= drill.step]
+            later = [
+                rb
+                for rb in report.rollbacks
+                if rb.from_step >= drill.step and rb.from_epoch >= drill.epoch
+            ]
             if later:
                 rb = later[0]
                 notes.append(

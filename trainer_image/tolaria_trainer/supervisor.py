@@ -7,23 +7,33 @@ the way a kubelet runs the two containers of a run's pod:
 * a trainer that dies from a signal or an unexpected exit code is restarted
   (a new attempt, without drills) up to `spec.restarts.limit` times, and
   resumes from the sidecar's shared-memory snapshots;
-* exit codes 0, 1, 2 and 3 are final;
+* exit codes 0, 1, 2, 3 and 130/143 (stopped by a signal) are final;
 * a sidecar that dies is restarted; it re-attaches the slots it left behind
   while the trainer carries on DEGRADED;
 * the metrics port (`--metrics-port`, else `spec.telemetry.metricsPort`) is
   bound here, before anything is created: a port in use is exit 2 naming the
   flag or field. Every trainer attempt serves on that one socket, so the URL
   it prints holds across restarts;
+* the children run in their own process groups, so a terminal's Ctrl-C reaches
+  only the supervisor, which stops them in order: the trainer first (it ends
+  its step, writes the report and detaches), then the sidecar (it removes the
+  shared memory). A second Ctrl-C makes the trainer abandon its step, and
+  kills it after `ESCALATED_GRACE_S`; the report is written either way, with
+  status `Stopped` and exit code 130 (SIGINT) or 143 (SIGTERM) (R13.5);
 * however the run ends — success, failure, halt, SIGINT/SIGTERM, a crash of
-  the supervisor itself (children get a parent-death signal) — nothing of the
-  run stays in /dev/shm and the socket directory is removed.
+  the supervisor itself (both children get SIGTERM as their parent-death
+  signal: the trainer writes its report, the sidecar waits for it, then
+  removes the segments and the socket directory) — nothing of the run stays in
+  /dev/shm and the socket directory is removed.
 
-It never imports torch (it starts in milliseconds and stays small) and only
-talks to its children through processes, files and signals.
+At the end it adds to the report what only it knows (`reconcile.py`). It never
+imports torch (it starts in milliseconds and stays small) and only talks to
+its children through processes, files and signals.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -54,14 +64,37 @@ from leyline.shm import new_instance_id, remove_instance_segments
 from leyline.spec import TolariaRun
 from tolaria_trainer.drills import SIDECAR_PID_ENV, DrillSpec, split
 from tolaria_trainer.endpoint import open_metrics_socket
-from tolaria_trainer.errors import MetricsPortUnavailable
+from tolaria_trainer.errors import MetricsPortUnavailable, SidecarDidNotStart
+from tolaria_trainer.reconcile import (
+    Death,
+    check_checkpoints,
+    order_drills,
+    record_sidecar_drills,
+    record_stop,
+    record_trainer_drills,
+)
+from tolaria_trainer.report_file import (
+    ReportNotWritten,
+    is_placeholder,
+    placeholder,
+    reserve,
+    reserve_bytes,
+)
+from tolaria_trainer.sidecar_child import SidecarChild
+from tolaria_trainer.stopping import STOP_SIGNALS, signal_name
 from tolaria_trainer.workdir import Prepared, RunDirectoryRefused, RunLock, prepare
 
 logger = logging.getLogger("tolaria.supervisor")
 
-READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 20.0
-FINAL_CODES = frozenset({0, 1, 2, 3})
+"""After the first signal: time for the trainer to end its step and write its report, and
+then for the sidecar to finish an in-flight checkpoint, before either is killed."""
+ESCALATED_GRACE_S = 5.0
+"""After a second signal: time for the trainer to abandon its step and write its report
+before SIGKILL; a third signal kills at once."""
+POLL_S = 0.05
+"""How often the supervisor looks at its children (and forwards signals it received)."""
+FINAL_CODES = frozenset({0, 1, 2, 3, 130, 143})
 
 
 @dataclass
@@ -86,6 +119,15 @@ class Supervision:
     restarts: int = 0
     sidecar_restarts: int = 0
     notes: list[str] = field(default_factory=list)
+    deaths: list[Death] = field(default_factory=list)
+    """Trainer attempts that ended without a final exit code."""
+    signals: list[int] = field(default_factory=list)
+    """SIGINT/SIGTERM received, in order."""
+    trainer_killed: bool = False
+    """The trainer was killed after a second signal (its report abandoned)."""
+    warnings: list[str] = field(default_factory=list)
+    log_lines_lost: int = 0
+    """Lines of the sidecar's output `sidecar.log` could not take (disk full)."""
 
 
 class Supervisor:
@@ -102,16 +144,23 @@ class Supervisor:
         self._lock = RunLock(options.workdir, run.name)
         self._socket_dir = Path(tempfile.mkdtemp(prefix=f"tolaria-{self.instance_id}-"))
         self._socket = self._socket_dir / "sidecar.sock"
-        self._sidecar: subprocess.Popen[str] | None = None
+        self._sidecar: SidecarChild | None = None
         self._trainer: subprocess.Popen[bytes] | None = None
         self._metrics: socket.socket | None = None
         self._stop = threading.Event()
+        self._forwarded = 0
+        self._kill_at: float | None = None
         self._made_run_dir = not self._run_dir.exists()
         self.seen = Supervision()
         self._trainer_drills, self._sidecar_drills = split(options.drills)
 
+    @property
+    def _report_path(self) -> Path:
+        return self._run_dir / "report.json"
+
     # -- children ------------------------------------------------------------------------
     def _start_sidecar(self) -> None:
+        """Starts the sidecar and waits for READY; raises `SidecarDidNotStart`."""
         self._run_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
             sys.executable,
@@ -126,45 +175,19 @@ class Supervisor:
             "--checkpoint-dir",
             str(self._checkpoint_dir()),
             "--cleanup-on-exit",
+            "--remove-socket-dir",  # the directory is ours; the sidecar removes it if we die
         ]
         for d in self._sidecar_drills:
             cmd += ["--inject", d.raw]
-        log = (self._run_dir / "sidecar.log").open("a")
         env = {**os.environ, **child_environment(signal.SIGTERM), **self._identity()}
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-        log.close()
-        line = self._read_ready(proc)
-        if not line.startswith("READY"):
-            proc.kill()
-            log_path = self._run_dir / "sidecar.log"
-            raise RuntimeError(
-                f"sidecar did not start (see {log_path}): {line.strip() or 'no output'}"
-            )
-        threading.Thread(target=self._drain, args=(proc,), daemon=True).start()
-        self._sidecar = proc
-        logger.info("sidecar ready (pid %d): %s", proc.pid, line.strip())
+        if self._sidecar is not None:
+            self.seen.log_lines_lost += self._sidecar.lines_lost
+            self._sidecar = None
+        self._sidecar = SidecarChild.start(cmd, env, self._run_dir / "sidecar.log")
 
     def _checkpoint_dir(self) -> Path:
         configured = self._run.spec.checkpoints.directory
         return Path(configured) if configured else self._run_dir / "checkpoints"
-
-    @staticmethod
-    def _read_ready(proc: subprocess.Popen[str]) -> str:
-        box: list[str] = []
-        reader = threading.Thread(
-            target=lambda: box.append(proc.stdout.readline() if proc.stdout else ""), daemon=True
-        )
-        reader.start()
-        reader.join(READY_TIMEOUT_S)
-        return box[0] if box else ""
-
-    def _drain(self, proc: subprocess.Popen[str]) -> None:
-        if proc.stdout is None:
-            return
-        with (self._run_dir / "sidecar.log").open("a") as log:
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
 
     def _start_trainer(self, attempt: int) -> None:
         cmd = [
@@ -193,10 +216,12 @@ class Supervisor:
             cmd += ["--profile", self._opts.profile]
         if self._opts.verbose:
             cmd.append("--verbose")
-        env = {**os.environ, **child_environment(signal.SIGKILL), **self._identity()}
+        # SIGTERM when we die: the trainer stops after its step and still writes its report
+        env = {**os.environ, **child_environment(signal.SIGTERM), **self._identity()}
         if self._sidecar is not None:
-            env[SIDECAR_PID_ENV] = str(self._sidecar.pid)
-        self._trainer = subprocess.Popen(cmd, env=env, pass_fds=inherited)
+            env[SIDECAR_PID_ENV] = str(self._sidecar.proc.pid)
+        self._forwarded = 0
+        self._trainer = subprocess.Popen(cmd, env=env, pass_fds=inherited, process_group=0)
 
     def _identity(self) -> dict[str, str]:
         """What both children share: the instance, its lineage, and whether to resume it."""
@@ -209,6 +234,13 @@ class Supervisor:
     # -- supervision ---------------------------------------------------------------------
     def run(self) -> int:
         """Runs to the end; returns the exit code `tolaria run` exits with."""
+        previous = self._install_signals()
+        try:
+            return self._run_with_metrics()
+        finally:
+            self._restore_signals(previous)
+
+    def _run_with_metrics(self) -> int:
         try:
             self._metrics = open_metrics_socket(self._run.spec.telemetry, self._opts.metrics_port)
         except MetricsPortUnavailable as err:  # before the lock: a refusal leaves nothing
@@ -250,36 +282,51 @@ class Supervisor:
             self._lock.release()
 
     def _supervise(self) -> int:
-        previous = self._install_signals()
         code = 1
         try:
-            self._start_sidecar()
-            attempt = 1
-            self._start_trainer(attempt)
-            while True:
-                code = self._wait_trainer()
-                if code in FINAL_CODES or self._stop.is_set():
-                    break
-                if self.seen.restarts >= self._run.spec.restarts.limit:
-                    self.seen.notes.append(
-                        f"trainer died (exit {code}) and the restart limit "
-                        f"({self._run.spec.restarts.limit}) is used up"
-                    )
-                    code = 1
-                    break
-                self.seen.restarts += 1
-                attempt += 1
-                logger.warning(
-                    "trainer died (exit %s); restart %d, attempt %d",
-                    code,
-                    self.seen.restarts,
-                    attempt,
-                )
-                self._start_trainer(attempt)
+            self._run_dir.mkdir(parents=True, exist_ok=True)
+            if no_room := reserve(  # the final report must fit even on a full disk (R13.5)
+                self._report_path,
+                placeholder(self._run.name, self.instance_id),
+                reserve_bytes(self._run.spec.training.epochs),
+            ):
+                self.seen.warnings.append(no_room)
+            try:
+                self._start_sidecar()
+            except SidecarDidNotStart as err:
+                logger.error("%s", err)
+                self.seen.notes.append(str(err))
+            else:
+                if not self._stop.is_set():
+                    code = self._attempts()
         finally:
             self._shutdown()
-            self._restore_signals(previous)
         return self._finish(code)
+
+    def _attempts(self) -> int:
+        """Runs trainer attempts until one ends with a final code, a signal, or no restarts."""
+        attempt = 1
+        self._start_trainer(attempt)
+        while True:
+            code = self._wait_trainer()
+            if code in FINAL_CODES or self._stop.is_set():
+                return code
+            self.seen.deaths.append(Death(attempt, code))
+            if self.seen.restarts >= self._run.spec.restarts.limit:
+                self.seen.notes.append(
+                    f"trainer died (exit {code}) and the restart limit "
+                    f"({self._run.spec.restarts.limit}) is used up"
+                )
+                return 1
+            self.seen.restarts += 1
+            attempt += 1
+            logger.warning(
+                "trainer died (exit %s); restart %d, attempt %d",
+                code,
+                self.seen.restarts,
+                attempt,
+            )
+            self._start_trainer(attempt)
 
     def _wait_trainer(self) -> int:
         trainer = self._trainer
@@ -289,111 +336,168 @@ class Supervisor:
             code = trainer.poll()
             if code is not None:
                 return code
+            self._forward_signals(trainer)
             sidecar = self._sidecar
-            if sidecar is not None and sidecar.poll() is not None and not self._stop.is_set():
+            if sidecar is not None and sidecar.proc.poll() is not None and not self._stop.is_set():
                 self.seen.sidecar_restarts += 1
-                logger.warning("sidecar died (exit %s); restarting it", sidecar.returncode)
-                self._sidecar = None
+                logger.warning("sidecar died (exit %s); restarting it", sidecar.proc.returncode)
                 try:
                     self._start_sidecar()
-                except RuntimeError as err:
+                except SidecarDidNotStart as err:
                     logger.error("%s", err)
-            time.sleep(0.05)
+            time.sleep(POLL_S)
+
+    def _forward_signals(self, trainer: subprocess.Popen[bytes]) -> None:
+        """Passes the signals received on to the trainer, from the supervision loop (never
+        from the handler): SIGINT for each of the first two, SIGKILL when the grace is over.
+        SIGINT, whatever we got: SIGTERM is the trainer's parent-death signal, which tells it
+        that we died."""
+        wanted = min(len(self.seen.signals), 2)
+        while self._forwarded < wanted:
+            self._forwarded += 1
+            trainer.send_signal(signal.SIGINT)
+        if self._kill_at is not None and time.monotonic() >= self._kill_at:
+            logger.error("the trainer did not end in time: SIGKILL")
+            trainer.kill()
+            self.seen.trainer_killed = True
+            self._kill_at = None
 
     def _install_signals(self) -> dict[int, object]:
-        def forward(signum: int, frame: FrameType | None) -> None:
+        def on_signal(signum: int, frame: FrameType | None) -> None:
             del frame
+            self.seen.signals.append(signum)
             self._stop.set()
-            if self._trainer is not None and self._trainer.poll() is None:
-                self._trainer.send_signal(signal.SIGTERM)
+            count = len(self.seen.signals)
+            if count == 1:
+                logger.warning("%s: stopping the run after the current step", signal_name(signum))
+            elif count == 2:
+                logger.warning(
+                    "%s again: abandoning the current step (kill in %.0f s)",
+                    signal_name(signum),
+                    ESCALATED_GRACE_S,
+                )
+                self._kill_at = time.monotonic() + ESCALATED_GRACE_S
+            else:
+                self._kill_at = time.monotonic()
 
-        previous: dict[int, object] = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, forward)
-        return previous
+        return {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
 
     @staticmethod
     def _restore_signals(previous: dict[int, object]) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
 
+    def _stop_child(
+        self, proc: subprocess.Popen[str] | subprocess.Popen[bytes], signum: int
+    ) -> None:
+        grace = ESCALATED_GRACE_S if len(self.seen.signals) > 1 else STOP_GRACE_S
+        proc.send_signal(signum)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
     def _shutdown(self) -> None:
+        """Trainer first (its report needs the sidecar), then the sidecar; then whatever a
+        killed child left behind."""
         trainer = self._trainer
         if trainer is not None and trainer.poll() is None:
-            trainer.send_signal(signal.SIGTERM)
-            try:
-                trainer.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                trainer.kill()
-                trainer.wait()
+            if self._forwarded:
+                try:
+                    trainer.wait(STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    trainer.kill()
+                    trainer.wait()
+            else:
+                self._stop_child(trainer, signal.SIGINT)
         sidecar = self._sidecar
-        if sidecar is not None and sidecar.poll() is None:
-            sidecar.send_signal(signal.SIGTERM)
-            try:
-                sidecar.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                sidecar.kill()
-                sidecar.wait()
+        if sidecar is not None and sidecar.proc.poll() is None:
+            self._stop_child(sidecar.proc, signal.SIGTERM)
         remove_instance_segments(self.instance_id)  # exact names: never another run's
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     # -- the report --------------------------------------------------------------------------
-    def _finish(self, code: int) -> int:
-        path = self._run_dir / "report.json"
-        if code == 2:
-            if self._made_run_dir:
-                shutil.rmtree(self._run_dir, ignore_errors=True)  # invalid input leaves nothing
-            return code
+    def _trainer_report(self) -> RunReport | None:
+        """The last attempt's report, or None when it wrote none over the placeholder."""
         report = RunReport()
         try:
-            json_format.Parse(path.read_text(encoding="utf-8"), report)
-        except (OSError, json_format.ParseError):
+            json_format.Parse(self._report_path.read_text(encoding="utf-8"), report)
+        except (OSError, UnicodeDecodeError, json_format.ParseError):
+            return None
+        return None if is_placeholder(report) else report
+
+    def _finish(self, code: int) -> int:
+        if code == 2:
+            self._forget_run_dir()
+            return code
+        report = self._trainer_report()
+        from_trainer = report is not None
+        if report is None:
             report = RunReport(
                 version=1, run_id=self._run.name, status=RunPhase.Failed, exit_code=1
             )
             report.reason = (
                 "; ".join(self.seen.notes) or f"trainer ended with exit code {code} and no report"
             )
+            report.epochs_planned = self._run.spec.training.epochs
         report.restarts = self.seen.restarts
         report.sidecar_restarts = self.seen.sidecar_restarts
         report.instance_id = report.instance_id or self.instance_id
         report.lineage_id = report.lineage_id or self._prepared.lineage_id
         if self._prepared.resume is not None:
             report.resumed_from = str(self._prepared.resume.path)
-        self._record_sidecar_drills(report)
-        if code not in FINAL_CODES or (self.seen.notes and report.status == RunPhase.Running):
+        for change in check_checkpoints(report, self._checkpoint_dir(), self.instance_id):
+            logger.info("report checkpoints: %s", change)
+        record_trainer_drills(report, self._trainer_drills, self.seen.deaths)
+        record_sidecar_drills(report, self._sidecar_drills, self.seen.sidecar_restarts)
+        order_drills(report, self._opts.drills)
+        if self.seen.signals:
+            record_stop(
+                report,
+                self.seen.signals,
+                from_trainer=from_trainer,
+                trainer_killed=self.seen.trainer_killed,
+                epochs=self._run.spec.training.epochs,
+            )
+        elif code not in FINAL_CODES or (self.seen.notes and report.status == RunPhase.Running):
             report.status = RunPhase.Failed
             report.exit_code = 1
             report.reason = "; ".join(self.seen.notes) or report.reason
         if self.seen.notes and not report.reason:
             report.reason = "; ".join(self.seen.notes)
-        from tolaria_trainer.report import write_report
+        self._add_warnings(report)
+        try:
+            from tolaria_trainer.report import write_report
 
-        write_report(report, path)
-        self._print_finish(report, path)
+            write_report(report, self._report_path)
+        except ReportNotWritten as err:
+            logger.error("%s", err)
+        self._print_finish(report, self._report_path)
         return int(report.exit_code)
 
-    def _record_sidecar_drills(self, report: RunReport) -> None:
-        """Drills the sidecar ran: fired when the report shows their effect."""
-        for drill in self._sidecar_drills:
-            record = report.drills.add(spec=drill.raw)
-            failures = [f for f in report.checkpoint_failures if f.epoch == drill.at]
-            if failures:
-                record.fired = True
-                record.epoch = drill.at
-                record.step = failures[0].global_step
-                latest = report.checkpoints[-1].checkpoint_id if report.checkpoints else "none"
-                record.observed = (
-                    f"checkpoint of epoch {drill.at} failed ({failures[0].error}); "
-                    f"training went on, later checkpoints committed; latest {latest}"
-                )
-            else:
-                record.observed = "did not fire (no checkpoint was written for that epoch)"
-        if self.seen.sidecar_restarts:
-            for record in report.drills:
-                if record.spec.startswith("sidecar-crash") and record.fired:
-                    restarts = self.seen.sidecar_restarts
-                    record.observed += f"; sidecar restarted {restarts}x, slots re-attached"
+    def _add_warnings(self, report: RunReport) -> None:
+        warnings = list(self.seen.warnings)
+        if self._sidecar is not None:
+            self.seen.log_lines_lost += self._sidecar.lines_lost
+            self._sidecar.lines_lost = 0
+        if self.seen.log_lines_lost:
+            warnings.append(
+                f"sidecar.log: {self.seen.log_lines_lost} line(s) of the sidecar's output "
+                "not written (disk full)"
+            )
+        for warning in warnings:
+            if warning not in report.warnings:
+                report.warnings.append(warning)
+
+    def _forget_run_dir(self) -> None:
+        """Invalid input leaves nothing: the run directory if we made it, else our
+        placeholder report."""
+        if self._made_run_dir:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+        elif self._trainer_report() is None:
+            with contextlib.suppress(OSError):
+                self._report_path.unlink()
 
     def _print_finish(self, report: RunReport, path: Path) -> None:
         if self._opts.log_format == "json":

@@ -13,14 +13,15 @@ thread, never on the training thread, except for CRITICAL.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 from google.protobuf import json_format
 
@@ -45,6 +46,7 @@ PRIORITIES = tuple(
 )
 _DRAIN_ORDER = sorted(PRIORITIES, reverse=True)  # CRITICAL is never queued; HIGH first
 _EVICT_ORDER = sorted(p for p in PRIORITIES if p != MessagePriority.MESSAGE_PRIORITY_CRITICAL)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _SAMPLED = frozenset(
     (MessagePriority.MESSAGE_PRIORITY_LOW, MessagePriority.MESSAGE_PRIORITY_NORMAL)
 )
@@ -60,12 +62,16 @@ class HealthInputs:
     rollback_in_progress: bool = False
     frozen: bool = False
     halted: bool = False
+    sidecar_unreachable: str = ""
+    """Why the last call to the sidecar failed; "" while it answers (set by `SidecarLink`)."""
     reason: str = ""
 
 
 def assess_health(inputs: HealthInputs) -> SystemHealth:
-    """HEALTHY / DEGRADED (breaches, conservative) / UNHEALTHY (rollback, failing component) /
-    CRITICAL (freeze, halt), with a one-line summary."""
+    """HEALTHY / DEGRADED (sidecar unreachable, conservative, breaches) / UNHEALTHY (rollback,
+    failing component) / CRITICAL (freeze, halt), with a one-line summary. An unreachable
+    sidecar is named in the summary even when a worse condition sets the status."""
+    away = f"sidecar unreachable ({inputs.sidecar_unreachable})"
     if inputs.halted or inputs.frozen:
         what = "halted" if inputs.halted else "frozen by a CRITICAL emergency"
         status, summary = HealthStatus.HEALTH_STATUS_CRITICAL, what
@@ -74,6 +80,10 @@ def assess_health(inputs: HealthInputs) -> SystemHealth:
     elif inputs.open_breakers:
         status = HealthStatus.HEALTH_STATUS_UNHEALTHY
         summary = "breaker open: " + ", ".join(inputs.open_breakers)
+    elif inputs.sidecar_unreachable:
+        # training goes on from the slots it has mapped; full rollbacks and the emergency
+        # broadcast wait for the sidecar (R6.2): degraded, not failing
+        status, summary = HealthStatus.HEALTH_STATUS_DEGRADED, away
     elif inputs.conservative:
         status, summary = HealthStatus.HEALTH_STATUS_DEGRADED, "conservative mode"
     elif inputs.budget_breaches_this_epoch:
@@ -83,6 +93,8 @@ def assess_health(inputs: HealthInputs) -> SystemHealth:
         status, summary = HealthStatus.HEALTH_STATUS_HEALTHY, "stable"
     if inputs.reason:
         summary = f"{summary}: {inputs.reason}"
+    if inputs.sidecar_unreachable and summary != away:
+        summary = f"{summary}; {away}"
     return SystemHealth(status=status, summary=summary)
 
 
@@ -268,20 +280,56 @@ class TelemetryHub:
 
 
 class JsonLinesSink:
-    """Appends each packet as one line of canonical protobuf JSON (`telemetry.jsonl`)."""
+    """Appends each packet as one line of canonical protobuf JSON (`telemetry.jsonl`).
+
+    Each line goes to the file with its own `write` as it is delivered (no buffer to lose),
+    so the file holds every packet up to a crash or a full disk. Telemetry only observes the
+    run, so a write that fails (ENOSPC, EIO, ...) never fails it: the partial line is cut
+    off, the sink stops writing, and `unwritten` counts what it could not write; `failure`
+    says why, for the report's `warnings` (R13.5).
+    """
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] = path.open("a", encoding="utf-8")
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_CLOEXEC, 0o644)
         self._lock = threading.Lock()
+        self.written = 0
+        """Packets written, one line each."""
+        self.unwritten = 0
+        """Packets delivered after the first failed write, which were not written."""
+        self.failure = ""
+        """Why writing stopped ("" while it goes on)."""
 
     def deliver(self, packet: TelemetryPacket) -> None:
-        line = json_format.MessageToJson(packet, indent=None)
+        line = (json_format.MessageToJson(packet, indent=None) + "\n").encode("utf-8")
         with self._lock:
-            self._file.write(line + "\n")
-            if packet.priority == MessagePriority.MESSAGE_PRIORITY_CRITICAL:
-                self._file.flush()
+            if self.failure or self._fd < 0:
+                self.unwritten += 1
+                return
+            end = os.lseek(self._fd, 0, os.SEEK_END)  # the only writer: where this line starts
+            try:
+                _write_all(self._fd, line)
+            except OSError as err:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, end)  # no torn last line; frees what it took
+                self.unwritten += 1
+                self.failure = (
+                    f"{self.path.name}: {err.strerror or err} after {self.written} packets; "
+                    "telemetry stopped, training went on"
+                )
+                logger.error("telemetry stopped: %s", self.failure)
+                return
+            self.written += 1
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -1,10 +1,13 @@
 """One trainer process: `python -m tolaria_trainer.worker` (a container's command, or a child
 of `tolaria run`).
 
-Trains the manifest with the resilience layer attached to the sidecar at
+Trains the manifest with the recovery layer attached to the sidecar at
 `--socket`, writes `<workdir>/<run>/report.json` and exits with the run's code
-(0 succeeded, 1 failed, 2 invalid input, 3 halted). A restarted worker finds
-the sidecar's committed slots and resumes from the newest valid one (R6.2).
+(0 succeeded, 1 failed, 2 invalid input, 3 halted, 130/143 stopped by
+SIGINT/SIGTERM). A restarted worker finds the sidecar's committed slots and
+resumes from the newest valid one (R6.2). Under `tolaria run` its parent-death
+signal is SIGTERM: when the supervisor dies the run stops after the current
+step and the report says so (R13.5).
 """
 
 from __future__ import annotations
@@ -13,13 +16,10 @@ import argparse
 import json
 import logging
 import os
-import signal
 import socket
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
 from leyline import RunPhase
 from leyline.lifecycle import (
@@ -34,6 +34,13 @@ from tolaria_trainer.errors import REFUSED_INPUT, DrillInvalid
 from tolaria_trainer.progress import JsonView, ProgressView, RichView
 from tolaria_trainer.recovery.participant import POD_MODE_ENV
 from tolaria_trainer.runtime import EXIT_INVALID, RunOptions, run_training
+from tolaria_trainer.stopping import (
+    Interrupted,
+    StopRequest,
+    exit_now,
+    ignore_stop_signals,
+    install_stop_handlers,
+)
 
 logger = logging.getLogger("tolaria.worker")
 
@@ -91,24 +98,25 @@ def _terminate(args: argparse.Namespace, phase: str, code: int, reason: str) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    adopt_parent_death_signal()
     args = build_parser().parse_args(argv)
+    stop = StopRequest()
+    install_stop_handlers(stop)  # before the parent-death signal can arrive
+    adopt_parent_death_signal()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         stream=sys.stderr,
         format=f"%(asctime)s %(levelname)s trainer[{args.attempt}] %(name)s: %(message)s",
     )
-    stop = threading.Event()
+    try:
+        return _work(args, stop)
+    except Interrupted as err:  # a second signal outside `run_training`: no report to write
+        logger.error("%s", err)
+        return _terminate(args, RunPhase.Name(RunPhase.Stopped), stop.exit_code, str(err))
+    finally:
+        ignore_stop_signals()  # the exit code is the run's, whatever comes now
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        del frame
-        if stop.is_set():
-            raise KeyboardInterrupt
-        logger.warning("%s: stopping after the current step", signal.Signals(signum).name)
-        stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+def _work(args: argparse.Namespace, stop: StopRequest) -> int:
     view: ProgressView = JsonView() if args.log_format == "json" else RichView()
     if args.pod:
         os.environ[POD_MODE_ENV] = str(args.termination_log)
@@ -139,4 +147,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())
