@@ -9,13 +9,13 @@ with `tolaria_trainer.worker --pod`: `{"phase", "exitCode", "reason"}` and exit 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from leyline import RunPhase
+from leyline.termination import TerminationMessage
 from tolaria_operator.clock import parse_time
 from tolaria_operator.resources import (
     COUNTED_BEFORE_ANNOTATION,
@@ -122,17 +122,9 @@ def _terminated(state: Mapping[str, Any] | None) -> Terminated | None:
 def parse_outcome(term: Terminated) -> Outcome | None:
     """The trainer's outcome from its termination message; exit 0 without a message means
     success (an older trainer without `--pod`). None: a crash, which the kubelet restarts."""
-    try:
-        doc = json.loads(term.message)
-    except (ValueError, TypeError):
-        doc = None
-    if isinstance(doc, dict) and str(doc.get("phase")) in FINAL_PHASES:
-        code = doc.get("exitCode", 0)
-        return Outcome(
-            phase=FINAL_PHASES[str(doc["phase"])],
-            exit_code=code if isinstance(code, int) else 0,
-            reason=str(doc.get("reason", ""))[:4096],
-        )
+    message = TerminationMessage.decode(term.message)
+    if message is not None and message.phase in FINAL_PHASES.values():
+        return Outcome(phase=message.phase, exit_code=message.exit_code, reason=message.reason)
     if term.exit_code == 0:
         return Outcome(phase=RunPhase.Succeeded, exit_code=0, reason=term.reason or "Completed")
     return None

@@ -18,6 +18,13 @@ from typing import Any
 
 import yaml
 
+from leyline.commands import (
+    SIDECAR_MODULE,
+    TRAINER_MODULE,
+    SidecarCommand,
+    TrainerCommand,
+    python_module,
+)
 from leyline.lifecycle import INSTANCE_ENV, LINEAGE_ENV, RESUME_ALLOWED, RESUME_ENV
 from leyline.quantity import format_quantity, parse_bytes
 from leyline.shm import INSTANCE_PATTERN
@@ -257,22 +264,16 @@ def trainer_container(run: RunObject, attempt: int, settings: TolariaSettings) -
         "name": TRAINER,
         "image": pod.image,
         "imagePullPolicy": pod.image_pull_policy,
-        "command": ["python", "-m", "tolaria_trainer.worker"],
-        "args": [
-            "--manifest",
-            MANIFEST_PATH,
-            "--workdir",
-            WORK_DIR,
-            "--socket",
-            SOCKET_PATH,
-            "--attempt",
-            str(attempt),
-            "--log-format",
-            "json",
-            "--metrics-port",
-            str(settings.pods.trainer_metrics_port),
-            "--pod",
-        ],
+        "command": python_module(TRAINER_MODULE),
+        "args": TrainerCommand(
+            manifest=MANIFEST_PATH,
+            workdir=WORK_DIR,
+            socket=SOCKET_PATH,
+            attempt=attempt,
+            log_format="json",
+            metrics_port=settings.pods.trainer_metrics_port,
+            pod=True,
+        ).args(),
         "env": [{"name": ATTEMPT_ENV, "value": str(attempt)}, _HOME, *identity_env(run, attempt)],
         "ports": [
             {
@@ -306,25 +307,18 @@ def sidecar_container(
         "name": SIDECAR,
         "image": run.run.spec.pod.sidecar_image,
         "imagePullPolicy": run.run.spec.pod.image_pull_policy,
-        "command": ["python", "-m", "tolaria_sidecar"],
-        "args": [
-            "--manifest",
-            MANIFEST_PATH,
-            "--run-id",
-            run.name,
-            "--socket",
-            SOCKET_PATH,
-            "--control-address",
-            f"0.0.0.0:{pods.control_port}",
-            "--token-file",
-            TOKEN_PATH,
-            "--metrics-port",
-            str(pods.sidecar_metrics_port),
-            "--metrics-address",
-            "0.0.0.0",  # noqa: S104 - scraped through the Service; the NetworkPolicy limits who
-            "--checkpoint-dir",
-            CHECKPOINT_DIR,
-        ],
+        "command": python_module(SIDECAR_MODULE),
+        "args": SidecarCommand(
+            manifest=MANIFEST_PATH,
+            socket=SOCKET_PATH,
+            run_id=run.name,
+            control_address=f"0.0.0.0:{pods.control_port}",
+            token_file=TOKEN_PATH,
+            metrics_port=pods.sidecar_metrics_port,
+            # scraped through the Service; the NetworkPolicy limits who
+            metrics_address="0.0.0.0",  # noqa: S104
+            checkpoint_dir=CHECKPOINT_DIR,
+        ).args(),
         "env": [_HOME, *identity_env(run, attempt)],
         "ports": [
             {"name": "control", "containerPort": pods.control_port, "protocol": "TCP"},

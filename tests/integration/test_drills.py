@@ -223,18 +223,15 @@ def test_the_report_names_only_checkpoints_on_disk_even_when_the_last_one_commit
 
 @pytest.mark.req("R13.5")
 def test_checkpoints_a_full_rollback_rejected_are_in_the_report(drill: Any) -> None:
-    # the second spike at step 46 lands in the window of the first rollback: MAJOR, full tier;
-    # the newest checkpoints are damaged on disk, so the load rejects them and goes older
+    # every snapshot is corrupted after step 45 and step 46 explodes: the fast tier rejects them
+    # all, the full tier loads the newest checkpoint, which is damaged on disk, rejects it and
+    # restores the next older one
     done = drill(
         small_manifest("rejected", epochs=4),
         "--inject",
         "corrupt-checkpoint@epoch=2",
         "--inject",
-        "corrupt-checkpoint@epoch=3",
-        "--inject",
-        "loss-spike@step=46",
-        "--inject",
-        "loss-spike@step=46,factor=999",
+        "corrupt-snapshot@step=45,all=1",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = done.report

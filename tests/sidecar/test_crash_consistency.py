@@ -17,7 +17,6 @@ Both counts must be 0. `TOLARIA_SLOW=1` runs 1000 trials instead of 200.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import shutil
@@ -31,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from tests.forkserver import forkserver_context
 from tests.sidecar import crash_child
 from tests.sidecar.crash_child import (
     MESSAGE,
@@ -64,10 +64,8 @@ before, inside and after every step of it."""
 
 @pytest.fixture
 def forkserver() -> ForkServerContext:
-    """Children forked from a server that has already imported the store (ms, not 0.5 s)."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([crash_child.__name__])
-    return context
+    """Children forked from a server that has already imported what they need (ms, not s)."""
+    return forkserver_context()
 
 
 def run_until_killed(

@@ -17,7 +17,6 @@ shows it covers them all. `TOLARIA_SLOW=1` runs 1000 trials instead of 200.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import signal
@@ -32,6 +31,7 @@ import pytest
 import torch
 
 from leyline.shm import ControlBlock, Slot, control_name, slot_name
+from tests.forkserver import forkserver_context
 from tests.trainer import snapshot_crash_child as child
 from tolaria_trainer.recovery.restore import NothingToRestore, Restorer
 from tolaria_trainer.recovery.snapshots import WRITE_POINTS
@@ -73,9 +73,8 @@ class Ledger:
 
 @pytest.fixture
 def forkserver() -> ForkServerContext:
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["tests.trainer.snapshot_crash_warm"])
-    return context
+    """Children forked from a server that has already imported what they need (ms, not s)."""
+    return forkserver_context()
 
 
 def kill_at_random(

@@ -53,6 +53,13 @@ from types import FrameType
 from google.protobuf import json_format
 
 from leyline import RunPhase, RunReport
+from leyline.commands import (
+    SIDECAR_MODULE,
+    TRAINER_MODULE,
+    SidecarCommand,
+    TrainerCommand,
+    python_module,
+)
 from leyline.lifecycle import (
     INSTANCE_ENV,
     LINEAGE_ENV,
@@ -162,23 +169,16 @@ class Supervisor:
     def _start_sidecar(self) -> None:
         """Starts the sidecar and waits for READY; raises `SidecarDidNotStart`."""
         self._run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "tolaria_sidecar",
-            "--manifest",
-            str(self._opts.manifest),
-            "--run-id",
-            self._run.name,
-            "--socket",
-            str(self._socket),
-            "--checkpoint-dir",
-            str(self._checkpoint_dir()),
-            "--cleanup-on-exit",
-            "--remove-socket-dir",  # the directory is ours; the sidecar removes it if we die
-        ]
-        for d in self._sidecar_drills:
-            cmd += ["--inject", d.raw]
+        command = SidecarCommand(
+            manifest=str(self._opts.manifest),
+            socket=str(self._socket),
+            run_id=self._run.name,
+            checkpoint_dir=str(self._checkpoint_dir()),
+            cleanup_on_exit=True,
+            remove_socket_dir=True,  # the directory is ours; the sidecar removes it if we die
+            inject=tuple(d.raw for d in self._sidecar_drills),
+        )
+        cmd = [*python_module(SIDECAR_MODULE, sys.executable), *command.args()]
         env = {**os.environ, **child_environment(signal.SIGTERM), **self._identity()}
         if self._sidecar is not None:
             self.seen.log_lines_lost += self._sidecar.lines_lost
@@ -190,32 +190,22 @@ class Supervisor:
         return Path(configured) if configured else self._run_dir / "checkpoints"
 
     def _start_trainer(self, attempt: int) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "tolaria_trainer.worker",
-            "--manifest",
-            str(self._opts.manifest),
-            "--workdir",
-            str(self._opts.workdir),
-            "--socket",
-            str(self._socket),
-            "--attempt",
-            str(attempt),
-            "--log-format",
-            self._opts.log_format,
-        ]
-        if attempt == 1:  # a drill fires once: a restarted trainer gets none
-            for d in self._trainer_drills:
-                cmd += ["--inject", d.raw]
         inherited: tuple[int, ...] = ()
         if self._metrics is not None:
             inherited = (self._metrics.fileno(),)
-            cmd += ["--metrics-fd", str(inherited[0])]
-        if self._opts.profile:
-            cmd += ["--profile", self._opts.profile]
-        if self._opts.verbose:
-            cmd.append("--verbose")
+        command = TrainerCommand(
+            manifest=str(self._opts.manifest),
+            workdir=str(self._opts.workdir),
+            socket=str(self._socket),
+            attempt=attempt,
+            log_format=self._opts.log_format,
+            metrics_fd=inherited[0] if inherited else None,
+            profile=self._opts.profile or "",
+            verbose=self._opts.verbose,
+            # a drill fires once: a restarted trainer gets none
+            inject=tuple(d.raw for d in self._trainer_drills) if attempt == 1 else (),
+        )
+        cmd = [*python_module(TRAINER_MODULE, sys.executable), *command.args()]
         # SIGTERM when we die: the trainer stops after its step and still writes its report
         env = {**os.environ, **child_environment(signal.SIGTERM), **self._identity()}
         if self._sidecar is not None:

@@ -13,7 +13,6 @@ step and the report says so (R13.5).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import socket
@@ -29,6 +28,7 @@ from leyline.lifecycle import (
     adopt_parent_death_signal,
 )
 from leyline.spec import ManifestInvalid, load_manifest
+from leyline.termination import TerminationMessage
 from tolaria_trainer.drills import DrillSpec, parse_drill
 from tolaria_trainer.errors import REFUSED_INPUT, DrillInvalid
 from tolaria_trainer.progress import JsonView, ProgressView, RichView
@@ -84,12 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _terminate(args: argparse.Namespace, phase: str, code: int, reason: str) -> int:
+def _terminate(args: argparse.Namespace, phase: RunPhase.ValueType, code: int, reason: str) -> int:
     """In a pod, report the outcome through the termination message and exit 0 (final);
     locally, exit with the run's code."""
     if not args.pod:
         return code
-    message = json.dumps({"phase": phase, "exitCode": code, "reason": reason[:3000]})
+    message = TerminationMessage(phase, code, reason).encode()
     try:
         args.termination_log.write_text(message, encoding="utf-8")
     except OSError as err:
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _work(args, stop)
     except Interrupted as err:  # a second signal outside `run_training`: no report to write
         logger.error("%s", err)
-        return _terminate(args, RunPhase.Name(RunPhase.Stopped), stop.exit_code, str(err))
+        return _terminate(args, RunPhase.Stopped, stop.exit_code, str(err))
     finally:
         ignore_stop_signals()  # the exit code is the run's, whatever comes now
 
@@ -142,8 +142,8 @@ def _work(args: argparse.Namespace, stop: StopRequest) -> int:
         )
     except REFUSED as err:
         sys.stderr.write(f"error: {args.manifest}: {err}\n")
-        return _terminate(args, RunPhase.Name(RunPhase.Failed), EXIT_INVALID, str(err))
-    return _terminate(args, RunPhase.Name(report.status), report.exit_code, report.reason)
+        return _terminate(args, RunPhase.Failed, EXIT_INVALID, str(err))
+    return _terminate(args, report.status, report.exit_code, report.reason)
 
 
 if __name__ == "__main__":

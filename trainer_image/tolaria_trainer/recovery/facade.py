@@ -20,7 +20,6 @@ the slots already mapped; what needs the sidecar (full tier, broadcast) is unava
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -53,6 +52,7 @@ from leyline import (
 )
 from leyline.shm import ControlBlock, EmergencyRecord, ShmError, Slot, shm_dir
 from leyline.spec import TolariaRunSpec, training_identity
+from leyline.termination import TerminationMessage
 from leyline.v1 import sidecar_pb2 as pb
 from tolaria_trainer.clock import ms_to_ns
 from tolaria_trainer.detector import Anomaly
@@ -782,9 +782,9 @@ class Recovery:
         self._write_halt_report(self.halt_reason)
         log = os.environ.get(POD_MODE_ENV)
         if log:
-            message = {"phase": "Halted", "exitCode": 3, "reason": self.halt_reason[:3000]}
+            message = TerminationMessage(RunPhase.Halted, 3, self.halt_reason)
             try:
-                Path(log).write_text(json.dumps(message), encoding="utf-8")
+                Path(log).write_text(message.encode(), encoding="utf-8")
             except OSError as err:
                 logger.error("cannot write the termination message to %s: %s", log, err)
 
