@@ -739,7 +739,7 @@ class Recovery:
             self.participant.halt_handled.set()
         return Response(phase=RunPhase.Halted, reason=reason)
 
-    def _final_checkpoint(self) -> None:
+    def _final_checkpoint(self, *, at_end: bool = False) -> None:
         """Asks the sidecar to make the newest unrejected snapshot durable (the sidecar verifies
         it before writing) and waits a bounded time. Snapshots are only ever taken of verified
         state, so this never persists a half-restored one."""
@@ -770,7 +770,8 @@ class Recovery:
         deadline = time.monotonic() + FINAL_CHECKPOINT_WAIT_S
         while time.monotonic() < deadline:
             if control.slot_state(newest[0]).durable_generation == newest[1]:
-                logger.warning("final checkpoint durable (slot %d, generation %d)", *newest)
+                log = logger.info if at_end else logger.warning
+                log("final checkpoint durable (slot %d, generation %d)", *newest)
                 return
             time.sleep(0.05)
         logger.error("final checkpoint not durable within %.0f s", FINAL_CHECKPOINT_WAIT_S)
@@ -832,7 +833,7 @@ class Recovery:
             except SidecarUnavailable as err:
                 logger.warning("sidecar still unavailable at the end of the run: %s", err)
         if phase != RunPhase.Halted and self._spec.checkpoints.every_epochs > 0:
-            self._final_checkpoint()
+            self._final_checkpoint(at_end=True)
         try:
             self.link.detach(
                 pb.DetachRequest(run_id=self._run_id, final_phase=phase, reason=reason)
