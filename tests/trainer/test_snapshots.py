@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 from leyline import StateComponent
 from leyline.shm import SLOT_DYNAMIC_AT, ControlBlock, Slot
 from leyline.spec import SnapshotSpec
+from tolaria_trainer.recovery import snapshots
 from tolaria_trainer.recovery.restore import NothingToRestore, Restorer
 from tolaria_trainer.recovery.snapshots import SnapshotWriter
 from tolaria_trainer.state import TrainingState
@@ -45,7 +47,24 @@ def shm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def rig(shm: Path) -> Iterator[dict[str, Any]]:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    yield from _rig(
+        shm, torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    )
+
+
+@pytest.fixture
+def bn_rig(shm: Path) -> Iterator[dict[str, Any]]:
+    """A model with buffers the forward changes (BatchNorm running statistics)."""
+    torch.manual_seed(0)
+    yield from _rig(
+        shm,
+        torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 3)
+        ),
+    )
+
+
+def _rig(shm: Path, model: torch.nn.Module) -> Iterator[dict[str, Any]]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     names = dict(model.named_parameters())
     counter = Counter()
@@ -137,6 +156,35 @@ def test_a_restore_brings_back_model_optimizer_documents_and_rng_bit_for_bit(
     assert counter.value == 7 and restored.global_step == 1 and restored.batch_index == 1
     assert torch.equal(torch.get_rng_state(), rng)
     assert [p.phase for p in restored.phases] == [1, 2, 3]
+
+
+@pytest.mark.req("R6.1")
+def test_buffers_a_forward_changes_while_the_copy_runs_are_captured_as_they_were(
+    bn_rig: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy overlaps the next forward, which updates BatchNorm statistics in place: the
+    snapshot still holds them as they were at the capture point, like every other tensor."""
+    model, opt, writer = bn_rig["model"], bn_rig["opt"], bn_rig["writer"]
+    train_step(model, opt)
+    before = snapshot_of(model, opt)
+    forward_done = threading.Event()
+    real_copy = snapshots.copy_hashing
+
+    def copy_after_the_forward(*args: Any, **kwargs: Any) -> int:
+        forward_done.wait(timeout=30)
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(snapshots, "copy_hashing", copy_after_the_forward)
+    writer.capture(global_step=1, epoch=0, batch_index=1, epoch_end=False)
+    model(torch.randn(4, 8)).pow(2).mean().backward()  # the next step's forward and backward
+    forward_done.set()
+    writer.fence()
+    assert not torch.equal(model[1].running_mean, before["m/1.running_mean"])
+    Restorer(state=bn_rig["state"], control=bn_rig["control"]).restore(
+        bn_rig["slots"], max_step=1, budgets_ms=(150, 250, 100)
+    )
+    after = snapshot_of(model, opt)
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.req("R6.2")

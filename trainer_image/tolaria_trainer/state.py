@@ -175,6 +175,13 @@ class TrainingState:
                 raise StateMismatch(f"{name}: dtype {t.dtype} cannot be snapshotted")
         return out
 
+    def forward_mutable(self) -> frozenset[str]:
+        """Names of captured tensors that a forward pass changes in place: the model's buffers
+        (BatchNorm statistics, counters). A capture must copy them before the next forward."""
+        state_keys = self._model.state_dict(keep_vars=True).keys()
+        buffers = {name for name, _ in self._model.named_buffers()}
+        return frozenset(f"model/{k}" for k in state_keys if k in buffers)
+
     def layout(self) -> Layout:
         """Offsets for the current tensors (recomputed per capture: the optimizer state grows)."""
         offset = 0

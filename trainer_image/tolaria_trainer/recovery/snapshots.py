@@ -2,10 +2,15 @@
 
 Why background and not double-buffered: a synchronous copy of 100M parameters
 plus Adam (1.2 GB) costs ~110 ms of memcpy here, six times the whole 18 ms
-hook. Training only mutates the captured tensors in `optimizer.step()` (and
-the LR controller right after it), so the copy runs on a worker thread while
-the next forward and backward run, and `fence()` — called before the next
-optimizer step — waits for it (CheckFreq's snapshot/persist split). The loop
+hook. Training mutates parameters and optimizer state only in
+`optimizer.step()` (and the LR controller right after it), so their copy runs
+on a worker thread while the next forward and backward run, and `fence()` —
+called before the next optimizer step — waits for it (CheckFreq's
+snapshot/persist split). Model buffers are different: BatchNorm statistics,
+step counters and spectral-norm vectors change in the *forward*, so `capture`
+clones them on the training thread first (they are small); otherwise a
+snapshot could hold buffers from a step later than the one it is labelled
+with, and a rollback would restore a mixture. The loop
 stalls only for the part of the copy the forward/backward did not hide; that
 stall is measured and reported. Epoch-end snapshots overlap validation and the
 hook, which never wait for them.
@@ -27,7 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from leyline import SCHEMA_VERSION, SnapshotManifest
 from leyline.checksum import REGION_ALGORITHM, digest_bytes
@@ -140,7 +145,7 @@ class SnapshotWriter:
                 )
             )
             return
-        layout = self._state.layout()
+        layout = self._frozen(self._state.layout())
         slot = self._pick_slot(layout.data_bytes)
         if slot is None:
             self._finish(
@@ -193,6 +198,16 @@ class SnapshotWriter:
             daemon=True,
         )
         self._thread.start()
+
+    def _frozen(self, layout: Layout) -> Layout:
+        """The layout with forward-mutated tensors (model buffers) cloned as they are now."""
+        mutable = self._state.forward_mutable()
+        if not mutable:
+            return layout
+        tensors = tuple(
+            replace(t, tensor=t.tensor.clone()) if t.name in mutable else t for t in layout.tensors
+        )
+        return replace(layout, tensors=tensors)
 
     def adopt(self, slot: int, generation: int) -> None:
         """Records a slot someone else wrote (the sidecar loading a checkpoint for a full
