@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
-helm = pytest.importorskip("helm_python", reason="helm-python-sdk (the dev extra) renders the chart")
+helm = pytest.importorskip(
+    "helm_python", reason="helm-python-sdk (the dev extra) renders the chart"
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = ROOT / "charts" / "tolaria"
@@ -37,7 +39,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "monitoring-off": {"monitoring": {"enabled": False}},
     "monitoring-on": {
         "monitoring": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
-        "runs": {"metricsScraper": {"namespaceLabels": SCRAPER_NAMESPACE, "podLabels": SCRAPER_PODS}},
+        "runs": {
+            "metricsScraper": {"namespaceLabels": SCRAPER_NAMESPACE, "podLabels": SCRAPER_PODS}
+        },
     },
     "namespaced-monitoring-on": {
         "watch": {"allNamespaces": False, "namespaces": WATCHED},
