@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from leyline import crd
-from tests.chart.conftest import ROOT, of_kind, render, render_files
+from tests.chart.rendering import ROOT, of_kind, render, render_files
 
 TEMPLATES = {
     crd.RUN_FILE: "tolaria/templates/crds/tolariaruns.yaml",

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.chart.conftest import CHART_DIR, NAMESPACE, RELEASE, helm
+from tests.chart.rendering import CHART_DIR, NAMESPACE, RELEASE, helm
 
 
 def _discovery(path: str, version: tuple[int, int]) -> dict[str, Any] | None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from kubernetes_validate.utils import latest_version
 
-from tests.chart.conftest import CHART_DIR, NAMESPACE, VALUE_SETS, helm, oldest_kubernetes
+from tests.chart.rendering import CHART_DIR, NAMESPACE, VALUE_SETS, helm, oldest_kubernetes
 
 INFO = 1
 """Severity of a lint message that is only a suggestion (e.g. "icon is recommended")."""

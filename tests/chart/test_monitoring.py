@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.chart.conftest import (
+from tests.chart.rendering import (
     CHART_DIR,
     NAMESPACE,
     VALUE_SETS,

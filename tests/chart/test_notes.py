@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.chart.conftest import VALUE_SETS, render_files
+from tests.chart.rendering import VALUE_SETS, render_files
 
 NOTES = "tolaria/templates/NOTES.txt"
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.chart.conftest import (
+from tests.chart.rendering import (
     CHART_DIR,
     NAMESPACE,
     SCRAPER_NAMESPACE,

@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 
 from tests.chart import operator_calls
-from tests.chart.conftest import NAMESPACE, VALUE_SETS, WATCHED, of_kind, operator_container, render
+from tests.chart.rendering import (
+    NAMESPACE,
+    VALUE_SETS,
+    WATCHED,
+    of_kind,
+    operator_container,
+    render,
+)
 
 SERVICE_ACCOUNT = {"kind": "ServiceAccount", "name": "tolaria-operator", "namespace": NAMESPACE}
 CLUSTER_WIDE = VALUE_SETS["cluster-wide"]

@@ -12,8 +12,8 @@ import kubernetes_validate
 import pytest
 from kubernetes_validate.utils import latest_version
 
-from tests.chart.conftest import VALUE_SETS, oldest_kubernetes, render
 from tests.chart.monitoring_schemas import SCHEMAS
+from tests.chart.rendering import VALUE_SETS, oldest_kubernetes, render
 
 VERSIONS = [oldest_kubernetes(), latest_version()]
 PROMETHEUS_OPERATOR_KINDS = set(SCHEMAS)

@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.chart.conftest import CHART_DIR, helm, render, walk
+from tests.chart.rendering import CHART_DIR, helm, render, walk
 
 SCHEMA: dict[str, Any] = json.loads((CHART_DIR / "values.schema.json").read_text(encoding="utf-8"))
 VALUES: dict[str, Any] = yaml.safe_load((CHART_DIR / "values.yaml").read_text(encoding="utf-8"))
