@@ -4,6 +4,7 @@ Helm refuses bad values with it, naming where the bad value is."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import jsonschema
@@ -176,3 +177,28 @@ def test_bad_values_are_refused_naming_where_they_are(
     message = refusal(values)
     assert "values don't meet the specifications of the schema" in message
     assert where in message and says in message
+
+
+def documented_values() -> dict[str, str]:
+    """The chart README's values table: value -> its default as written there."""
+    text = (CHART_DIR / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `([A-Za-z.]+)` \| `(.*?)` \|", text, flags=re.MULTILINE)
+    return dict(rows)
+
+
+def value_leaves(node: dict[str, Any], path: str = "") -> list[str]:
+    """The values a user sets one by one (resources are one value, as in a PodSpec)."""
+    props = node.get("properties")
+    if props and not path.endswith("resources"):
+        return [p for k, c in props.items() for p in value_leaves(c, f"{path}.{k}" if path else k)]
+    return [path]
+
+
+def test_the_chart_readme_documents_every_value_with_its_default() -> None:
+    documented = documented_values()
+    assert sorted(documented) == sorted(value_leaves(SCHEMA))
+    for path, default in documented.items():
+        value: Any = VALUES
+        for key in path.split("."):
+            value = value[key]
+        assert json.loads(default) == value, path
