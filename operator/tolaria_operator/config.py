@@ -14,15 +14,19 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
+from leyline.spec.cluster import PodSpec
 from tolaria_operator.errors import SettingsInvalid
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 ENV_PREFIX = "TOLARIA_OPERATOR_"
-PULL_POLICIES = ("Always", "IfNotPresent", "Never")
-"""What a container's `imagePullPolicy` may be (the Kubernetes API refuses anything else)."""
+PULL_POLICIES: tuple[str, ...] = tuple(
+    p for p in get_args(PodSpec.model_fields["image_pull_policy"].annotation) if p
+)
+"""What a container's `imagePullPolicy` may be: the manifest's own choices (`spec.pod`) but the
+empty one, which means "the operator's default"."""
 
 
 @dataclass(frozen=True)
