@@ -37,6 +37,7 @@ def _discovery(path: str, version: tuple[int, int]) -> dict[str, Any] | None:
 def cluster_of_version() -> Iterator[Any]:
     """A function: Kubernetes (major, minor) -> a helm Config pointing at a fake API server."""
     servers: list[ThreadingHTTPServer] = []
+    configs: list[Any] = []
 
     def start(version: tuple[int, int]) -> Any:
         class Discovery(BaseHTTPRequestHandler):
@@ -55,13 +56,17 @@ def cluster_of_version() -> Iterator[Any]:
         server = ThreadingHTTPServer(("127.0.0.1", 0), Discovery)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
-        return helm.Config(
+        config = helm.Config(
             kube_apiserver=f"http://127.0.0.1:{server.server_port}",
             kube_token="test",
             namespace=NAMESPACE,
         )
+        configs.append(config)
+        return config
 
     yield start
+    for config in configs:
+        config.close()
     for server in servers:
         server.shutdown()
         server.server_close()
