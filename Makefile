@@ -52,8 +52,9 @@ lint: $(VENV)/.dev-installed
 codegen: $(VENV)/.dev-installed
 	$(BIN)/python leyline/run_codegen.py
 
+# The CRDs, into crds/ and the Helm chart's charts/tolaria/files/crds/ (the same bytes).
 crds: $(VENV)/.dev-installed
-	$(BIN)/python -m leyline.crd --write crds/
+	$(BIN)/python -m leyline.crd --write crds/ charts/tolaria/files/crds/
 
 REGISTRY ?= ghcr.io/tolaria
 VERSION ?= 0.1.0

@@ -19,7 +19,8 @@ LABEL_KEY_PATTERN = (
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
     r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 )
-IMAGE_PATTERN = r"^[^\s]+$"
+IMAGE_PATTERN = r"^$|^[^\s]+$"
+"""An image reference without spaces, or empty for the operator's default."""
 
 
 class ResourcesSpec(SpecModel):
@@ -60,16 +61,13 @@ class TolerationSpec(SpecModel):
 class PodSpec(SpecModel):
     """`spec.pod`: the pod the operator makes for each attempt (R10.1)."""
 
-    image: str = Field(
-        default="ghcr.io/tolaria/trainer:0.1.0", pattern=IMAGE_PATTERN, max_length=512
-    )
-    """Trainer image: Tolaria's trainer plus the user's code for `module:function` tasks."""
-    sidecar_image: str = Field(
-        default="ghcr.io/tolaria/sidecar:0.1.0", pattern=IMAGE_PATTERN, max_length=512
-    )
-    """Rollback/emergency sidecar image."""
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    """Pull policy of both images."""
+    image: str = Field(default="", pattern=IMAGE_PATTERN, max_length=512)
+    """Trainer image: Tolaria's trainer plus the user's code for `module:function` tasks;
+    empty: the operator's default (the Helm chart's `images.trainer`)."""
+    sidecar_image: str = Field(default="", pattern=IMAGE_PATTERN, max_length=512)
+    """Rollback/emergency sidecar image; empty: the operator's default (`images.sidecar`)."""
+    image_pull_policy: Literal["", "Always", "IfNotPresent", "Never"] = ""
+    """Pull policy of both images; empty: the operator's default (`images.pullPolicy`)."""
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     """Trainer container resources."""
     shm_size_limit: str = Field(default="", pattern=r"^$|" + QUANTITY_PATTERN, max_length=32)

@@ -14,13 +14,19 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
+from leyline.spec.cluster import PodSpec
 from tolaria_operator.errors import SettingsInvalid
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 ENV_PREFIX = "TOLARIA_OPERATOR_"
+PULL_POLICIES: tuple[str, ...] = tuple(
+    p for p in get_args(PodSpec.model_fields["image_pull_policy"].annotation) if p
+)
+"""What a container's `imagePullPolicy` may be: the manifest's own choices (`spec.pod`) but the
+empty one, which means "the operator's default"."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,25 @@ class PodSettings:
     startup_probe_failure_threshold: int = 120
     """Probe failures before the kubelet restarts the sidecar: two minutes to pre-fault
     gigabytes of shared memory and replay the WAL."""
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """The images of every run pod when the run names none (R10.1): a cluster sets them once
+    (the Helm chart's `images` values) so a `TolariaRun` need not name a registry. A run's own
+    `spec.pod.image`, `sidecarImage` and `imagePullPolicy` win when set."""
+
+    trainer: str = "ghcr.io/tolaria/trainer:0.1.0"
+    """Trainer image of a run whose `spec.pod.image` is empty: the version this operator was
+    released with, so trainer, sidecar and operator speak the same Leyline contracts."""
+    sidecar: str = "ghcr.io/tolaria/sidecar:0.1.0"
+    """Sidecar image of a run whose `spec.pod.sidecarImage` is empty (same version reason)."""
+    pull_policy: str = "IfNotPresent"
+    """Pull policy of both images when `spec.pod.imagePullPolicy` is empty: `IfNotPresent`,
+    the kubelet's own default for a tagged image (a pinned tag never changes)."""
+    pull_secrets: tuple[str, ...] = ()
+    """Names of Secrets in the run's namespace put in every run pod's `imagePullSecrets`, for
+    a private registry; empty: none (public images, or credentials on the nodes)."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +181,7 @@ class MetricsSettings:
 
     port: int = 9403
     """Port of `/metrics`; 0 turns the endpoint off. Next to the trainer's 9401 and the
-    sidecar's 9402 (`deploy/operator.yaml` exposes it)."""
+    sidecar's 9402 (the Helm chart's metrics Service exposes it)."""
     address: str = "0.0.0.0"  # noqa: S104 - served to Prometheus in the cluster
     """Bind address of `/metrics`."""
 
@@ -166,6 +191,7 @@ class TolariaSettings:
     """Every setting of the operator, one section per concern (cf. kopf's OperatorSettings)."""
 
     pods: PodSettings = field(default_factory=PodSettings)
+    images: ImageSettings = field(default_factory=ImageSettings)
     network: NetworkSettings = field(default_factory=NetworkSettings)
     status: StatusSettings = field(default_factory=StatusSettings)
     sidecar: SidecarLinkSettings = field(default_factory=SidecarLinkSettings)
@@ -183,7 +209,8 @@ def from_env(env: Mapping[str, str]) -> TolariaSettings:
     """Settings with every `TOLARIA_OPERATOR_<SECTION>_<FIELD>` in `env` applied.
 
     Raises `SettingsInvalid` naming the variable for a value of the wrong type, a negative
-    number, or a `TOLARIA_OPERATOR_*` variable that names no setting.
+    number, a pull policy Kubernetes does not know, an empty image, or a `TOLARIA_OPERATOR_*`
+    variable that names no setting.
     """
     known: set[str] = set()
     sections: dict[str, Any] = {}
@@ -196,11 +223,23 @@ def from_env(env: Mapping[str, str]) -> TolariaSettings:
             known.add(var)
             if var in env:
                 updates[fld.name] = _parse(var, env[var], hints[fld.name])
+                _check(sec.name, fld.name, var, updates[fld.name])
         sections[sec.name] = section_cls(**updates)
     unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
     if unknown:
         raise SettingsInvalid(unknown[0], "names no setting (see tolaria_operator.config)")
     return TolariaSettings(**sections)
+
+
+def _check(section: str, name: str, var: str, value: Any) -> None:
+    """The rules a type alone cannot say: a pod built from a bad image setting would only
+    fail at the kubelet, one run at a time, long after the operator started."""
+    if section != "images":
+        return
+    if name == "pull_policy" and value not in PULL_POLICIES:
+        raise SettingsInvalid(var, f"must be one of {', '.join(PULL_POLICIES)}, got {value!r}")
+    if name in ("trainer", "sidecar") and (not value or any(c.isspace() for c in value)):
+        raise SettingsInvalid(var, f"must be an image reference without spaces, got {value!r}")
 
 
 def _parse(var: str, raw: str, hint: Any) -> Any:

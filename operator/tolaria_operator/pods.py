@@ -255,15 +255,30 @@ def _sidecar_resources(shm_bytes: int, settings: TolariaSettings) -> dict[str, A
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
+def trainer_image(run: RunObject, settings: TolariaSettings) -> str:
+    """The run's `spec.pod.image`, else the operator's default: a cluster names its registry
+    once, in the operator's settings, and runs need not repeat it."""
+    return run.run.spec.pod.image or settings.images.trainer
+
+
+def sidecar_image(run: RunObject, settings: TolariaSettings) -> str:
+    """The run's `spec.pod.sidecarImage`, else the operator's default."""
+    return run.run.spec.pod.sidecar_image or settings.images.sidecar
+
+
+def pull_policy(run: RunObject, settings: TolariaSettings) -> str:
+    """The run's `spec.pod.imagePullPolicy`, else the operator's default (both containers)."""
+    return run.run.spec.pod.image_pull_policy or settings.images.pull_policy
+
+
 def trainer_container(run: RunObject, attempt: int, settings: TolariaSettings) -> dict[str, Any]:
     """The trainer: `python -m tolaria_trainer.worker ... --pod`, which reports its outcome in
     the termination message and exits 0 for every final outcome, so `restartPolicy:
     OnFailure` restarts only crashes, in place, with /dev/shm intact (R10.2)."""
-    pod = run.run.spec.pod
     return {
         "name": TRAINER,
-        "image": pod.image,
-        "imagePullPolicy": pod.image_pull_policy,
+        "image": trainer_image(run, settings),
+        "imagePullPolicy": pull_policy(run, settings),
         "command": python_module(TRAINER_MODULE),
         "args": TrainerCommand(
             manifest=MANIFEST_PATH,
@@ -305,8 +320,8 @@ def sidecar_container(
     pods = settings.pods
     container: dict[str, Any] = {
         "name": SIDECAR,
-        "image": run.run.spec.pod.sidecar_image,
-        "imagePullPolicy": run.run.spec.pod.image_pull_policy,
+        "image": sidecar_image(run, settings),
+        "imagePullPolicy": pull_policy(run, settings),
         "command": python_module(SIDECAR_MODULE),
         "args": SidecarCommand(
             manifest=MANIFEST_PATH,
@@ -420,6 +435,9 @@ def attempt_pod(
             for key in ("key", "value", "effect"):
                 if toleration.get(key) == "":
                     del toleration[key]
+    if settings.images.pull_secrets:
+        # a private registry's credentials: Secrets of the run's namespace, named cluster-wide
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in settings.images.pull_secrets]
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
     if spec.service_account_name:

@@ -1,4 +1,6 @@
-"""A real Kubernetes CRD API server for the session, with both Tolaria CRDs applied.
+"""A real Kubernetes CRD API server for the session, with both Tolaria CRDs applied as the Helm
+chart renders them (the same bytes as `crds/`, which tests/chart checks; `crds/` itself is used
+only where helm-python-sdk is not installed).
 
 `tools/crd-apiserver` builds Kubernetes' own apiextensions-apiserver (cached in
 `~/.cache/tolaria/crd-apiserver`) and runs it on 127.0.0.1 with a private etcd.
@@ -77,6 +79,17 @@ def crd_apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         subprocess.run([TOOL / "stop.sh", workdir], capture_output=True, check=False)
 
 
+def installed_crds() -> list[dict[str, Any]]:
+    """The CRDs `helm install` would create: the chart's rendering, else `crds/`."""
+    from tests.chart.rendering import helm, of_kind, render
+
+    if helm is not None:
+        return of_kind(render(), "CustomResourceDefinition")
+    return [  # pragma: no cover - helm-python-sdk is a dev dependency
+        yaml.safe_load((CRD_DIR / name).read_text(encoding="utf-8")) for name in crds()
+    ]
+
+
 def _established(ext: ApiextensionsV1Api, name: str) -> bool:
     conditions = ext.read_custom_resource_definition(name).status.conditions or []
     return any(c.type == "Established" and c.status == "True" for c in conditions)
@@ -96,7 +109,7 @@ def _serving(custom: CustomObjectsApi, crd: dict[str, Any]) -> bool:
 
 @pytest.fixture(scope="session")
 def kube(crd_apiserver: Path) -> Iterator[ApiClient]:
-    """An ApiClient for the test server with the committed `crds/` applied and Established.
+    """An ApiClient for the test server with the chart's CRDs applied and Established.
 
     Built from the kubeconfig file, never from `$KUBECONFIG` (the client reads that once, at
     import time).
@@ -104,8 +117,11 @@ def kube(crd_apiserver: Path) -> Iterator[ApiClient]:
     api = kubernetes.config.new_client_from_config(config_file=str(crd_apiserver))
     ext = ApiextensionsV1Api(api)
     custom = CustomObjectsApi(api)
-    for name in crds():
-        body = yaml.safe_load((CRD_DIR / name).read_text(encoding="utf-8"))
+    bodies = installed_crds()
+    assert sorted(b["metadata"]["name"] for b in bodies) == sorted(
+        c["metadata"]["name"] for c in crds().values()
+    )
+    for body in bodies:
         ext.create_custom_resource_definition(body)
     for name, crd in crds().items():
         wait_for(f"{name} Established", lambda n=crd["metadata"]["name"]: _established(ext, n))

@@ -229,6 +229,15 @@ def test_both_crds_are_accepted_and_established(kube: ApiClient) -> None:
 
 
 @apiserver
+def test_the_charts_crds_are_stored_with_helms_keep_policy(kube: ApiClient) -> None:
+    """The server keeps the annotation that makes `helm uninstall` leave the CRDs in place."""
+    ext = ApiextensionsV1Api(kube)
+    for name in ("tolariaruns.tolaria.dev", "tolariaincidents.tolaria.dev"):
+        annotations = ext.read_custom_resource_definition(name).metadata.annotations
+        assert annotations["helm.sh/resource-policy"] == "keep"
+
+
+@apiserver
 @pytest.mark.req("R10.1")
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_is_stored_with_the_model_defaults(path: Path, runs: Runs) -> None:

@@ -26,6 +26,12 @@ DEFAULTS = {
         "startup_probe_period_seconds": 1,
         "startup_probe_failure_threshold": 120,
     },
+    "images": {
+        "trainer": "ghcr.io/tolaria/trainer:0.1.0",
+        "sidecar": "ghcr.io/tolaria/sidecar:0.1.0",
+        "pull_policy": "IfNotPresent",
+        "pull_secrets": (),
+    },
     "network": {
         "operator_pod_labels": {"app.kubernetes.io/name": "tolaria-operator"},
         "operator_namespace": "",
@@ -114,9 +120,27 @@ def test_settings_come_from_the_environment() -> None:
         ("TOLARIA_OPERATOR_STATUS_RESYNC_INTERVAL_SECONDS", "-1", "must be >= 0"),
         ("TOLARIA_OPERATOR_NETWORK_OPERATOR_POD_LABELS", "novalue", "key=value"),
         ("TOLARIA_OPERATOR_PODS_NATIVE_SIDECARS", "true", "names no setting"),
+        ("TOLARIA_OPERATOR_IMAGES_PULL_POLICY", "Sometimes", "must be one of Always"),
+        ("TOLARIA_OPERATOR_IMAGES_TRAINER", "", "image reference without spaces"),
+        ("TOLARIA_OPERATOR_IMAGES_SIDECAR", "reg.io/sidecar:1 --x", "without spaces"),
     ],
 )
 def test_a_bad_setting_is_refused_naming_the_variable(name: str, value: str, rule: str) -> None:
     with pytest.raises(SettingsInvalid, match=rule) as caught:
         from_env({name: value})
     assert caught.value.name == name
+
+
+def test_run_images_come_from_the_environment() -> None:
+    settings = from_env(
+        {
+            env_name("images", "trainer"): "reg.example/ml/trainer:1.2",
+            env_name("images", "sidecar"): "reg.example/ml/sidecar:1.2",
+            env_name("images", "pull_policy"): "Always",
+            env_name("images", "pull_secrets"): "regcred, other",
+        }
+    )
+    assert settings.images.trainer == "reg.example/ml/trainer:1.2"
+    assert settings.images.sidecar == "reg.example/ml/sidecar:1.2"
+    assert settings.images.pull_policy == "Always"
+    assert settings.images.pull_secrets == ("regcred", "other")

@@ -12,7 +12,14 @@ import yaml
 
 from leyline.spec import validate_manifest
 from tests.operator.builders import new_pod, run_object
-from tolaria_operator.config import GiB, MiB, NetworkSettings, PodSettings, TolariaSettings
+from tolaria_operator.config import (
+    GiB,
+    ImageSettings,
+    MiB,
+    NetworkSettings,
+    PodSettings,
+    TolariaSettings,
+)
 from tolaria_operator.pods import (
     manifest_config_map,
     network_policy,
@@ -247,6 +254,62 @@ def test_scheduling_fields_come_from_spec_pod() -> None:
     assert {c["imagePullPolicy"] for c in [*spec["initContainers"], *spec["containers"]]} == {
         "Always"
     }
+
+
+REGISTRY = ImageSettings(
+    trainer="reg.example/ml/trainer:1.2",
+    sidecar="reg.example/ml/sidecar:1.2",
+    pull_policy="Always",
+    pull_secrets=("regcred",),
+)
+
+
+def _images(pod: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    spec = pod["spec"]
+    return {
+        c["name"]: (c["image"], c["imagePullPolicy"])
+        for c in [*spec.get("initContainers", []), *spec["containers"]]
+    }
+
+
+@pytest.mark.req("R10.1")
+def test_a_run_naming_no_image_gets_the_operators_default_images() -> None:
+    pod = new_pod(run_object(), 1, settings=replace(TolariaSettings(), images=REGISTRY))
+    assert _images(pod) == {
+        "trainer": ("reg.example/ml/trainer:1.2", "Always"),
+        "sidecar": ("reg.example/ml/sidecar:1.2", "Always"),
+    }
+
+
+@pytest.mark.req("R10.1")
+def test_the_images_a_run_names_win_over_the_operators_defaults() -> None:
+    run = run_object(
+        spec={
+            "pod": {
+                "image": "mine/trainer:dev",
+                "sidecarImage": "mine/sidecar:dev",
+                "imagePullPolicy": "Never",
+            }
+        }
+    )
+    pod = new_pod(run, 1, settings=replace(TolariaSettings(), images=REGISTRY))
+    assert _images(pod) == {
+        "trainer": ("mine/trainer:dev", "Never"),
+        "sidecar": ("mine/sidecar:dev", "Never"),
+    }
+
+
+def test_without_settings_a_run_gets_the_released_images() -> None:
+    assert _images(new_pod(run_object(), 1)) == {
+        "trainer": ("ghcr.io/tolaria/trainer:0.1.0", "IfNotPresent"),
+        "sidecar": ("ghcr.io/tolaria/sidecar:0.1.0", "IfNotPresent"),
+    }
+
+
+def test_the_operators_pull_secrets_are_on_every_run_pod() -> None:
+    pod = new_pod(run_object(), 1, settings=replace(TolariaSettings(), images=REGISTRY))
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert "imagePullSecrets" not in new_pod(run_object(), 1)["spec"]
 
 
 @pytest.mark.req("R10.1")

@@ -1,0 +1,134 @@
+{{/*
+Names, labels, images and the operator's RBAC rules: every template takes them from here, so
+each is written once.
+*/}}
+
+{{/* The chart name, or nameOverride. */}}
+{{- define "tolaria.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The prefix of every object name: the release name, plus the chart name unless it is in it. */}}
+{{- define "tolaria.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "tolaria.name" . -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Name of the operator's Deployment, ServiceAccount and RBAC objects. */}}
+{{- define "tolaria.operatorName" -}}
+{{- printf "%s-operator" (include "tolaria.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "tolaria.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "tolaria.operatorName" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Who the (Cluster)RoleBindings bind: the operator's ServiceAccount. */}}
+{{- define "tolaria.subjects" -}}
+- kind: ServiceAccount
+  name: {{ include "tolaria.serviceAccountName" . }}
+  namespace: {{ .Release.Namespace }}
+{{- end -}}
+
+{{/*
+Labels of the operator's pods and what selects them. The operator is told them
+(TOLARIA_OPERATOR_NETWORK_OPERATOR_POD_LABELS): run pods' NetworkPolicies admit exactly these
+pods to the sidecar's control port.
+*/}}
+{{- define "tolaria.selectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-operator" (include "tolaria.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Labels of every object of the release. */}}
+{{- define "tolaria.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "tolaria.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: tolaria
+{{- end -}}
+
+{{/*
+An image reference from images.<which>: its registry (else images.registry; none: Docker Hub),
+repository and tag (else the chart's appVersion, the version of the operator it installs).
+*/}}
+{{- define "tolaria.image" -}}
+{{- $image := index .root.Values.images .which -}}
+{{- $registry := default .root.Values.images.registry $image.registry -}}
+{{- $tag := default .root.Chart.AppVersion $image.tag -}}
+{{- if $registry -}}
+{{- printf "%s/%s:%s" $registry $image.repository $tag -}}
+{{- else -}}
+{{- printf "%s:%s" $image.repository $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+What the operator does in each namespace it watches (rendered into a ClusterRole with
+watch.allNamespaces, else into a Role per namespace). Every rule is a call the operator makes;
+tests/chart/test_rbac.py derives those calls from the operator's code and checks this list
+grants them and nothing more.
+*/}}
+{{- define "tolaria.namespacedRules" -}}
+# Runs: kopf lists and watches them and patches its finalizer and annotations; the operator
+# reads them and writes their status.
+- apiGroups: ["tolaria.dev"]
+  resources: ["tolariaruns"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["tolaria.dev"]
+  resources: ["tolariaruns/status"]
+  verbs: ["patch"]
+# One pod per attempt, watched for its outcome.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+# The run's manifest, headless Service and NetworkPolicy: created once, deleted with the run.
+- apiGroups: [""]
+  resources: ["configmaps", "services"]
+  verbs: ["create", "delete"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["create", "delete"]
+# The run token: read by name to reach the sidecar; never listed or watched.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create", "delete"]
+# Events on runs (kopf posts them).
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end -}}
+
+{{/* What the operator does outside any namespace, in both modes. */}}
+{{- define "tolaria.clusterRules" -}}
+# Incidents are cluster-scoped: created, read, escalated and resolved by the operator.
+- apiGroups: ["tolaria.dev"]
+  resources: ["tolariaincidents"]
+  verbs: ["get", "list", "create", "patch"]
+- apiGroups: ["tolaria.dev"]
+  resources: ["tolariaincidents/status"]
+  verbs: ["patch"]
+# kopf follows CRDs so that runs are served even when their CRD became ready after it started.
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+{{- if not .Values.watch.allNamespaces }}
+# kopf follows the namespaces it was given (created or deleted after it started).
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- end }}
+{{- end -}}

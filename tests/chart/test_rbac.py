@@ -1,0 +1,168 @@
+"""The chart's RBAC grants every API call the operator makes, and nothing more, in both modes:
+cluster-wide (ClusterRoles bound cluster-wide) and per namespace (a Role in each watched
+namespace, and a ClusterRole for the cluster-scoped kinds only). The calls are derived from the
+operator's code (`operator_calls`), never listed here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.chart import operator_calls
+from tests.chart.rendering import (
+    NAMESPACE,
+    VALUE_SETS,
+    WATCHED,
+    of_kind,
+    operator_container,
+    render,
+)
+
+SERVICE_ACCOUNT = {"kind": "ServiceAccount", "name": "tolaria-operator", "namespace": NAMESPACE}
+CLUSTER_WIDE = VALUE_SETS["cluster-wide"]
+NAMESPACED = VALUE_SETS["namespaced"]
+
+
+def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """(group, resource, verb) for every combination the rules allow."""
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def bound_rules(
+    objects: list[dict[str, Any]], binding_kind: str, role_kind: str
+) -> dict[str | None, set[tuple[str, str, str]]]:
+    """Namespace (None: cluster-wide) -> what the operator's ServiceAccount is granted there by
+    `binding_kind`s binding `role_kind`s."""
+    roles = {
+        (r["metadata"].get("namespace"), r["metadata"]["name"]): r
+        for r in of_kind(objects, role_kind)
+    }
+    granted: dict[str | None, set[tuple[str, str, str]]] = {}
+    for binding in of_kind(objects, binding_kind):
+        assert binding["roleRef"]["kind"] == role_kind
+        assert binding["subjects"] == [SERVICE_ACCOUNT]
+        namespace = binding["metadata"].get("namespace")
+        role = roles[(namespace, binding["roleRef"]["name"])]
+        granted.setdefault(namespace, set()).update(grants(role["rules"]))
+    return granted
+
+
+def needed(*, all_namespaces: bool, namespaced: bool) -> set[tuple[str, str, str]]:
+    return {
+        (n.group, n.resource, n.verb)
+        for n in operator_calls.operator_needs(all_namespaces=all_namespaces)
+        if n.namespaced == namespaced
+    }
+
+
+def test_the_scan_resolves_every_call_the_operator_makes() -> None:
+    calls, unresolved = operator_calls.tolaria_calls()
+    assert unresolved == []
+    assert operator_calls.calls_the_scan_misses() == []
+    # every module that talks to the API was seen (a scan that finds nothing proves nothing)
+    assert {c.where.split(":")[0] for c in calls} >= {
+        "reconciler.py",
+        "escalation.py",
+        "watcher.py",
+        "lifecycle.py",
+        "sidecar_client.py",
+    }
+
+
+def test_the_scan_knows_every_method_of_the_kube_seam() -> None:
+    assert operator_calls.kube_methods() == set(operator_calls.VERBS)
+
+
+def test_kopf_handlers_name_resources_the_scan_can_place() -> None:
+    """Handlers are registered by plural; a kind or short name would need kopf's discovery."""
+    plurals = {(r.group, r.plural) for r in operator_calls._module_resources()}
+    for selector in operator_calls.kopf_selectors():
+        assert (selector.group or "", selector.any_name) in plurals, selector
+
+
+def test_the_chart_runs_kopf_standalone_so_no_peering_is_needed() -> None:
+    for values in (CLUSTER_WIDE, NAMESPACED):
+        assert "--standalone" in operator_container(render(values))["args"]
+
+
+@pytest.mark.req("R10.5")
+def test_cluster_wide_the_cluster_roles_grant_exactly_what_the_operator_needs() -> None:
+    objects = render(CLUSTER_WIDE)
+    assert of_kind(objects, "Role") == [] and of_kind(objects, "RoleBinding") == []
+    granted = bound_rules(objects, "ClusterRoleBinding", "ClusterRole")[None]
+    need = needed(all_namespaces=True, namespaced=True) | needed(
+        all_namespaces=True, namespaced=False
+    )
+    assert need - granted == set(), "the operator's calls the RBAC does not allow"
+    assert granted - need == set(), "granted but never used"
+
+
+@pytest.mark.req("R10.5")
+def test_per_namespace_each_watched_namespace_grants_what_runs_need() -> None:
+    objects = render(NAMESPACED)
+    per_namespace = bound_rules(objects, "RoleBinding", "Role")
+    assert sorted(per_namespace) == sorted(WATCHED)
+    need = needed(all_namespaces=False, namespaced=True)
+    for namespace, granted in per_namespace.items():
+        assert need - granted == set(), namespace
+        assert granted - need == set(), namespace
+
+
+@pytest.mark.req("R10.5")
+def test_per_namespace_the_cluster_role_grants_only_cluster_scoped_kinds() -> None:
+    """Incidents and CRDs are cluster-scoped (a Role cannot grant them), and kopf follows the
+    namespaces it was given; nothing a run owns is granted cluster-wide."""
+    granted = bound_rules(render(NAMESPACED), "ClusterRoleBinding", "ClusterRole")[None]
+    assert granted == needed(all_namespaces=False, namespaced=False)
+    assert ("", "namespaces", "watch") in granted
+
+
+def test_cluster_wide_kopf_does_not_follow_namespaces() -> None:
+    granted = bound_rules(render(CLUSTER_WIDE), "ClusterRoleBinding", "ClusterRole")[None]
+    assert {r for _, r, _ in granted}.isdisjoint({"namespaces"})
+
+
+@pytest.mark.req("R10.5")
+@pytest.mark.parametrize("values", [CLUSTER_WIDE, NAMESPACED], ids=["cluster-wide", "namespaced"])
+def test_no_rule_uses_a_wildcard(values: dict[str, Any]) -> None:
+    for role in [*of_kind(render(values), "ClusterRole"), *of_kind(render(values), "Role")]:
+        for rule in role["rules"]:
+            for key in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[key], (role["metadata"]["name"], rule)
+            assert "resourceNames" not in rule and "nonResourceURLs" not in rule
+
+
+@pytest.mark.req("R10.5")
+@pytest.mark.parametrize("values", [CLUSTER_WIDE, NAMESPACED], ids=["cluster-wide", "namespaced"])
+def test_the_operator_can_read_a_secret_by_name_but_never_list_or_watch_secrets(
+    values: dict[str, Any],
+) -> None:
+    objects = render(values)
+    verbs = {
+        verb
+        for role in [*of_kind(objects, "ClusterRole"), *of_kind(objects, "Role")]
+        for group, resource, verb in grants(role["rules"])
+        if (group, resource) == ("", "secrets")
+    }
+    assert verbs == {"get", "create", "delete"}
+
+
+def test_rbac_create_false_renders_no_rbac() -> None:
+    kinds = {o["kind"] for o in render({"rbac": {"create": False}})}
+    assert kinds.isdisjoint({"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"})
+
+
+def test_an_existing_service_account_is_bound_instead_of_a_new_one() -> None:
+    objects = render({"serviceAccount": {"create": False, "name": "platform-operator"}})
+    assert of_kind(objects, "ServiceAccount") == []
+    for binding in of_kind(objects, "ClusterRoleBinding"):
+        assert binding["subjects"][0]["name"] == "platform-operator"
+    (deployment,) = of_kind(objects, "Deployment")
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "platform-operator"
