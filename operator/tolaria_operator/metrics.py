@@ -69,8 +69,8 @@ class _PerRun(Collector):
             "1 for the phase each TolariaRun is in (one series per run; gone when it is deleted).",
             labels=["run_namespace", "run", "phase"],
         )
-        for (namespace, name), value in sorted(phases.items()):
-            phase.add_metric([namespace, name, value], 1.0)
+        for (namespace, name), current in sorted(phases.items()):
+            phase.add_metric([namespace, name, current], 1.0)
         yield phase
         counted = CounterMetricFamily(
             "tolaria_operator_run_restarts",
@@ -78,8 +78,8 @@ class _PerRun(Collector):
             "(status.restarts).",
             labels=["run_namespace", "run"],
         )
-        for (namespace, name), value in sorted(restarts.items()):
-            counted.add_metric([namespace, name], float(value))
+        for (namespace, name), restarted in sorted(restarts.items()):
+            counted.add_metric([namespace, name], float(restarted))
         yield counted
 
 
