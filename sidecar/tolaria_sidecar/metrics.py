@@ -191,6 +191,12 @@ class SidecarMetrics:
             "1 when the state copies within the fast tier's commit budget (R6.1).",
             registry=r,
         )
+        self.fast_tier_enabled = Gauge(
+            "tolaria_sidecar_fast_tier_enabled",
+            "1 unless the run turned snapshots off (spec.snapshots.enabled: false), so an alert "
+            "on an infeasible fast tier can tell a choice from a fault.",
+            registry=r,
+        )
         self.copy_bandwidth = Gauge(
             "tolaria_sidecar_copy_bandwidth_bytes_per_second",
             "memcpy bandwidth measured at the first attach.",

@@ -127,6 +127,7 @@ class Sidecar:
         self._started_ns = self.clock.now_ns()
         self.metrics.track_heartbeat_age(self._heartbeat_age)
         self.metrics.stall_threshold.set(config.detection.stall_seconds)
+        self.metrics.fast_tier_enabled.set(1 if config.snapshots.enabled else 0)
         newest = store.committed()
         if newest:  # checkpoints of an earlier sidecar (a restart, a resumed run) count
             self.metrics.checkpoint_committed(newest[0].committed_at.ToNanoseconds() / 1e9)

@@ -530,3 +530,4 @@ def test_the_stall_threshold_is_the_runs_detection_budget(serve_sidecar: Start) 
     served = serve_sidecar()
     expected = served.sidecar.config.detection.stall_seconds
     assert metric(served, "tolaria_sidecar_stall_threshold_seconds") == expected
+    assert metric(served, "tolaria_sidecar_fast_tier_enabled") == 1
