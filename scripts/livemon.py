@@ -334,22 +334,26 @@ class LocalRun:
                 self.events.append(json.loads(line))
         self._lines.put(None)
 
+    def url(self, which: str, deadline_s: float = URL_DEADLINE_S) -> str:
+        """The metrics URL the run printed for `which` ("trainer" or "sidecar"). The sidecar's
+        comes first: it is READY before the trainer starts importing torch."""
+        message = {"trainer": "metrics served", "sidecar": "sidecar metrics served"}[which]
+
+        def printed() -> str | None:
+            found = next((e["url"] for e in self.events if e.get("message") == message), None)
+            if found is None and self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"the run ended without a {which} URL: {self.events[-5:]}")
+            return str(found) if found else None
+
+        return wait_for(f"the {which}'s metrics URL", printed, deadline_s, step_s=0.1)
+
     def urls(self, deadline_s: float = URL_DEADLINE_S) -> tuple[str, str]:
         """(trainer URL, sidecar URL) as the run printed them."""
+        return self.url("trainer", deadline_s), self.url("sidecar", deadline_s)
 
-        def both() -> tuple[str, str] | None:
-            notices = {e.get("message"): e.get("url") for e in self.events}
-            trainer, sidecar = notices.get("metrics served"), notices.get("sidecar metrics served")
-            if self.proc is not None and self.proc.poll() is not None and not (trainer and sidecar):
-                raise RuntimeError(f"the run ended without both URLs: {self.events[-5:]}")
-            return (str(trainer), str(sidecar)) if trainer and sidecar else None
-
-        return wait_for("the run's metrics URLs", both, deadline_s, step_s=0.2)
-
-    def targets(self, namespace: str = LOCAL_NAMESPACE) -> list[Target]:
-        """The trainer and the sidecar as scrape targets, labelled as a PodMonitor would."""
-        labels = pod_labels(self.name, namespace)
-        return [Target(RUN_JOB, address_of(url), labels) for url in self.urls()]
+    def target(self, which: str, namespace: str = LOCAL_NAMESPACE) -> Target:
+        """The trainer or the sidecar as a scrape target, labelled as a PodMonitor would."""
+        return Target(RUN_JOB, address_of(self.url(which)), pod_labels(self.name, namespace))
 
     def wait(self, deadline_s: float) -> int:
         assert self.proc is not None

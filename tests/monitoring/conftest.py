@@ -35,13 +35,14 @@ from tolaria_operator.metrics import OperatorMetrics
 TIME_SCALE = 60.0
 """The live rules' `for:` durations are the shipped ones divided by this: one shipped minute is
 one live second (the 10 minutes of TolariaRunNoProgress become 10 s)."""
-SPIKE_STEP = 150
-HANG_STEP = 700
+SPIKE_STEP = 640
+HANG_STEP = 1600
 DRILLS = (f"loss-spike@step={SPIKE_STEP}", f"hang@step={HANG_STEP}")
 
 
 def watched_manifest(name: str = "watched") -> dict[str, object]:
-    """Long enough (64 steps an epoch, 40 epochs) that the hang comes before the end."""
+    """64 steps an epoch, 40 epochs: the spike in epoch 10, seconds after the sidecar is first
+    scraped, and the hang in epoch 25, long before the end."""
     return {
         "apiVersion": "tolaria.dev/v1alpha1",
         "kind": "TolariaRun",
@@ -91,7 +92,8 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Watched]:
             Target(OPERATOR_JOB, f"127.0.0.1:{server.server_port}", operator_labels)
         )
         run.start()
-        prometheus.add_targets(*run.targets())
+        prometheus.add_targets(run.target("sidecar"))  # scraped before the trainer trains
+        prometheus.add_targets(run.target("trainer"))
         operator.observe_phase((LOCAL_NAMESPACE, run.name), "Running", restarts=0)
         yield Watched(prometheus, run, operator)
     finally:
