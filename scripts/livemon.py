@@ -23,9 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -129,7 +127,59 @@ def address_of(url: str) -> str:
     return urllib.parse.urlsplit(url).netloc
 
 
-class Prometheus:
+class PrometheusAPI:
+    """The HTTP API of a Prometheus at `url` (one this module started, or anyone's)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def api(self, path: str, **params: str) -> Any:
+        """GET `/api/v1/<path>`; returns `data`, raises PromQLError with Prometheus's error."""
+        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 - our http URL
+                body = json.load(response)
+        except urllib.error.HTTPError as err:
+            body = json.load(err)
+        if body.get("status") != "success":
+            raise PromQLError(f"{body.get('errorType')}: {body.get('error')} ({params})")
+        return body["data"]
+
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        """An instant query's result (vector or scalar as a one-element list)."""
+        params = {"query": expr}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        data = self.api("query", **params)
+        if data["resultType"] == "scalar":
+            return [{"metric": {}, "value": data["result"]}]
+        return list(data["result"])
+
+    def query_range(
+        self, expr: str, start: float, end: float, step: float = 1.0
+    ) -> list[dict[str, Any]]:
+        data = self.api(
+            "query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step=f"{step:g}"
+        )
+        return list(data["result"])
+
+    def values(self, expr: str) -> list[float]:
+        """The values of an instant query, one per series."""
+        return [float(r["value"][1]) for r in self.query(expr)]
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """Every pending or firing alert (`/api/v1/alerts`)."""
+        return list(self.api("alerts")["alerts"])
+
+    def firing(self, name: str) -> list[dict[str, Any]]:
+        return [
+            a
+            for a in self.alerts()
+            if a["labels"].get("alertname") == name and a["state"] == "firing"
+        ]
+
+
+class Prometheus(PrometheusAPI):
     """A real Prometheus process; see the module docstring. Use as a context manager."""
 
     def __init__(
@@ -142,7 +192,7 @@ class Prometheus:
     ) -> None:
         self.workdir = workdir
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(f"http://127.0.0.1:{self.port}")
         self._rule_files = list(rule_files)
         self._interval = interval
         self._binary = binary
@@ -234,56 +284,6 @@ class Prometheus:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # -- the HTTP API ----------------------------------------------------------------------------
-
-    def api(self, path: str, **params: str) -> Any:
-        """GET `/api/v1/<path>`; returns `data`, raises PromQLError with Prometheus's error."""
-        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
-        try:
-            with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 - our http URL
-                body = json.load(response)
-        except urllib.error.HTTPError as err:
-            body = json.load(err)
-        if body.get("status") != "success":
-            raise PromQLError(f"{body.get('errorType')}: {body.get('error')} ({params})")
-        return body["data"]
-
-    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
-        """An instant query's result (vector or scalar as a one-element list)."""
-        params = {"query": expr}
-        if at is not None:
-            params["time"] = f"{at:.3f}"
-        data = self.api("query", **params)
-        if data["resultType"] == "scalar":
-            return [{"metric": {}, "value": data["result"]}]
-        return list(data["result"])
-
-    def query_range(
-        self, expr: str, start: float, end: float, step: float = 1.0
-    ) -> list[dict[str, Any]]:
-        data = self.api(
-            "query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step=f"{step:g}"
-        )
-        return list(data["result"])
-
-    def values(self, expr: str) -> list[float]:
-        """The values of an instant query, one per series."""
-        return [float(r["value"][1]) for r in self.query(expr)]
-
-    def alerts(self) -> list[dict[str, Any]]:
-        """Every pending or firing alert (`/api/v1/alerts`)."""
-        return list(self.api("alerts")["alerts"])
-
-    def firing(self, name: str) -> list[dict[str, Any]]:
-        return [
-            a
-            for a in self.alerts()
-            if a["labels"].get("alertname") == name and a["state"] == "firing"
-        ]
-
-    def targets_up(self) -> int:
-        return int(sum(self.values("up")))
-
 
 @dataclass
 class LocalRun:
@@ -295,7 +295,6 @@ class LocalRun:
     drills: Sequence[str] = ()
     events: list[dict[str, Any]] = field(default_factory=list)
     proc: subprocess.Popen[str] | None = None
-    _lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
 
     @property
     def name(self) -> str:
@@ -332,7 +331,6 @@ class LocalRun:
         for line in self.proc.stdout:
             with contextlib.suppress(json.JSONDecodeError):
                 self.events.append(json.loads(line))
-        self._lines.put(None)
 
     def url(self, which: str, deadline_s: float = URL_DEADLINE_S) -> str:
         """The metrics URL the run printed for `which` ("trainer" or "sidecar"). The sidecar's
@@ -346,10 +344,6 @@ class LocalRun:
             return str(found) if found else None
 
         return wait_for(f"the {which}'s metrics URL", printed, deadline_s, step_s=0.1)
-
-    def urls(self, deadline_s: float = URL_DEADLINE_S) -> tuple[str, str]:
-        """(trainer URL, sidecar URL) as the run printed them."""
-        return self.url("trainer", deadline_s), self.url("sidecar", deadline_s)
 
     def target(self, which: str, namespace: str = LOCAL_NAMESPACE) -> Target:
         """The trainer or the sidecar as a scrape target, labelled as a PodMonitor would."""
@@ -418,10 +412,6 @@ def dashboard_queries(
         for t in panel["targets"]
         if t.get("expr")
     ]
-
-
-def prometheus_available() -> bool:
-    return shutil.which("prometheus") is not None
 
 
 def temporary_directory(prefix: str) -> Path:
