@@ -388,14 +388,20 @@ def substitute(expr: str, variables: Mapping[str, str]) -> str:
     return expr
 
 
+def regex_value(value: str) -> str:
+    """A variable's value as Grafana's Prometheus data source writes it into `=~"..."`: regex
+    metacharacters escaped with a backslash that is itself escaped for the PromQL string."""
+    return re.sub(r"([\\^$*+?.()|\[\]{}])", r"\\\\\1", value)
+
+
 def grafana_variables(
     namespace: str, run: str, rate_interval: str = "15s", range_: str = "5m"
 ) -> dict[str, str]:
-    """What Grafana would put in the dashboard's queries for one run (regex-escaped, since the
-    dashboard matches its variables with `=~`)."""
+    """What Grafana would put in the dashboard's queries for one run (the dashboard matches its
+    variables with `=~`)."""
     return {
-        "namespace": re.escape(namespace),
-        "run": re.escape(run),
+        "namespace": regex_value(namespace),
+        "run": regex_value(run),
         "__rate_interval": rate_interval,
         "__interval": "1s",
         "__range": range_,

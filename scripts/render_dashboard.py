@@ -45,7 +45,7 @@ from livemon import (
 from matplotlib.axes import Axes
 from matplotlib.gridspec import GridSpec
 
-DEMO_DRILLS = ("loss-spike@step=300", "checkpoint-io-error@epoch=6", "loss-spike@step=1500")
+DEMO_DRILLS = ("loss-spike@step=2000", "checkpoint-io-error@epoch=40", "loss-spike@step=9000")
 """What the picture shows: two fast rollbacks (SEVERE emergencies resolved at once) and one
 failed checkpoint write, in a run that then succeeds."""
 BACKGROUND, PANEL, TEXT, GRID = "#111217", "#181b1f", "#ccccdc", "#2c3235"
@@ -54,7 +54,7 @@ LEGEND = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
 def demo_manifest(name: str) -> dict[str, Any]:
-    """A run of about a minute on a laptop: enough epochs for the hook and checkpoint panels."""
+    """A run of one to two minutes on a laptop: enough epochs for the hook and checkpoint panels."""
     return {
         "apiVersion": "tolaria.dev/v1alpha1",
         "kind": "TolariaRun",
@@ -62,7 +62,7 @@ def demo_manifest(name: str) -> dict[str, Any]:
         "spec": {
             "training": {
                 "task": "synthetic-mlp",
-                "epochs": 24,
+                "epochs": 120,
                 "batchSize": 32,
                 "data": {"trainSamples": 4096, "validationSamples": 512},
                 "model": {"hiddenSize": 256, "layers": 3},

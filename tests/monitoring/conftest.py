@@ -40,7 +40,7 @@ HANG_STEP = 1600
 DRILLS = (f"loss-spike@step={SPIKE_STEP}", f"hang@step={HANG_STEP}")
 
 
-def watched_manifest(name: str = "watched") -> dict[str, object]:
+def watched_manifest(name: str = "watched-run") -> dict[str, object]:
     """64 steps an epoch, 40 epochs: the spike in epoch 10, seconds after the sidecar is first
     scraped, and the hang in epoch 25, long before the end."""
     return {

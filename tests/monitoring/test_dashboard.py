@@ -16,6 +16,7 @@ from scripts.livemon import (
     dashboard_queries,
     grafana_variables,
     panels,
+    substitute,
     wait_for,
 )
 from tests.monitoring.conftest import Watched
@@ -50,6 +51,12 @@ def test_the_dashboard_covers_what_an_on_call_engineer_needs() -> None:
     titles = " | ".join(p["title"] for p in panels(dashboard()))
     for topic in REQUIRED_TOPICS:
         assert topic.lower() in titles.lower(), f"no panel about {topic!r}: {titles}"
+
+
+def test_variables_are_substituted_as_grafana_writes_them_into_a_regex_match() -> None:
+    variables = grafana_variables("ml", "run-1.b")
+    expr = substitute('x{run=~"$run"}[$__rate_interval] ${namespace}', variables)
+    assert expr == 'x{run=~"run-1\\\\.b"}[15s] ml'
 
 
 def test_every_run_query_selects_the_namespace_and_run_variables() -> None:
