@@ -105,8 +105,13 @@ def draw_panel(
             xs = [float(t) - start for t, _ in series["values"]]
             ys = [float(v) for _, v in series["values"]]
             lines.append((legend(target.get("legendFormat", ""), series["metric"]), xs, ys))
+    operator_only = all("tolaria_operator_" in t["expr"] for t in panel["targets"])
+    quiet = [line for line in lines if not any(y for y in line[2] if math.isfinite(y))]
+    if len(lines) > 4:  # many label values, most at 0 (tiers x outcomes): show what moved
+        lines = [line for line in lines if line not in quiet] or lines[:1]
     if not lines:
-        ax.text(0.5, 0.5, "no data", color=TEXT, ha="center", va="center", transform=ax.transAxes)
+        why = "no data: a local run has no operator" if operator_only else "no data"
+        ax.text(0.5, 0.5, why, color=TEXT, ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks([])
         ax.set_yticks([])
         return
@@ -123,7 +128,19 @@ def draw_panel(
     ax.set_xlabel("seconds since start", color=TEXT, fontsize=7)
     if label:
         ax.set_ylabel(label, color=TEXT, fontsize=7)
-    ax.legend(fontsize=6, facecolor=PANEL, edgecolor=GRID, labelcolor=TEXT, loc="upper left")
+    hidden = (
+        len(quiet) if len(quiet) < len(lines) + len(quiet) and len(lines) + len(quiet) > 4 else 0
+    )
+    title = f"{hidden} series at 0 not drawn" if hidden else None
+    ax.legend(
+        fontsize=6,
+        facecolor=PANEL,
+        edgecolor=GRID,
+        labelcolor=TEXT,
+        loc="upper left",
+        title=title,
+        title_fontsize=6,
+    )
 
 
 def render(
@@ -137,7 +154,7 @@ def render(
     rate_interval = f"{max(15, int(step * 4))}s"
     variables = grafana_variables(namespace, run, rate_interval, f"{int(end - start) + 1}s")
     figure = plt.figure(figsize=(20, bottom * 0.42), facecolor=BACKGROUND)
-    grid = GridSpec(bottom, 24, figure=figure, hspace=1.6, wspace=1.2)
+    grid = GridSpec(bottom, 24, figure=figure, hspace=1.6, wspace=1.2, top=0.97, bottom=0.03)
     figure.suptitle(
         f"{board['title']}: run {namespace}/{run}", color=TEXT, fontsize=14, x=0.01, ha="left"
     )
