@@ -106,9 +106,11 @@ def draw_panel(
             ys = [float(v) for _, v in series["values"]]
             lines.append((legend(target.get("legendFormat", ""), series["metric"]), xs, ys))
     operator_only = all("tolaria_operator_" in t["expr"] for t in panel["targets"])
-    quiet = [line for line in lines if not any(y for y in line[2] if math.isfinite(y))]
-    if len(lines) > 4:  # many label values, most at 0 (tiers x outcomes): show what moved
-        lines = [line for line in lines if line not in quiet] or lines[:1]
+    hidden = 0
+    if len(lines) > 4:  # many label values, most at 0 (tiers x outcomes): draw what moved
+        moved = [line for line in lines if any(y for y in line[2] if math.isfinite(y))]
+        shown = moved or lines[:1]
+        hidden, lines = len(lines) - len(shown), shown
     if not lines:
         why = "no data: a local run has no operator" if operator_only else "no data"
         ax.text(0.5, 0.5, why, color=TEXT, ha="center", va="center", transform=ax.transAxes)
@@ -128,9 +130,6 @@ def draw_panel(
     ax.set_xlabel("seconds since start", color=TEXT, fontsize=7)
     if label:
         ax.set_ylabel(label, color=TEXT, fontsize=7)
-    hidden = (
-        len(quiet) if len(quiet) < len(lines) + len(quiet) and len(lines) + len(quiet) > 4 else 0
-    )
     title = f"{hidden} series at 0 not drawn" if hidden else None
     ax.legend(
         fontsize=6,
