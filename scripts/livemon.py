@@ -6,10 +6,9 @@ against what the trainer and the sidecar really expose, under the labels the cha
 give them. This module starts
 
 * `Prometheus`: the `prometheus` binary in a temporary directory, on a free loopback port,
-  scraping every second, evaluating rules every second, with targets from a `file_sd` file
-  so targets can be added once their ports are known (a run prints its URLs after it starts);
-* `LocalRun`: `tolaria run` with `--metrics-port 0 --sidecar-metrics-port 0` and drills,
-  reading the URLs it prints;
+  scraping every second, evaluating rules every second, with targets from `file_sd` files;
+* `LocalRun`: `tolaria run` with both metrics endpoints (`--metrics-port`,
+  `--sidecar-metrics-port`) on ports chosen beforehand, and drills;
 
 and offers what both users need around them: the labels a PodMonitor would set
 (`pod_labels`), a copy of the shipped rules with shorter `for:` durations (`scaled_rules`),
@@ -295,6 +294,12 @@ class LocalRun:
     drills: Sequence[str] = ()
     events: list[dict[str, Any]] = field(default_factory=list)
     proc: subprocess.Popen[str] | None = None
+    ports: dict[str, int] = field(
+        default_factory=lambda: {"trainer": free_port(), "sidecar": free_port()}
+    )
+    """Chosen before the run starts, so Prometheus scrapes them from the first second: a
+    target found later (file_sd updates reach the scraper up to 5 s late) could miss what a
+    fast run does first."""
 
     @property
     def name(self) -> str:
@@ -310,7 +315,8 @@ class LocalRun:
         path.write_text(yaml.safe_dump(self.manifest))
         command = [sys.executable, "-m", "tolaria_trainer.cli", "run", str(path)]
         command += ["--workdir", str(self.workdir / "runs"), "--log-format", "json", "--fresh"]
-        command += ["--metrics-port", "0", "--sidecar-metrics-port", "0"]
+        command += ["--metrics-port", str(self.ports["trainer"])]
+        command += ["--sidecar-metrics-port", str(self.ports["sidecar"])]
         for drill in self.drills:
             command += ["--inject", drill]
         with (self.workdir / "stderr.log").open("w") as stderr:
@@ -346,8 +352,10 @@ class LocalRun:
         return wait_for(f"the {which}'s metrics URL", printed, deadline_s, step_s=0.1)
 
     def target(self, which: str, namespace: str = LOCAL_NAMESPACE) -> Target:
-        """The trainer or the sidecar as a scrape target, labelled as a PodMonitor would."""
-        return Target(RUN_JOB, address_of(self.url(which)), pod_labels(self.name, namespace))
+        """The trainer or the sidecar as a scrape target, labelled as a PodMonitor would
+        (known before the run starts)."""
+        address = f"127.0.0.1:{self.ports[which]}"
+        return Target(RUN_JOB, address, pod_labels(self.name, namespace))
 
     def wait(self, deadline_s: float) -> int:
         assert self.proc is not None

@@ -173,11 +173,11 @@ def demo(out: Path, name: str) -> Path:
     """A real local run with `DEMO_DRILLS`, scraped every second, drawn when it ends."""
     work = temporary_directory("tolaria-dashboard-")
     with Prometheus(work / "prometheus") as prom:
-        run = LocalRun(demo_manifest(name), work / "run", DEMO_DRILLS).start()
+        run = LocalRun(demo_manifest(name), work / "run", DEMO_DRILLS)
+        prom.add_targets(run.target("sidecar"), run.target("trainer"))
+        start = time.time()
+        run.start()
         try:
-            prom.add_targets(run.target("sidecar"))
-            prom.add_targets(run.target("trainer"))
-            start = time.time()
             code = run.wait(1800)
         finally:
             run.stop()

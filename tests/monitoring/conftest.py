@@ -91,9 +91,8 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Watched]:
         prometheus.add_targets(
             Target(OPERATOR_JOB, f"127.0.0.1:{server.server_port}", operator_labels)
         )
-        run.start()
-        prometheus.add_targets(run.target("sidecar"))  # scraped before the trainer trains
-        prometheus.add_targets(run.target("trainer"))
+        prometheus.add_targets(run.target("sidecar"), run.target("trainer"))
+        run.start()  # scraped from its first second: the spike cannot come before a scrape
         operator.observe_phase((LOCAL_NAMESPACE, run.name), "Running", restarts=0)
         yield Watched(prometheus, run, operator)
     finally:

@@ -1,16 +1,23 @@
-"""`tolaria run --sidecar-metrics-port`: the sidecar's metrics in local mode, as in a pod. Its
-serving is exercised by every live test (conftest); here, a port in use is refused by name."""
+"""`tolaria run --sidecar-metrics-port`: the sidecar's metrics in local mode, as in a pod: port 0
+picks a free one and prints it, a port in use is refused by name. The live tests (conftest)
+scrape it on a port chosen beforehand."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
 import socket
+import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.integration.conftest import small_manifest, tolaria
+from tests.integration.conftest import TOLARIA, small_manifest, tolaria
 
 
 @pytest.fixture
@@ -34,3 +41,32 @@ def test_a_sidecar_metrics_port_in_use_exits_2_naming_the_flag_before_anything_s
     assert expected in done.stderr and "already in use" in done.stderr
     assert "Traceback" not in done.stderr
     assert not workdir.exists()
+
+
+@pytest.mark.timeout(600)
+def test_sidecar_metrics_port_0_serves_the_sidecars_metrics_at_the_url_it_prints(
+    tmp_path: Path,
+) -> None:
+    manifest = tmp_path / "served.yaml"
+    manifest.write_text(yaml.safe_dump(small_manifest("served", epochs=1000)))
+    flags = ["--workdir", str(tmp_path / "runs"), "--log-format", "json"]
+    proc = subprocess.Popen(
+        [*TOLARIA, "run", str(manifest), *flags, "--sidecar-metrics-port", "0"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        first = json.loads(proc.stdout.readline())  # printed once the sidecar is READY
+        with urllib.request.urlopen(first["url"], timeout=60) as response:
+            body = response.read().decode()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=300)
+    assert first["message"] == "sidecar metrics served"
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", first["url"])
+    assert not first["url"].endswith(":0/metrics")
+    assert "tolaria_sidecar_rollbacks_total" in body

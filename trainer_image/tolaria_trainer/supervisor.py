@@ -171,6 +171,7 @@ class Supervisor:
         self.seen = Supervision()
         self._trainer_drills, self._sidecar_drills = split(options.drills)
         self._sidecar_metrics_port = options.sidecar_metrics_port
+        self._sidecar_metrics_printed = False
 
     @property
     def _report_path(self) -> Path:
@@ -196,12 +197,13 @@ class Supervisor:
             self.seen.log_lines_lost += self._sidecar.lines_lost
             self._sidecar = None
         self._sidecar = SidecarChild.start(cmd, env, self._run_dir / "sidecar.log")
-        if self._sidecar_metrics_port == 0 and (
-            match := _READY_METRICS.search(self._sidecar.ready)
-        ):
-            self._sidecar_metrics_port = int(match.group(1))  # a restarted sidecar keeps the URL
-            host = self._run.spec.telemetry.metrics_address
-            self._notice("sidecar metrics served", f"http://{host}:{match.group(1)}/metrics")
+        if self._sidecar_metrics_port is not None and not self._sidecar_metrics_printed:
+            match = _READY_METRICS.search(self._sidecar.ready)
+            if match:  # its port, bound: a restarted sidecar is given the same one
+                self._sidecar_metrics_port = int(match.group(1))
+                self._sidecar_metrics_printed = True
+                host = self._run.spec.telemetry.metrics_address
+                self._notice("sidecar metrics served", f"http://{host}:{match.group(1)}/metrics")
 
     def _notice(self, message: str, url: str) -> None:
         """A line for the reader of `tolaria run`'s output, in its log format."""
