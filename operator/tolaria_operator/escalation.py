@@ -20,7 +20,13 @@ from pydantic import ValidationError
 
 from leyline import AnomalyKind, EmergencyLevel, EmergencyResolution, EmergencySignal
 from leyline.spec import EmergencySpec
-from leyline.spec.status import IncidentRef, ReachedRun, TolariaIncidentSpec, TolariaRunStatus
+from leyline.spec.status import (
+    IncidentRef,
+    ReachedRun,
+    TolariaIncidentSpec,
+    TolariaIncidentStatus,
+    TolariaRunStatus,
+)
 from leyline.v1.cluster_pb2 import IncidentAck, IncidentPhase, IncidentScope
 from tolaria_operator import incidents
 from tolaria_operator.clock import format_time
@@ -294,7 +300,7 @@ async def signal_run(
     return SignalOutcome(IncidentAck.Acknowledged, latency, "")
 
 
-async def _patch_incident(ctx: OperatorContext, name: str, status: Any) -> None:
+async def _patch_incident(ctx: OperatorContext, name: str, status: TolariaIncidentStatus) -> None:
     await ctx.kube.patch(
         INCIDENTS,
         None,
@@ -302,6 +308,9 @@ async def _patch_incident(ctx: OperatorContext, name: str, status: Any) -> None:
         {"status": incidents.incident_status_wire(status)},
         subresource="status",
     )
+    if status.phase == IncidentPhase.Open:  # the answers alerts wait on (R10.4)
+        acks = [IncidentAck.Name(r.ack) for r in status.runs]  # type: ignore[arg-type]
+        ctx.metrics.incident_answers(name, acks)
 
 
 async def _set_run_incident(

@@ -8,6 +8,7 @@ API server would prune anything else (kopf#308). The finalizer is `tolaria.dev/f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Mapping
@@ -15,13 +16,14 @@ from typing import Any, cast
 
 import kopf
 
-from leyline.v1.cluster_pb2 import IncidentPhase
+from leyline.v1.cluster_pb2 import IncidentAck, IncidentPhase
 from tolaria_operator import deadline
 from tolaria_operator import status as run_status
 from tolaria_operator.config import from_env
 from tolaria_operator.context import OperatorContext, build_context
 from tolaria_operator.errors import KubeApiError, OperatorError, SpecInvalid
-from tolaria_operator.metrics import MetricsServer
+from tolaria_operator.incidents import parse_incident_status
+from tolaria_operator.metrics import TIMED_HANDLERS, MetricsServer
 from tolaria_operator.resources import INCIDENTS
 
 logger = logging.getLogger(__name__)
@@ -80,12 +82,15 @@ async def count_open_incidents(ctx: OperatorContext) -> None:
     except KubeApiError as err:
         logger.warning("open incidents not counted: %s", err)
         return
-    open_names = {
-        str(i["metadata"]["name"])
-        for i in found
-        if (i.get("status") or {}).get("phase") == IncidentPhase.Name(IncidentPhase.Open)
-    }
-    ctx.metrics.reset_open_incidents(open_names)
+    answers: dict[str, list[str]] = {}
+    for incident in found:
+        status = parse_incident_status(incident.get("status"))
+        if status.phase == IncidentPhase.Open:
+            answers[str(incident["metadata"]["name"])] = [
+                IncidentAck.Name(r.ack)  # type: ignore[arg-type]
+                for r in status.runs
+            ]
+    ctx.metrics.reset_open_incidents(set(answers), answers)
 
 
 async def cleanup(memo: kopf.Memo) -> None:
@@ -107,17 +112,31 @@ def context(memo: kopf.Memo) -> OperatorContext:
 
 
 async def handle(ctx: OperatorContext, handler: str, work: Awaitable[object]) -> None:
-    """Run `work`, mapping errors: a spec that cannot run is permanent (kopf stops retrying
-    until the spec changes); everything else heals and is retried after a delay."""
-    try:
-        await count_open_incidents(ctx)
-        await work
-    except SpecInvalid as err:
-        ctx.metrics.reconcile_errors.labels(handler).inc()
-        raise kopf.PermanentError(str(err)) from err
-    except OperatorError as err:
-        ctx.metrics.reconcile_errors.labels(handler).inc()
-        raise kopf.TemporaryError(str(err), delay=ctx.settings.status.retry_delay_seconds) from err
+    """Run `work`, timed and counted, mapping errors: a spec that cannot run is permanent (kopf
+    stops retrying until the spec changes); an operator error heals and is retried after a
+    delay. Any other exception (a bug, an unexpected answer) is counted too - an error rate
+    that only saw the failures we foresaw would stay flat while the operator breaks - and
+    re-raised unchanged, so kopf logs its traceback and retries as it does for any error.
+    Cancellation (kopf stopping a daemon or the operator) is neither an error nor counted."""
+    timer = (
+        ctx.metrics.reconcile_duration.labels(handler).time()
+        if handler in TIMED_HANDLERS
+        else contextlib.nullcontext()
+    )
+    with timer:
+        try:
+            await count_open_incidents(ctx)
+            await work
+        except SpecInvalid as err:
+            ctx.metrics.reconcile_errors.labels(handler).inc()
+            raise kopf.PermanentError(str(err)) from err
+        except OperatorError as err:
+            ctx.metrics.reconcile_errors.labels(handler).inc()
+            delay = ctx.settings.status.retry_delay_seconds
+            raise kopf.TemporaryError(str(err), delay=delay) from err
+        except Exception:
+            ctx.metrics.reconcile_errors.labels(handler).inc()
+            raise
 
 
 def run_is_active(status: Mapping[str, Any] | None = None, **_: Any) -> bool:

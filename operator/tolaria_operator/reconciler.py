@@ -182,7 +182,7 @@ async def _resolve_if_source_ended(
 
 def _record(ctx: OperatorContext, run: RunObject, plan: Plan, status: TolariaRunStatus) -> None:
     phase = enum_name(RunPhase, status.phase or RunPhase.Pending)
-    ctx.metrics.observe_phase(run.key, phase)
+    ctx.metrics.observe_phase(run.key, phase, restarts=status.restarts)
     ctx.metrics.observe_restarts(plan.restarts_added, plan.counted_added)
     for note in plan.notes:
         ctx.events.post(run.reference(), note.type, note.reason, note.message)

@@ -184,6 +184,7 @@ class EmergencyMachine:
         self._attempt: int | None = None
         self._stall: _Stall | None = None
         self._deadline: _Deadline | None = None
+        self._missed_deadlines: deque[str] = deque(maxlen=64)
         self.on_raise: Callable[[], None] | None = None
         """Called after every publish that awaits acks (the monitor switches to 1 ms)."""
         control.register(SIDECAR, os.getpid(), 0)
@@ -695,6 +696,12 @@ class EmergencyMachine:
             self._deadline = None
             return True
 
+    def deadline_missed_for(self, rollback_id: str) -> bool:
+        """True when full rollback `rollback_id` missed its deadline (its late report is not
+        counted a second time)."""
+        with self._lock:
+            return rollback_id in self._missed_deadlines
+
     @property
     def rollback_pending(self) -> str | None:
         with self._lock:
@@ -705,7 +712,8 @@ class EmergencyMachine:
         if deadline is None or now < deadline.deadline_ns:
             return
         self._deadline = None
-        self._metrics.full_rollback_deadline_misses.inc()
+        self._missed_deadlines.append(deadline.rollback_id)
+        self._metrics.rollback_deadline_missed()
         self._raise(
             EmergencySignal(
                 level=CRITICAL,

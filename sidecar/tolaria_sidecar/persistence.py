@@ -160,6 +160,7 @@ class CheckpointWriter:
         ).inc()
         self._metrics.checkpoint_seconds.observe(elapsed_s)
         self._metrics.checkpoint_bytes.inc(len(manifest) + header.data_length)
+        self._metrics.checkpoint_committed(record.committed_at.ToNanoseconds() / 1e9)
         self._events.publish("checkpoint", record)
         logger.info(
             "slot %d generation %d (epoch %d, step %d) durable as %s in %.2f s",

@@ -126,6 +126,11 @@ class Sidecar:
         self.persister = Persister(self.slots)
         self._started_ns = self.clock.now_ns()
         self.metrics.track_heartbeat_age(self._heartbeat_age)
+        self.metrics.stall_threshold.set(config.detection.stall_seconds)
+        self.metrics.fast_tier_enabled.set(1 if config.snapshots.enabled else 0)
+        newest = store.committed()
+        if newest:  # checkpoints of an earlier sidecar (a restart, a resumed run) count
+            self.metrics.checkpoint_committed(newest[0].committed_at.ToNanoseconds() / 1e9)
 
     def start(self) -> None:
         """Re-attaches slots left by a previous sidecar, then starts the workers."""
@@ -137,6 +142,7 @@ class Sidecar:
             # for CRITICAL until it detaches, and its heartbeat is watched.
             self.machine.attach_trainer(line.attempt)
             self.view.attach(pid=line.pid, attempt=line.attempt, running=False)
+            self.metrics.trainer_attached.set(1)
         self.verifier.start()
         self.persister.start()
         self.monitor.start()
@@ -176,23 +182,30 @@ class Sidecar:
         for index, generation in self.slots.unverified():
             self.verifier.submit(index, generation)
         self.view.attach(pid=pid, attempt=attempt, running=True)
+        self._show_phase()
         logger.info("trainer attached (pid %d, attempt %d)", pid, attempt)
+
+    def _show_phase(self) -> None:
+        self.metrics.set_phase(RunPhase.Name(self.view.phase))
 
     def trainer_detached(self, phase: RunPhase.ValueType, reason: str) -> None:
         self.machine.detach_trainer()
         self.metrics.trainer_attached.set(0)
         progress = self.view.detach(phase)
+        self._show_phase()
         self.events.publish("progress", progress)
         logger.info("trainer detached (%s): %s", RunPhase.Name(phase), reason)
 
     def heartbeat(self, request: pb.HeartbeatRequest) -> None:
         interval_ns = int(self.config.tuning.progress_event_interval_seconds * 1e9)
         progress = self.view.beat(request, now_ns=self.clock.now_ns(), interval_ns=interval_ns)
+        self._show_phase()
         if progress is not None:
             self.events.publish("progress", progress)
 
     def rollback_started(self, request: RollbackRequest) -> None:
         self.view.start_rollback(request)
+        self._show_phase()
         self.events.publish("rollback_started", pb.RollbackStarted(request=request))
         logger.warning("full rollback %s started: %s", request.rollback_id, request.detail)
 
@@ -200,9 +213,14 @@ class Sidecar:
         pending = self.machine.finish_rollback(report.rollback_id)
         tier = RollbackTier.Name(report.tier)
         outcome = RollbackOutcome.Name(report.outcome)
-        self.metrics.rollbacks.labels(tier, outcome).inc()
-        self.metrics.rollback_seconds.labels(tier).observe(report.total_ns / 1e9)
+        self.metrics.rollback_reported(
+            tier,
+            outcome,
+            report.total_ns / 1e9,
+            deadline_missed=self.machine.deadline_missed_for(report.rollback_id),
+        )
         self.view.finish_rollback(report.rollback_id)
+        self._show_phase()
         self.events.publish("rollback_finished", report)
         logger.info(
             "%s rollback %s reported %s%s",

@@ -84,7 +84,7 @@ class SlotChecker:
                 f"{generation} must be > {loaded}, the generation of the "
                 "checkpoint loaded for the full rollback: number snapshots above it",
             )
-        self._metrics.snapshot_commits.inc()
+        self._metrics.snapshot_committed()
         self._table.refresh_gauges()
         return self._table.describe(slot)
 

@@ -65,6 +65,12 @@ class TrainerView:
                 self._phase = RunPhase.Running
 
     @property
+    def phase(self) -> RunPhase.ValueType:
+        """The phase the trainer last reported (RollingBack during a full rollback)."""
+        with self._lock:
+            return self._phase
+
+    @property
     def pid(self) -> int:
         """The pid of the trainer last attached (0: none yet)."""
         with self._lock:

@@ -200,7 +200,18 @@ def test_the_dashboard_label_namespace_and_annotations_are_configurable() -> Non
     assert config_map["metadata"]["annotations"] == {"grafana_folder": "Training"}
 
 
-def test_the_placeholder_files_are_valid_so_the_templates_render() -> None:
-    """The monitoring work replaces both files; until then they must render."""
+@pytest.mark.parametrize("names", [{}, {"fullnameOverride": "acme"}], ids=["default", "renamed"])
+def test_the_operators_scrape_job_is_the_one_the_absent_alert_looks_for(
+    names: dict[str, str],
+) -> None:
+    monitor = one(render({**ON, **names}), "ServiceMonitor")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    (relabel,) = [r for r in endpoint["relabelings"] if r["targetLabel"] == "job"]
+    rules = RULES_FILE.read_text(encoding="utf-8")
+    assert relabel["replacement"] == "tolaria-operator"
+    assert 'absent(up{job=~".*tolaria-operator.*"} == 1)' in rules
+
+
+def test_the_rule_file_and_the_dashboard_parse() -> None:
     assert "groups" in yaml.safe_load(RULES_FILE.read_text(encoding="utf-8"))
     assert json.loads(DASHBOARD_FILE.read_text(encoding="utf-8"))["uid"]

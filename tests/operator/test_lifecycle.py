@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import kopf
 import pytest
 
@@ -85,3 +87,45 @@ def test_every_handler_is_registered_and_no_login_handler_replaces_kopfs() -> No
         if h.activity.value == "authentication"
     ]
     assert logins == ["login_via_client"]
+
+
+@pytest.mark.asyncio
+async def test_an_unexpected_exception_is_counted_and_reraised_unchanged_for_kopf() -> None:
+    """An error rate that only saw foreseen failures would stay flat while the operator breaks."""
+    ctx = build_context(TolariaSettings(), kube=FakeKube())
+
+    async def bug() -> None:
+        raise KeyError("status")
+
+    with pytest.raises(KeyError):
+        await lifecycle.handle(ctx, "pod_event", bug())
+    registry = ctx.metrics.registry
+    assert (
+        registry.get_sample_value(
+            "tolaria_operator_reconcile_errors_total", {"handler": "pod_event"}
+        )
+        == 1
+    )
+    assert (
+        registry.get_sample_value(
+            "tolaria_operator_reconcile_duration_seconds_count", {"handler": "pod_event"}
+        )
+        == 1
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_handler_is_not_an_error() -> None:
+    ctx = build_context(TolariaSettings(), kube=FakeKube())
+
+    async def stopped() -> None:
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await lifecycle.handle(ctx, "sidecar", stopped())
+    assert (
+        ctx.metrics.registry.get_sample_value(
+            "tolaria_operator_reconcile_errors_total", {"handler": "sidecar"}
+        )
+        == 0
+    )

@@ -145,3 +145,77 @@ def test_every_series_is_prefixed_in_base_units_and_touched_at_start() -> None:
         for outcome in enum_names(RollbackOutcome):
             key = (("outcome", outcome), ("tier", tier))
             assert ("tolaria_sidecar_rollbacks_total", key) in samples
+
+
+class Wall:
+    """A wall clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+@pytest.mark.req("R8.3")
+def test_snapshot_and_checkpoint_ages_grow_at_scrape_time_from_the_sidecars_start() -> None:
+    """An age set on the event would freeze exactly when events stop coming."""
+    wall, registry = Wall(), CollectorRegistry()
+    SidecarMetrics(registry, wall=wall)
+    wall.now += 90
+    assert value(registry, "tolaria_sidecar_snapshot_age_seconds") == 90
+    assert value(registry, "tolaria_sidecar_checkpoint_age_seconds") == 90
+
+
+@pytest.mark.req("R8.3")
+def test_the_snapshot_age_starts_over_at_each_accepted_commit() -> None:
+    wall, registry = Wall(), CollectorRegistry()
+    metrics = SidecarMetrics(registry, wall=wall)
+    wall.now += 50
+    metrics.snapshot_committed()
+    wall.now += 7
+    assert value(registry, "tolaria_sidecar_snapshot_age_seconds") == 7
+    assert value(registry, "tolaria_sidecar_snapshot_commits_total") == 1
+
+
+@pytest.mark.req("R8.3")
+def test_the_checkpoint_age_counts_from_the_newest_commit_time_seen() -> None:
+    """Records arrive out of order (a restarted sidecar reads older ones): the newest wins."""
+    wall, registry = Wall(), CollectorRegistry()
+    metrics = SidecarMetrics(registry, wall=wall)
+    metrics.checkpoint_committed(wall.now - 30)
+    metrics.checkpoint_committed(wall.now - 600)
+    assert value(registry, "tolaria_sidecar_checkpoint_age_seconds") == 30
+
+
+@pytest.mark.req("R8.3")
+def test_the_run_phase_is_one_series_at_one_and_every_other_phase_at_zero() -> None:
+    registry = CollectorRegistry()
+    metrics = SidecarMetrics(registry)
+    assert value(registry, "tolaria_sidecar_run_phase", phase="Pending") == 1
+    metrics.set_phase("Succeeded")
+    phases = {
+        p: value(registry, "tolaria_sidecar_run_phase", phase=p)
+        for p in ("Pending", "Running", "Succeeded", "Halted")
+    }
+    assert phases == {"Pending": 0, "Running": 0, "Succeeded": 1, "Halted": 0}
+
+
+@pytest.mark.req("R6.5")
+def test_a_missed_full_rollback_is_counted_once_as_deadline_missed_even_if_reported_later() -> None:
+    registry = CollectorRegistry()
+    metrics = SidecarMetrics(registry)
+    full, missed = "ROLLBACK_TIER_FULL", "ROLLBACK_OUTCOME_DEADLINE_MISSED"
+    metrics.rollback_deadline_missed()
+    metrics.rollback_reported(full, "ROLLBACK_OUTCOME_SUCCEEDED", 20.0, deadline_missed=True)
+    assert value(registry, "tolaria_sidecar_rollbacks_total", tier=full, outcome=missed) == 1
+    succeeded = value(
+        registry, "tolaria_sidecar_rollbacks_total", tier=full, outcome="ROLLBACK_OUTCOME_SUCCEEDED"
+    )
+    assert succeeded == 0
+    assert value(registry, "tolaria_sidecar_rollback_duration_seconds_count", tier=full) == 1
+    assert value(registry, "tolaria_sidecar_full_rollback_deadline_misses_total") == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -460,3 +461,73 @@ def test_the_unix_socket_is_private_to_its_owner(serve_sidecar: Start) -> None:
 def test_the_slot_count_follows_the_manifest(serve_sidecar: Start) -> None:
     served = serve_sidecar(manifest=tolaria_run(snapshots={"slots": 3}))
     assert len(served.attach().slots) == 3
+
+
+# -- metrics fed by the services ------------------------------------------------------------
+
+
+def metric(served: Served, name: str, **labels: str) -> float | None:
+    return served.sidecar.metrics.registry.get_sample_value(name, labels)
+
+
+@pytest.mark.req("R6.5")
+def test_a_full_rollback_reported_after_its_deadline_counts_once_as_deadline_missed(
+    serve_sidecar: Start,
+) -> None:
+    clock = FakeClock()
+    served = serve_sidecar(clock=clock)
+    served.attach()
+    served.link.PrepareFullRollback(full(), timeout=30)
+    clock.advance_s(served.sidecar.config.rollback.full_deadline_seconds + 1)
+    tier = RollbackTier.Name(RollbackTier.ROLLBACK_TIER_FULL)
+    missed = RollbackOutcome.Name(RollbackOutcome.ROLLBACK_OUTCOME_DEADLINE_MISSED)
+    wait_for(lambda: metric(served, "tolaria_sidecar_rollbacks_total", tier=tier, outcome=missed))
+    late = RollbackReport(
+        version=1,
+        rollback_id="rb-1",
+        tier=RollbackTier.ROLLBACK_TIER_FULL,
+        outcome=RollbackOutcome.ROLLBACK_OUTCOME_FAILED,
+        total_ns=30_000_000_000,
+    )
+    assert served.link.ReportRollback(late).ok
+    failed = RollbackOutcome.Name(RollbackOutcome.ROLLBACK_OUTCOME_FAILED)
+    assert metric(served, "tolaria_sidecar_rollbacks_total", tier=tier, outcome=missed) == 1
+    assert metric(served, "tolaria_sidecar_rollbacks_total", tier=tier, outcome=failed) == 0
+    assert metric(served, "tolaria_sidecar_rollback_duration_seconds_count", tier=tier) == 1
+
+
+@pytest.mark.req("R8.3")
+def test_the_checkpoint_age_counts_from_the_commit_time_of_the_newest_checkpoint(
+    serve_sidecar: Start,
+) -> None:
+    served = serve_sidecar()
+    committed(served, generation=1, epoch=2)
+    served.link.PersistSnapshot(pb.PersistRequest(slot=0, generation=1))
+    status = wait_for(
+        lambda: (
+            (s := served.link.GetStatus(pb.GetStatusRequest())).HasField("last_checkpoint") and s
+        )
+    )
+    since_commit = time.time() - status.last_checkpoint.committed_at.ToNanoseconds() / 1e9
+    age = metric(served, "tolaria_sidecar_checkpoint_age_seconds")
+    assert age is not None and abs(age - since_commit) < 5
+
+
+@pytest.mark.req("R8.3")
+def test_the_phase_series_follow_the_trainer_from_attach_to_its_final_phase(
+    serve_sidecar: Start,
+) -> None:
+    served = serve_sidecar()
+    served.attach()
+    assert metric(served, "tolaria_sidecar_run_phase", phase="Running") == 1
+    served.link.Detach(pb.DetachRequest(run_id=RUN_ID, final_phase=RunPhase.Halted, reason="x"))
+    assert metric(served, "tolaria_sidecar_run_phase", phase="Running") == 0
+    assert metric(served, "tolaria_sidecar_run_phase", phase="Halted") == 1
+
+
+@pytest.mark.req("R8.3")
+def test_the_stall_threshold_is_the_runs_detection_budget(serve_sidecar: Start) -> None:
+    served = serve_sidecar()
+    expected = served.sidecar.config.detection.stall_seconds
+    assert metric(served, "tolaria_sidecar_stall_threshold_seconds") == expected
+    assert metric(served, "tolaria_sidecar_fast_tier_enabled") == 1

@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics on this port (0 picks a free one)",
     )
     run.add_argument(
+        "--sidecar-metrics-port",
+        type=_port,
+        default=None,
+        help="serve the sidecar's Prometheus metrics (rollbacks, emergencies, checkpoints) "
+        "on this port (0 picks a free one); off by default",
+    )
+    run.add_argument(
         "--profile",
         type=_epochs,
         default=None,
@@ -211,6 +218,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         drills=tuple(args.inject),
         log_format=args.log_format,
         metrics_port=args.metrics_port,
+        sidecar_metrics_port=args.sidecar_metrics_port,
         profile=profile,
         verbose=args.verbose,
         resume=args.resume,

@@ -31,9 +31,11 @@ LOG_TAIL_BYTES = 4096
 class SidecarChild:
     """One started sidecar process: `start` returns once it is READY."""
 
-    def __init__(self, proc: subprocess.Popen[str], log_path: Path) -> None:
+    def __init__(self, proc: subprocess.Popen[str], log_path: Path, ready: str = "") -> None:
         self.proc = proc
         self.log_path = log_path
+        self.ready = ready
+        """Its READY line (the socket, control and metrics endpoints it serves)."""
         self.lines_lost = 0
         """Lines of its output `sidecar.log` could not take (disk full)."""
 
@@ -56,7 +58,7 @@ class SidecarChild:
             proc.wait()
             tail = _tail(log_path) or line.strip() or "no output"
             raise SidecarDidNotStart(f"the sidecar did not start (see {log_path}): {tail}")
-        child = cls(proc, log_path)
+        child = cls(proc, log_path, line.strip())
         threading.Thread(target=child._drain, name="sidecar-output", daemon=True).start()
         logger.info("sidecar ready (pid %d): %s", proc.pid, line.strip())
         return child

@@ -14,6 +14,10 @@ the way a kubelet runs the two containers of a run's pod:
   bound here, before anything is created: a port in use is exit 2 naming the
   flag or field. Every trainer attempt serves on that one socket, so the URL
   it prints holds across restarts;
+* `--sidecar-metrics-port` serves the sidecar's metrics too (the rollback,
+  emergency and checkpoint series live there, as in a pod): a port in use is
+  refused the same way; the port the first sidecar bound (0: a free one) is
+  printed and given to every restarted sidecar, so its URL holds as well;
 * the children run in their own process groups, so a terminal's Ctrl-C reaches
   only the supervisor, which stops them in order: the trainer first (it ends
   its step, writes the report and detaches), then the sidecar (it removes the
@@ -37,6 +41,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -70,7 +75,7 @@ from leyline.lifecycle import (
 from leyline.shm import new_instance_id, remove_instance_segments
 from leyline.spec import TolariaRun
 from tolaria_trainer.drills import SIDECAR_PID_ENV, DrillSpec, split
-from tolaria_trainer.endpoint import open_metrics_socket
+from tolaria_trainer.endpoint import bind_metrics_socket, open_metrics_socket
 from tolaria_trainer.errors import MetricsPortUnavailable, SidecarDidNotStart
 from tolaria_trainer.reconcile import (
     Death,
@@ -102,6 +107,9 @@ before SIGKILL; a third signal kills at once."""
 POLL_S = 0.05
 """How often the supervisor looks at its children (and forwards signals it received)."""
 FINAL_CODES = frozenset({0, 1, 2, 3, 130, 143})
+SIDECAR_METRICS_FLAG = "--sidecar-metrics-port"
+_READY_METRICS = re.compile(r"\bmetrics=(\d+)")
+"""The port in the sidecar's READY line."""
 
 
 @dataclass
@@ -111,6 +119,8 @@ class SupervisorOptions:
     drills: Sequence[DrillSpec] = ()
     log_format: str = "rich"
     metrics_port: int | None = None
+    sidecar_metrics_port: int | None = None
+    """Serve the sidecar's metrics on this port (0: a free one); None: not served."""
     profile: str | None = None
     verbose: bool = False
     resume: bool = False
@@ -160,6 +170,8 @@ class Supervisor:
         self._made_run_dir = not self._run_dir.exists()
         self.seen = Supervision()
         self._trainer_drills, self._sidecar_drills = split(options.drills)
+        self._sidecar_metrics_port = options.sidecar_metrics_port
+        self._sidecar_metrics_printed = False
 
     @property
     def _report_path(self) -> Path:
@@ -176,6 +188,7 @@ class Supervisor:
             checkpoint_dir=str(self._checkpoint_dir()),
             cleanup_on_exit=True,
             remove_socket_dir=True,  # the directory is ours; the sidecar removes it if we die
+            metrics_port=self._sidecar_metrics_port,
             inject=tuple(d.raw for d in self._sidecar_drills),
         )
         cmd = [*python_module(SIDECAR_MODULE, sys.executable), *command.args()]
@@ -184,6 +197,22 @@ class Supervisor:
             self.seen.log_lines_lost += self._sidecar.lines_lost
             self._sidecar = None
         self._sidecar = SidecarChild.start(cmd, env, self._run_dir / "sidecar.log")
+        if self._sidecar_metrics_port is not None and not self._sidecar_metrics_printed:
+            match = _READY_METRICS.search(self._sidecar.ready)
+            if match:  # its port, bound: a restarted sidecar is given the same one
+                self._sidecar_metrics_port = int(match.group(1))
+                self._sidecar_metrics_printed = True
+                host = self._run.spec.telemetry.metrics_address
+                self._notice("sidecar metrics served", f"http://{host}:{match.group(1)}/metrics")
+
+    def _notice(self, message: str, url: str) -> None:
+        """A line for the reader of `tolaria run`'s output, in its log format."""
+        if self._opts.log_format == "json":
+            line = json.dumps({"event": "notice", "message": message, "url": url})
+        else:
+            line = f"! {message} url={url}"
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
     def _checkpoint_dir(self) -> Path:
         configured = self._run.spec.checkpoints.directory
@@ -233,7 +262,13 @@ class Supervisor:
     def _run_with_metrics(self) -> int:
         try:
             self._metrics = open_metrics_socket(self._run.spec.telemetry, self._opts.metrics_port)
+            if self._sidecar_metrics_port:  # the sidecar binds it; taken is refused here, by name
+                address = self._run.spec.telemetry.metrics_address
+                port = self._sidecar_metrics_port
+                bind_metrics_socket(address, port, field=SIDECAR_METRICS_FLAG).close()
         except MetricsPortUnavailable as err:  # before the lock: a refusal leaves nothing
+            if self._metrics is not None:
+                self._metrics.close()
             return self._refuse(err)
         try:
             return self._run_locked()
