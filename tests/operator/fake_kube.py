@@ -77,10 +77,14 @@ class FakeKube:
         _merge(obj, patch)
         return copy.deepcopy(obj)
 
-    async def delete(self, resource: Resource, namespace: str | None, name: str) -> bool:
+    async def delete(
+        self, resource: Resource, namespace: str | None, name: str, *, uid: str = ""
+    ) -> bool:
         key = (resource.plural, namespace, name)
         self.calls.append(("delete", resource.plural, name))
         if key not in self.objects:
+            return False
+        if uid and self.objects[key]["metadata"].get("uid") != uid:
             return False
         if name in self.terminating:
             self.objects[key]["metadata"]["deletionTimestamp"] = "2026-11-25T12:00:00Z"
