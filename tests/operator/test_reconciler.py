@@ -121,7 +121,7 @@ async def test_a_run_that_is_gone_or_being_deleted_is_left_alone() -> None:
     body["metadata"]["deletionTimestamp"] = "2026-11-25T12:00:00Z"
     await put(kube, body)
     await sync_run(context(kube), "default", "r1")
-    assert kube.calls == []
+    assert [c for c in kube.calls if c[0] not in ("get", "list")] == []
     assert await kube.list(PODS, "default") == []
 
 
