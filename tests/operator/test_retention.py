@@ -278,3 +278,34 @@ async def test_a_resolved_incident_is_deleted_the_ttl_after_its_resolution(
     assert resolved_at + timedelta(seconds=600) <= cluster.clock.now()
     assert cluster.clock.now() <= resolved_at + timedelta(seconds=600 + 30 + 10)
     await cluster.close()
+
+
+@pytest.mark.slow
+@pytest.mark.req("R10.4")
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_deleting_an_active_run_still_resolves_its_incident(cluster: Cluster) -> None:
+    """The delete handler is optional, but an active run holds kopf's finalizer, so the
+    operator sees its deletion and resolves the incident it raised."""
+    await cluster.start_operator()
+    await cluster.create_run(b.run_body("r1", spec=LONG_START))
+    await cluster.eventually("pod", lambda: cluster.run_status("r1").get("podName"))
+    body = incident("inc-1", "Open", source="r1", ns="default")
+    body["metadata"].pop("uid")
+    await cluster.request("POST", "/apis/tolaria.dev/v1alpha1/tolariaincidents", body)
+    ref = {"name": "inc-1", "level": "critical", "role": "source"}
+    await cluster.request(
+        "PATCH",
+        "/apis/tolaria.dev/v1alpha1/namespaces/default/tolariaruns/r1/status",
+        {"status": {"incident": ref}},
+        "application/merge-patch+json",
+    )
+    await cluster.delete_run("r1")
+    resolution = await cluster.eventually(
+        "resolved",
+        lambda: ((cluster.get("tolariaincidents", None, "inc-1") or {}).get("status") or {}).get(
+            "resolution"
+        ),
+    )
+    assert resolution["reason"] == "source run default/r1 deleted"
+    await cluster.close()
