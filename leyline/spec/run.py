@@ -81,6 +81,9 @@ class TolariaRunSpec(SpecModel):
     suspend: bool = False
     """True: checkpoint, then stop the pod; false again: resume from that checkpoint as a new
     attempt. Ignored by `tolaria run`."""
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    """Seconds after the run finished (Succeeded, Failed, Halted) when the operator deletes it,
+    and with it everything it owns; unset: kept until deleted. Ignored by `tolaria run`."""
 
 
 class ObjectMeta(BaseModel):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_type_hints
@@ -27,6 +28,7 @@ PULL_POLICIES: tuple[str, ...] = tuple(
 )
 """What a container's `imagePullPolicy` may be: the manifest's own choices (`spec.pod`) but the
 empty one, which means "the operator's default"."""
+_DNS_NAME = re.compile(r"[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,32 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class TokenSettings:
+    """The run tokens (R10.5): each is an HMAC of the run's UID under one operator key, so the
+    operator never reads a Secret to reach a sidecar."""
+
+    key_secret: str = "tolaria-operator-token-key"  # noqa: S105 - a Secret's name
+    """Name of the Secret, in the operator's own namespace (`network.operator_namespace`),
+    that keeps the key; the operator creates it with a random key when it is missing and
+    reads no other Secret. Without a known namespace the key lives in memory only (a
+    restarted operator can then no longer reach the sidecars of runs started before)."""
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """What the operator deletes on its own, and when: finished runs past their
+    `spec.ttlSecondsAfterFinished`, and resolved incidents."""
+
+    resolved_incident_ttl_seconds: float = 86_400.0
+    """A resolved TolariaIncident is deleted this long after its resolution: a day to read
+    its timeline (`kubectl get tinc`); 0 deletes it at the next sweep."""
+    sweep_interval_seconds: float = 30.0
+    """How often finished runs and resolved incidents are checked against their TTLs (the
+    precision of both); 0 turns the sweep off. It lists runs and incidents, hence not every
+    second."""
+
+
+@dataclass(frozen=True)
 class TolariaSettings:
     """Every setting of the operator, one section per concern (cf. kopf's OperatorSettings)."""
 
@@ -198,6 +226,8 @@ class TolariaSettings:
     suspend: SuspendSettings = field(default_factory=SuspendSettings)
     escalation: EscalationSettings = field(default_factory=EscalationSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    tokens: TokenSettings = field(default_factory=TokenSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
 
 
 def env_name(section: str, name: str) -> str:
@@ -234,6 +264,8 @@ def from_env(env: Mapping[str, str]) -> TolariaSettings:
 def _check(section: str, name: str, var: str, value: Any) -> None:
     """The rules a type alone cannot say: a pod built from a bad image setting would only
     fail at the kubelet, one run at a time, long after the operator started."""
+    if section == "tokens" and name == "key_secret" and not _DNS_NAME.fullmatch(value):
+        raise SettingsInvalid(var, f"must be a Secret name (lowercase DNS name), got {value!r}")
     if section != "images":
         return
     if name == "pull_policy" and value not in PULL_POLICIES:

@@ -22,6 +22,7 @@ from tolaria_operator.kube import KubeApi
 from tolaria_operator.metrics import OperatorMetrics
 from tolaria_operator.protocols import EventSink, Kube
 from tolaria_operator.sidecar_client import AddressResolver, SidecarConnector
+from tolaria_operator.tokens import RunTokens
 from tolaria_operator.view import SidecarView
 
 RunKey = tuple[str, str]
@@ -44,6 +45,7 @@ class OperatorContext:
     metrics: OperatorMetrics
     clock: Clock
     events: EventSink
+    tokens: RunTokens
     views: dict[RunKey, SidecarView] = field(default_factory=dict)
     locks: dict[RunKey, asyncio.Lock] = field(default_factory=dict)
     incidents_counted: bool = False
@@ -58,7 +60,6 @@ class OperatorContext:
     def forget(self, key: RunKey) -> None:
         self.views.pop(key, None)
         self.locks.pop(key, None)
-        self.sidecars.forget(*key)
         self.metrics.forget_run(key)
 
 
@@ -70,16 +71,24 @@ def build_context(
     resolve: AddressResolver | None = None,
     registry: CollectorRegistry | None = None,
     events: EventSink | None = None,
+    token_key: bytes | None = None,
 ) -> OperatorContext:
-    """A context with production collaborators unless others are given."""
+    """A context with production collaborators unless others are given (`token_key`: the
+    run-token key, instead of the one kept in the operator's namespace)."""
     api: Kube = kube if kube is not None else KubeApi()
+    tokens = RunTokens(api, settings.tokens, settings.network.operator_namespace, key=token_key)
     return OperatorContext(
         settings=settings,
         kube=api,
         sidecars=SidecarConnector(
-            api, settings.sidecar, control_port=settings.pods.control_port, resolve=resolve
+            api,
+            settings.sidecar,
+            control_port=settings.pods.control_port,
+            tokens=tokens,
+            resolve=resolve,
         ),
         metrics=OperatorMetrics(registry if registry is not None else CollectorRegistry()),
         clock=clock if clock is not None else SystemClock(),
         events=events if events is not None else NoEvents(),
+        tokens=tokens,
     )

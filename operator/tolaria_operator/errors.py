@@ -80,3 +80,13 @@ class SidecarCallFailed(OperatorError):
 
 class AckTimeout(SidecarCallFailed):
     """A signalled sidecar did not acknowledge within the level's budget: record NoAck."""
+
+
+class TokenKeyInvalid(OperatorError):
+    """The Secret keeping the operator's run-token key is unusable: fix or delete it (a new key
+    is then made; runs started before get the new token with their next attempt)."""
+
+    def __init__(self, where: str, detail: str) -> None:
+        super().__init__(f"run-token key in {where}: {detail}")
+        self.where = where
+        self.detail = detail

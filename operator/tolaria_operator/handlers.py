@@ -41,7 +41,7 @@ async def reconcile_run(name: str, namespace: str | None, memo: kopf.Memo, **_: 
     await lifecycle.handle(ctx, "reconcile", reconciler.sync_run(ctx, namespace or "", name))
 
 
-@kopf.on.delete(*RUNS)
+@kopf.on.delete(*RUNS, optional=True)  # no finalizer for it: the garbage collector cleans up
 async def delete_run(
     name: str, namespace: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
 ) -> None:

@@ -150,12 +150,27 @@ class KubeApi:
             "PATCH", path, body=dict(patch), content_type=MERGE_PATCH, missing_ok=True
         )
 
-    async def delete(self, resource: Resource, namespace: str | None, name: str) -> bool:
-        """Deletes the object (background propagation); False when it was already gone."""
-        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
-        answer = await self._request(
-            "DELETE", resource.path(namespace, name), body=body, missing_ok=True
-        )
+    async def delete(
+        self, resource: Resource, namespace: str | None, name: str, *, uid: str = ""
+    ) -> bool:
+        """Deletes the object (background propagation: the garbage collector then removes
+        what it owns); False when it was already gone. With `uid`, only that object: False
+        when the name now holds another one (the server's UID precondition fails, 409)."""
+        body: dict[str, Any] = {
+            "kind": "DeleteOptions",
+            "apiVersion": "v1",
+            "propagationPolicy": "Background",
+        }
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        try:
+            answer = await self._request(
+                "DELETE", resource.path(namespace, name), body=body, missing_ok=True
+            )
+        except ObjectExists:
+            if uid:
+                return False
+            raise
         return answer is not None
 
     async def close(self) -> None:

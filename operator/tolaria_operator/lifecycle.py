@@ -3,11 +3,20 @@
 
 Called by `handlers.py` only. kopf keeps its progress and last-handled spec in annotations
 (`tolaria.dev/...`), never in `status`: the CRD declares only Tolaria's status fields and the
-API server would prune anything else (kopf#308). The finalizer is `tolaria.dev/finalizer`.
+API server would prune anything else (kopf#308).
+
+The finalizer is `tolaria.dev/finalizer`, and kopf puts it on a run only while the run is
+active (its sidecar daemon and timers match; the delete handler is optional), so kopf can
+stop the daemon before the run goes. A finished run carries none. An active run deleted while
+no operator runs keeps its `deletionTimestamp` until the finalizer is removed by hand
+(`kubectl patch trun R --type=merge -p '{"metadata":{"finalizers":null}}'`); nothing is lost
+by that, because the run's objects are removed by the garbage collector through their
+ownerReferences, not by the operator.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -17,7 +26,7 @@ from typing import Any, cast
 import kopf
 
 from leyline.v1.cluster_pb2 import IncidentAck, IncidentPhase
-from tolaria_operator import deadline
+from tolaria_operator import deadline, retention
 from tolaria_operator import status as run_status
 from tolaria_operator.config import from_env
 from tolaria_operator.context import OperatorContext, build_context
@@ -31,6 +40,7 @@ logger = logging.getLogger(__name__)
 CONTEXT_KEY = "tolaria"
 """Key of the `OperatorContext` in kopf's memo; an embedding test may put its own there."""
 METRICS_KEY = "tolaria_metrics_server"
+SWEEP_KEY = "tolaria_retention_sweep"
 FINALIZER = "tolaria.dev/finalizer"
 ANNOTATION_PREFIX = "tolaria.dev"
 
@@ -60,7 +70,8 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
 
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
     """Configure kopf, build the context (settings from the environment) unless one is given,
-    and start the metrics endpoint. Nothing here calls the API: kopf logs in after this."""
+    start the metrics endpoint and the retention sweep (its first sweep comes one interval
+    later). Nothing here calls the API: kopf logs in after this."""
     configure_kopf(settings)
     if not isinstance(memo.get(CONTEXT_KEY), OperatorContext):
         memo[CONTEXT_KEY] = build_context(from_env(os.environ), events=KopfEvents())
@@ -69,6 +80,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
         server = MetricsServer(ctx.metrics.registry)
         await server.start(ctx.settings.metrics.address, ctx.settings.metrics.port)
         memo[METRICS_KEY] = server
+    memo[SWEEP_KEY] = asyncio.create_task(
+        retention.sweep_forever(ctx), name="tolaria-retention-sweep"
+    )
 
 
 async def count_open_incidents(ctx: OperatorContext) -> None:
@@ -94,6 +108,11 @@ async def count_open_incidents(ctx: OperatorContext) -> None:
 
 
 async def cleanup(memo: kopf.Memo) -> None:
+    sweep = memo.get(SWEEP_KEY)
+    if isinstance(sweep, asyncio.Task):
+        sweep.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweep
     server = memo.get(METRICS_KEY)
     if isinstance(server, MetricsServer):
         await server.stop()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import re
 import secrets
-from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -46,7 +45,6 @@ from tolaria_operator.resources import (
     pod_name,
     run_labels,
     service_name,
-    token_name,
 )
 
 MANIFEST_DIR = "/etc/tolaria"
@@ -63,7 +61,6 @@ SHM_DIR = "/dev/shm"  # noqa: S108 - the pod's own memory-backed emptyDir, not t
 TMP_DIR = "/tmp"  # noqa: S108 - an emptyDir: the root filesystem is read-only
 GPU_RESOURCE = "nvidia.com/gpu"
 ATTEMPT_ENV = "TOLARIA_ATTEMPT"
-TOKEN_BYTES = 32
 _HOME = {"name": "HOME", "value": TMP_DIR}
 """The root filesystem is read-only: caches (torch inductor, triton, pip) go to /tmp."""
 _INSTANCE = re.compile(INSTANCE_PATTERN)
@@ -99,9 +96,9 @@ def shm_size_bytes(run: TolariaRun, settings: TolariaSettings) -> int:
     return max(wanted, pods.min_shm_bytes)
 
 
-def new_token() -> str:
-    """A fresh run token: 32 random bytes, URL-safe base64."""
-    return secrets.token_urlsafe(TOKEN_BYTES)
+def token_suffix() -> str:
+    """The random part of a token Secret's name (8 hex digits)."""
+    return secrets.token_hex(4)
 
 
 def _metadata(run: RunObject, name: str, **extra_labels: str) -> dict[str, Any]:
@@ -134,24 +131,18 @@ def manifest_config_map(run: RunObject, settings: TolariaSettings) -> dict[str, 
     }
 
 
-def token_secret(run: RunObject, token: str) -> dict[str, Any]:
-    """The run token (R10.5); created once per run and reused by every attempt."""
+def token_secret(run: RunObject, name: str, token: str) -> dict[str, Any]:
+    """The run token (R10.5) as the Secret one attempt's sidecar mounts. A new one per attempt,
+    under a random name (`resources.token_name`): the operator creates it and never reads a
+    Secret back, so it cannot know an existing one is its own. Each is owned by the run and
+    goes with it; the token is the same in all of them (derived, `tokens.derive_token`)."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
-        "metadata": _metadata(run, token_name(run.name)),
+        "metadata": _metadata(run, name),
         "data": {TOKEN_KEY: base64.b64encode(token.encode("ascii")).decode("ascii")},
     }
-
-
-def read_token(secret: Mapping[str, Any]) -> str:
-    """The token in a run's Secret; ValueError when it has none."""
-    data = secret.get("data") or {}
-    encoded = data.get(TOKEN_KEY)
-    if not encoded:
-        raise ValueError(f"secret has no data.{TOKEN_KEY}")
-    return base64.b64decode(encoded).decode("ascii").strip()
 
 
 def _ports(settings: TolariaSettings) -> list[tuple[str, int]]:
@@ -365,7 +356,7 @@ def sidecar_container(
     return container
 
 
-def _volumes(run: RunObject, shm_bytes: int) -> list[dict[str, Any]]:
+def _volumes(run: RunObject, shm_bytes: int, token_secret: str) -> list[dict[str, Any]]:
     volume = run.run.spec.pod.checkpoint_volume
     checkpoints: dict[str, Any] = (
         {"name": "checkpoints", "persistentVolumeClaim": {"claimName": volume.claim_name}}
@@ -379,7 +370,7 @@ def _volumes(run: RunObject, shm_bytes: int) -> list[dict[str, Any]]:
         {"name": "manifest", "configMap": {"name": manifest_name(run.name)}},
         {
             "name": "token",
-            "secret": {"secretName": token_name(run.name), "defaultMode": 0o440},
+            "secret": {"secretName": token_secret, "defaultMode": 0o440},
         },
         {"name": "work", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
@@ -394,8 +385,10 @@ def attempt_pod(
     restarts_before: int,
     counted_before: int,
     created_at: str,
+    token_secret: str,
 ) -> dict[str, Any]:
-    """The pod of attempt `attempt`, named `<run>-a<attempt>`.
+    """The pod of attempt `attempt`, named `<run>-a<attempt>`, mounting the Secret
+    `token_secret` (the one the reconciler just created for it) in the sidecar.
 
     `restarts_before`/`counted_before` are the run's counters before this attempt; they ride
     on the pod as annotations so the counters can be recomputed from the pod alone.
@@ -420,7 +413,7 @@ def attempt_pod(
         },
         "initContainers": [sidecar] if native else [],
         "containers": [trainer] if native else [sidecar, trainer],
-        "volumes": _volumes(run, shm),
+        "volumes": _volumes(run, shm, token_secret),
     }
     if not native:
         del pod_spec["initContainers"]
@@ -453,7 +446,8 @@ def attempt_pod(
 
 
 def owned_objects(run: RunObject, settings: TolariaSettings) -> list[dict[str, Any]]:
-    """The run's long-lived objects besides the token Secret, in creation order."""
+    """The run's long-lived objects under fixed names (the token Secrets have random ones), in
+    creation order."""
     return [
         manifest_config_map(run, settings),
         sidecar_service(run, settings),

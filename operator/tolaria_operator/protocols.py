@@ -46,8 +46,11 @@ class Kube(Protocol):
         """JSON merge patch; None when the object is gone, never creates it."""
         ...
 
-    async def delete(self, resource: Resource, namespace: str | None, name: str) -> bool:
-        """Deletes; False when already gone, never waits for the object to disappear."""
+    async def delete(
+        self, resource: Resource, namespace: str | None, name: str, *, uid: str = ""
+    ) -> bool:
+        """Deletes (only the object with `uid`, when given); False when already gone or another
+        object holds the name now, never waits for the object to disappear."""
         ...
 
 

@@ -11,12 +11,19 @@ recorded before its pod exists, so a crash in between creates the same pod again
 of counting a loss), then - only once every other pod of the run is gone - the new pod, and
 the pod's name last. It never deletes a pod it did not plan to delete, and never creates a
 second pod while one of the run's pods still exists.
+
+Ownership: an object is the run's only when it names the run's UID among its ownerReferences.
+Before a pod is created the run's fixed names (manifest ConfigMap, Service, NetworkPolicy, the
+pod) are checked; one taken by an object the run does not own is a name conflict: the run
+waits with `Ready=False, reason=NameConflict` naming it, and the object is neither used nor
+changed. The token Secret gets a fresh random name per attempt (the operator cannot read
+Secrets, so it could not tell an existing one is its own). Deleting a run deletes nothing by
+name: Kubernetes' garbage collector removes exactly the objects owned by it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 from datetime import datetime
@@ -24,6 +31,7 @@ from typing import Any
 
 from leyline import RunPhase
 from leyline.spec.status import CheckpointStatus, TolariaRunStatus
+from tolaria_operator import conditions as cond
 from tolaria_operator import escalation
 from tolaria_operator.clock import format_time
 from tolaria_operator.context import OperatorContext, RunKey
@@ -34,7 +42,7 @@ from tolaria_operator.errors import (
     SidecarUnavailable,
 )
 from tolaria_operator.observation import view_pod
-from tolaria_operator.pods import attempt_pod, new_token, owned_objects, token_secret
+from tolaria_operator.pods import attempt_pod, owned_objects, token_secret, token_suffix
 from tolaria_operator.resources import (
     CONFIGMAPS,
     NETWORK_POLICIES,
@@ -45,12 +53,10 @@ from tolaria_operator.resources import (
     SERVICES,
     RunObject,
     enum_name,
-    manifest_name,
-    network_policy_name,
+    has_owner,
     owned_by,
     parse_run,
     pod_name,
-    service_name,
     status_patch,
     status_wire,
     token_name,
@@ -65,6 +71,9 @@ _RESOURCE_BY_KIND = {
     "Service": SERVICES,
     "NetworkPolicy": NETWORK_POLICIES,
 }
+TOKEN_NAME_TRIES = 3
+"""Random token Secret names tried before giving up (a clash of 32 random bits is already
+someone guessing)."""
 
 
 async def sync_run(
@@ -110,6 +119,9 @@ async def run_pods(ctx: OperatorContext, run: RunObject) -> list[dict[str, Any]]
 
 async def _execute(ctx: OperatorContext, run: RunObject, plan: Plan, now: datetime) -> bool:
     status = plan.status
+    conflicts = await name_conflicts(ctx, run, plan.create.attempt) if plan.create else []
+    if conflicts:
+        status = _conflicted(ctx, run, status, conflicts, now)
     if plan.deadline_missed is not None:
         ctx.metrics.deadline_misses.inc()
         logger.error(
@@ -134,11 +146,15 @@ async def _execute(ctx: OperatorContext, run: RunObject, plan: Plan, now: dateti
     written = await write_status(ctx, run, run.raw_status, status)
     _record(ctx, run, plan, status)
     await _resolve_if_source_ended(ctx, run, status)
-    if plan.create is None:
+    if plan.create is None or conflicts:
         return bool(deleted and await _gone(ctx, run, deleted, wait=False))
     await wait_for_no_pods(ctx, run)
-    await ensure_owned(ctx, run)
+    conflicts = await ensure_owned(ctx, run)
+    if conflicts:  # taken between the check and the creation
+        await write_status(ctx, run, written, _conflicted(ctx, run, status, conflicts, now))
+        return False
     create = plan.create
+    secret = await create_token_secret(ctx, run, create.attempt)
     manifest = attempt_pod(
         run,
         create.attempt,
@@ -146,6 +162,7 @@ async def _execute(ctx: OperatorContext, run: RunObject, plan: Plan, now: dateti
         restarts_before=create.restarts_before,
         counted_before=create.counted_before,
         created_at=format_time(now),
+        token_secret=secret,
     )
     try:
         await ctx.kube.create(PODS, run.namespace, manifest)
@@ -153,6 +170,12 @@ async def _execute(ctx: OperatorContext, run: RunObject, plan: Plan, now: dateti
             "%s/%s: created pod %s", run.namespace, run.name, pod_name(run.name, create.attempt)
         )
     except ObjectExists:
+        name = pod_name(run.name, create.attempt)
+        existing = await ctx.kube.get(PODS, run.namespace, name)
+        if existing is not None and not has_owner(existing, run.uid):
+            taken = [_describe("Pod", run.namespace, name)]
+            await write_status(ctx, run, written, _conflicted(ctx, run, status, taken, now))
+            return False
         logger.info(
             "%s/%s: pod of attempt %d already exists", run.namespace, run.name, create.attempt
         )
@@ -223,16 +246,82 @@ async def wait_for_no_pods(ctx: OperatorContext, run: RunObject) -> None:
         raise PodNotGone(", ".join(pods), ctx.settings.status.pod_gone_timeout_seconds)
 
 
-async def ensure_owned(ctx: OperatorContext, run: RunObject) -> None:
-    """The token Secret (created once, reused by every attempt), the manifest ConfigMap, the
-    headless Service and the NetworkPolicy; existing ones are left as they are."""
-    if await ctx.kube.get(SECRETS, run.namespace, token_name(run.name)) is None:
-        with contextlib.suppress(ObjectExists):
-            await ctx.kube.create(SECRETS, run.namespace, token_secret(run, new_token()))
+def _describe(kind: str, namespace: str, name: str) -> str:
+    return f"{kind} {namespace}/{name}"
+
+
+async def name_conflicts(ctx: OperatorContext, run: RunObject, attempt: int) -> list[str]:
+    """The objects that hold a name the run needs (its manifest ConfigMap, Service,
+    NetworkPolicy, the pod of `attempt`) without being owned by it. Reads only."""
+    found = await _named_conflicts(ctx, run)
+    pod = await ctx.kube.get(PODS, run.namespace, pod_name(run.name, attempt))
+    if pod is not None and not has_owner(pod, run.uid):
+        found.append(_describe("Pod", run.namespace, pod_name(run.name, attempt)))
+    return found
+
+
+async def _named_conflicts(ctx: OperatorContext, run: RunObject) -> list[str]:
+    found = []
     for obj in owned_objects(run, ctx.settings):
-        resource = _RESOURCE_BY_KIND[obj["kind"]]
-        with contextlib.suppress(ObjectExists):
+        name = obj["metadata"]["name"]
+        existing = await ctx.kube.get(_RESOURCE_BY_KIND[obj["kind"]], run.namespace, name)
+        if existing is not None and not has_owner(existing, run.uid):
+            found.append(_describe(obj["kind"], run.namespace, name))
+    return found
+
+
+def _conflicted(
+    ctx: OperatorContext,
+    run: RunObject,
+    status: TolariaRunStatus,
+    objects: list[str],
+    now: datetime,
+) -> TolariaRunStatus:
+    """`status` with Ready=False/NameConflict; an Event the first time it is set."""
+    marked = cond.name_conflict(status.conditions, objects, format_time(now), run.generation)
+    ready = cond.find(marked, cond.READY)
+    before = cond.find(run.status.conditions, cond.READY)
+    if ready is not None and (before is None or before.message != ready.message):
+        logger.error("%s/%s: %s", run.namespace, run.name, ready.message)
+        ctx.events.post(run.reference(), "Warning", cond.NAME_CONFLICT, ready.message)
+    return status.model_copy(update={"conditions": marked})
+
+
+async def ensure_owned(ctx: OperatorContext, run: RunObject) -> list[str]:
+    """The manifest ConfigMap, the headless Service and the NetworkPolicy: each created when
+    missing, an existing one kept when the run owns it (never patched: the run's own). Returns
+    the ones found taken by an object the run does not own (created since `name_conflicts`)."""
+    conflicts = []
+    for obj in owned_objects(run, ctx.settings):
+        resource, name = _RESOURCE_BY_KIND[obj["kind"]], obj["metadata"]["name"]
+        try:
             await ctx.kube.create(resource, run.namespace, obj)
+        except ObjectExists:
+            existing = await ctx.kube.get(resource, run.namespace, name)
+            if existing is not None and not has_owner(existing, run.uid):
+                conflicts.append(_describe(obj["kind"], run.namespace, name))
+    return conflicts
+
+
+async def create_token_secret(ctx: OperatorContext, run: RunObject, attempt: int) -> str:
+    """A new Secret with the run token for the pod of `attempt`, under a random name; returns
+    the name. Never one that exists: the operator cannot read a Secret to check its owner."""
+    token = await ctx.tokens.token(run.namespace, run.name, run.uid)
+    for _ in range(TOKEN_NAME_TRIES):
+        name = token_name(run.name, attempt, token_suffix())
+        try:
+            await ctx.kube.create(SECRETS, run.namespace, token_secret(run, name, token))
+        except ObjectExists:
+            logger.warning("%s/%s: Secret %s exists; another name", run.namespace, run.name, name)
+            continue
+        return name
+    raise ObjectExists(
+        "POST",
+        SECRETS.path(run.namespace),
+        409,
+        "AlreadyExists",
+        f"{TOKEN_NAME_TRIES} random token Secret names were taken",
+    )
 
 
 async def checkpoint_then_stop(ctx: OperatorContext, run: RunObject) -> CheckpointStatus | None:
@@ -307,21 +396,12 @@ async def patch_progress(ctx: OperatorContext, key: RunKey) -> bool:
 async def delete_run(
     ctx: OperatorContext, namespace: str, name: str, body: Mapping[str, Any]
 ) -> None:
-    """The run is being deleted: remove what it owns (owner references would too, but not
-    before the finalizer is gone) and resolve the incident it raised. Reads only metadata and
+    """The run is being deleted (seen by the operator: the handler is optional and holds no
+    finalizer). Deletes nothing by name: everything the run made carries its ownerReference,
+    and Kubernetes' garbage collector removes exactly those objects once the run is gone,
+    with or without this operator, never one that only shares a name. What is left is the
+    incident it raised (resolved) and the operator's memory of it. Reads only metadata and
     status, so even a run whose spec no longer validates can go."""
-    uid = str((body.get("metadata") or {}).get("uid", ""))
-    for pod in await ctx.kube.list(PODS, namespace, {RUN_LABEL: name}):
-        refs = pod["metadata"].get("ownerReferences") or []
-        if not refs or any(r.get("uid") == uid for r in refs):
-            await ctx.kube.delete(PODS, namespace, pod["metadata"]["name"])
-    for resource, obj_name in (
-        (SERVICES, service_name(name)),
-        (NETWORK_POLICIES, network_policy_name(name)),
-        (CONFIGMAPS, manifest_name(name)),
-        (SECRETS, token_name(name)),
-    ):
-        await ctx.kube.delete(resource, namespace, obj_name)
     incident = ((body.get("status") or {}).get("incident")) or {}
     if incident.get("role") == "source" and incident.get("name"):
         await escalation.resolve_incident(
@@ -331,6 +411,4 @@ async def delete_run(
             reason=f"source run {namespace}/{name} deleted",
         )
     ctx.forget((namespace, name))
-    logger.info(
-        "%s/%s: deleted with its pods, service, policy, manifest and token", namespace, name
-    )
+    logger.info("%s/%s: deleted; the garbage collector removes what it owns", namespace, name)

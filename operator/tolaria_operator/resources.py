@@ -42,6 +42,9 @@ class Resource:
     version: str
     plural: str
     namespaced: bool = True
+    home: bool = False
+    """Used in the operator's own namespace only (its token key), never in a run's: the
+    Helm chart grants it there, by name, and not in the namespaces it watches."""
 
     @property
     def api_version(self) -> str:
@@ -61,6 +64,8 @@ INCIDENTS = Resource(API_GROUP, API_VERSION, "tolariaincidents", namespaced=Fals
 PODS = Resource("", "v1", "pods")
 SERVICES = Resource("", "v1", "services")
 SECRETS = Resource("", "v1", "secrets")
+KEY_SECRETS = Resource("", "v1", "secrets", home=True)
+"""The Secret keeping the operator's token key, in the operator's own namespace."""
 CONFIGMAPS = Resource("", "v1", "configmaps")
 NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies")
 
@@ -101,8 +106,10 @@ def manifest_name(run: str) -> str:
     return f"{run}-manifest"
 
 
-def token_name(run: str) -> str:
-    return f"{run}-token"
+def token_name(run: str, attempt: int, suffix: str) -> str:
+    """The token Secret of one attempt: `<run>-a<attempt>-token-<suffix>`, the suffix random,
+    so no existing object can hold the name the operator creates and mounts."""
+    return f"{run}-a{attempt}-token-{suffix}"
 
 
 def service_name(run: str) -> str:
@@ -239,10 +246,17 @@ def run_labels(run: RunObject) -> dict[str, str]:
     }
 
 
+def has_owner(body: Mapping[str, Any], uid: str) -> bool:
+    """Whether `body` names the object with `uid` among its owners: the only proof that an
+    object with a run's name was made for this run (a name or a label anyone can copy; an
+    object made for an earlier run of the same name has another uid)."""
+    refs = (body.get("metadata") or {}).get("ownerReferences") or []
+    return bool(uid) and any(r.get("uid") == uid for r in refs)
+
+
 def owned_by(body: Mapping[str, Any], run: RunObject) -> bool:
-    """Whether `body` carries this run's label and (when present) its owner uid."""
+    """Whether `body` carries this run's label and its owner uid (a pod of the run)."""
     meta = body.get("metadata") or {}
     if (meta.get("labels") or {}).get(RUN_LABEL) != run.name:
         return False
-    refs = meta.get("ownerReferences") or []
-    return not refs or any(r.get("uid") == run.uid for r in refs)
+    return has_owner(body, run.uid)

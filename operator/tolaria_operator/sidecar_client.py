@@ -2,7 +2,8 @@
 carrying the run's token as `authorization: Bearer <token>` (R10.5).
 
 `SidecarConnector.open` resolves the address (the headless Service by default; a callable
-in tests) and reads the token from the run's Secret; `SidecarClient` wraps the five calls.
+in tests) and derives the token from the run's UID (`tokens`: no Secret is read);
+`SidecarClient` wraps the five calls.
 Every deadline is a gRPC deadline, so it bounds real time even when the event loop's clock
 is faked. gRPC errors become `SidecarUnavailable` (no answer: connection refused, connect
 timeout, token refused) or `SidecarCallFailed`/`AckTimeout` (an answer that is an error);
@@ -33,10 +34,11 @@ from tolaria_operator.errors import (
     KubeApiError,
     SidecarCallFailed,
     SidecarUnavailable,
+    TokenKeyInvalid,
 )
-from tolaria_operator.pods import read_token
 from tolaria_operator.protocols import Kube
-from tolaria_operator.resources import SECRETS, service_name, token_name
+from tolaria_operator.resources import RUNS, service_name
+from tolaria_operator.tokens import RunTokens
 
 AddressResolver = Callable[[str, str, int], str]
 """(namespace, run, control port) -> `host:port` of the run's sidecar."""
@@ -173,7 +175,7 @@ class SidecarClient:
 
 
 class SidecarConnector:
-    """Opens `SidecarClient`s: address from the resolver, token from the run's Secret."""
+    """Opens `SidecarClient`s: address from the resolver, token derived from the run's UID."""
 
     def __init__(
         self,
@@ -181,32 +183,30 @@ class SidecarConnector:
         settings: SidecarLinkSettings,
         *,
         control_port: int,
+        tokens: RunTokens,
         resolve: AddressResolver | None = None,
     ) -> None:
         self._kube = kube
         self._settings = settings
         self._port = control_port
+        self._tokens = tokens
         self._resolve = resolve or template_resolver(settings.address_template)
-        self._tokens: dict[tuple[str, str], str] = {}
 
     async def token(self, namespace: str, run: str) -> str:
-        """The run token from `<run>-token` (cached; `forget` drops it after a refusal)."""
-        key = (namespace, run)
-        if key not in self._tokens:
-            try:
-                secret = await self._kube.get(SECRETS, namespace, token_name(run))
-            except KubeApiError as err:
-                raise SidecarUnavailable(f"{namespace}/{run}", f"token unreadable: {err}") from err
-            if secret is None:
-                raise SidecarUnavailable(f"{namespace}/{run}", f"no secret {token_name(run)}")
-            try:
-                self._tokens[key] = read_token(secret)
-            except ValueError as err:
-                raise SidecarUnavailable(f"{namespace}/{run}", f"token unreadable: {err}") from err
-        return self._tokens[key]
-
-    def forget(self, namespace: str, run: str) -> None:
-        self._tokens.pop((namespace, run), None)
+        """The token of the run as it exists now: its UID is read each time, so a run deleted
+        and created again under the same name is never called with the old one's token."""
+        where = f"{namespace}/{run}"
+        try:
+            body = await self._kube.get(RUNS, namespace, run)
+        except KubeApiError as err:
+            raise SidecarUnavailable(where, f"run unreadable: {err}") from err
+        if body is None:
+            raise SidecarUnavailable(where, "the run does not exist")
+        uid = str((body.get("metadata") or {}).get("uid") or "")
+        try:
+            return await self._tokens.token(namespace, run, uid)
+        except (KubeApiError, TokenKeyInvalid) as err:
+            raise SidecarUnavailable(where, f"no run-token key: {err}") from err
 
     async def open(self, namespace: str, run: str) -> SidecarClient:
         """A client for the run's current sidecar; raises `SidecarUnavailable` without a token."""

@@ -88,8 +88,6 @@ async def follow(ctx: OperatorContext, namespace: str, name: str, stopped: StopF
                     if view.reachable:
                         logger.warning("%s/%s: sidecar lost: %s", namespace, name, err.detail)
                     view.mark_unreachable(err.detail)
-                    if "UNAUTHENTICATED" in err.detail:
-                        ctx.sidecars.forget(namespace, name)  # the token may have been recreated
             else:
                 view.mark_unreachable("no pod yet")
             await asyncio.sleep(backoff)

@@ -9,7 +9,9 @@ Two sources, both read from the code rather than listed by hand:
   constant (`PODS`), or, when the argument is computed (a loop variable, a lookup table), every
   Resource the enclosing function refers to, directly or through a module-level table of them
   (an over-approximation, never an omission). `patch(..., subresource="status")` is the
-  `<plural>/status` subresource. A call that cannot be resolved is reported, never skipped.
+  `<plural>/status` subresource. A `Resource` marked `home` (the operator's token-key Secret)
+  is needed in the operator's own namespace only. A call that cannot be resolved is
+  reported, never skipped.
 * kopf's calls on the operator's behalf, from kopf's registry after `tolaria_operator.handlers`
   registered the handlers, and from kopf's settings as `lifecycle.configure_kopf` leaves them:
   every watched resource is listed and watched; a resource with state-keeping handlers
@@ -50,12 +52,14 @@ VERBS = {"get": "get", "list": "list", "create": "create", "patch": "patch", "de
 @dataclass(frozen=True, order=True)
 class Need:
     """One permission: an API group, a resource (or `<plural>/<subresource>`), a verb, and
-    whether the resource is namespaced (granted per namespace) or cluster-scoped."""
+    whether the resource is namespaced (granted per namespace) or cluster-scoped, and whether
+    it is needed in the operator's own namespace only (`home`)."""
 
     group: str
     resource: str
     verb: str
     namespaced: bool
+    home: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,7 @@ def _receiver(func: ast.expr) -> str | None:
 
 def _need(resource: Resource, verb: str, subresource: str) -> Need:
     plural = f"{resource.plural}/{subresource}" if subresource else resource.plural
-    return Need(resource.group, plural, verb, resource.namespaced)
+    return Need(resource.group, plural, verb, resource.namespaced, resource.home)
 
 
 def tolaria_calls() -> tuple[list[Call], list[str]]:

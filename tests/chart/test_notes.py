@@ -40,3 +40,4 @@ def test_the_notes_warn_when_run_metrics_cannot_reach_prometheus() -> None:
 
 def test_the_notes_say_what_uninstalling_leaves() -> None:
     assert "Uninstalling keeps the CRDs" in notes({})
+    assert "secret/tolaria-operator-token-key" in notes({})

@@ -120,16 +120,7 @@ def test_operator_settings_refuses_exactly_the_settings_the_chart_derives() -> N
     refused = schema["properties"]["operator"]["properties"]["settings"]["propertyNames"]["not"]
     derived = {
         f"{section}.{field}"
-        for section in (
-            "pods",
-            "images",
-            "network",
-            "status",
-            "sidecar",
-            "suspend",
-            "escalation",
-            "metrics",
-        )
+        for section in (s.name for s in dataclasses.fields(TolariaSettings))
         for field in _fields(section)
         if env_name(section, field) in operator_env(render())
     } | {"network.operator_namespace", "escalation.watch_namespaces"}

@@ -1,7 +1,8 @@
 """The chart's RBAC grants every API call the operator makes, and nothing more, in both modes:
 cluster-wide (ClusterRoles bound cluster-wide) and per namespace (a Role in each watched
-namespace, and a ClusterRole for the cluster-scoped kinds only). The calls are derived from the
-operator's code (`operator_calls`), never listed here."""
+namespace, and a ClusterRole for the cluster-scoped kinds only); in both, a Role in the release
+namespace for the operator's run-token key, the only Secret it may read. The calls are derived
+from the operator's code (`operator_calls`), never listed here."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from tests.chart.rendering import (
     WATCHED,
     of_kind,
     operator_container,
+    operator_env,
     render,
 )
 
 SERVICE_ACCOUNT = {"kind": "ServiceAccount", "name": "tolaria-operator", "namespace": NAMESPACE}
 CLUSTER_WIDE = VALUE_SETS["cluster-wide"]
 NAMESPACED = VALUE_SETS["namespaced"]
+KEY_ROLE = "tolaria-operator-token-key"
 
 
 def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
@@ -36,16 +39,18 @@ def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
 
 
 def bound_rules(
-    objects: list[dict[str, Any]], binding_kind: str, role_kind: str
+    objects: list[dict[str, Any]], binding_kind: str, role_kind: str, *, key: bool = False
 ) -> dict[str | None, set[tuple[str, str, str]]]:
     """Namespace (None: cluster-wide) -> what the operator's ServiceAccount is granted there by
-    `binding_kind`s binding `role_kind`s."""
+    `binding_kind`s binding `role_kind`s (the token-key Role only with `key`, else the others)."""
     roles = {
         (r["metadata"].get("namespace"), r["metadata"]["name"]): r
         for r in of_kind(objects, role_kind)
     }
     granted: dict[str | None, set[tuple[str, str, str]]] = {}
     for binding in of_kind(objects, binding_kind):
+        if (binding["metadata"]["name"] == KEY_ROLE) != key:
+            continue
         assert binding["roleRef"]["kind"] == role_kind
         assert binding["subjects"] == [SERVICE_ACCOUNT]
         namespace = binding["metadata"].get("namespace")
@@ -54,12 +59,24 @@ def bound_rules(
     return granted
 
 
-def needed(*, all_namespaces: bool, namespaced: bool) -> set[tuple[str, str, str]]:
+def needed(
+    *, all_namespaces: bool, namespaced: bool, home: bool = False
+) -> set[tuple[str, str, str]]:
     return {
         (n.group, n.resource, n.verb)
         for n in operator_calls.operator_needs(all_namespaces=all_namespaces)
-        if n.namespaced == namespaced
+        if n.namespaced == namespaced and n.home == home
     }
+
+
+def secret_rules(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(role name, rule) of every rule about Secrets in every (Cluster)Role."""
+    return [
+        (role["metadata"]["name"], rule)
+        for role in [*of_kind(objects, "ClusterRole"), *of_kind(objects, "Role")]
+        for rule in role["rules"]
+        if "" in rule["apiGroups"] and "secrets" in rule["resources"]
+    ]
 
 
 def test_the_scan_resolves_every_call_the_operator_makes() -> None:
@@ -95,7 +112,7 @@ def test_the_chart_runs_kopf_standalone_so_no_peering_is_needed() -> None:
 @pytest.mark.req("R10.5")
 def test_cluster_wide_the_cluster_roles_grant_exactly_what_the_operator_needs() -> None:
     objects = render(CLUSTER_WIDE)
-    assert of_kind(objects, "Role") == [] and of_kind(objects, "RoleBinding") == []
+    assert [r["metadata"]["name"] for r in of_kind(objects, "Role")] == [KEY_ROLE]
     granted = bound_rules(objects, "ClusterRoleBinding", "ClusterRole")[None]
     need = needed(all_namespaces=True, namespaced=True) | needed(
         all_namespaces=True, namespaced=False
@@ -131,27 +148,48 @@ def test_cluster_wide_kopf_does_not_follow_namespaces() -> None:
 
 @pytest.mark.req("R10.5")
 @pytest.mark.parametrize("values", [CLUSTER_WIDE, NAMESPACED], ids=["cluster-wide", "namespaced"])
+def test_each_mode_has_the_token_key_role_in_the_release_namespace_granting_what_it_needs(
+    values: dict[str, Any],
+) -> None:
+    granted = bound_rules(render(values), "RoleBinding", "Role", key=True)
+    assert granted == {NAMESPACE: needed(all_namespaces=False, namespaced=True, home=True)}
+    assert granted[NAMESPACE] == {("", "secrets", "get"), ("", "secrets", "create")}
+
+
+@pytest.mark.req("R10.5")
+@pytest.mark.parametrize("values", [CLUSTER_WIDE, NAMESPACED], ids=["cluster-wide", "namespaced"])
 def test_no_rule_uses_a_wildcard(values: dict[str, Any]) -> None:
     for role in [*of_kind(render(values), "ClusterRole"), *of_kind(render(values), "Role")]:
         for rule in role["rules"]:
             for key in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[key], (role["metadata"]["name"], rule)
-            assert "resourceNames" not in rule and "nonResourceURLs" not in rule
+            assert "nonResourceURLs" not in rule
 
 
 @pytest.mark.req("R10.5")
 @pytest.mark.parametrize("values", [CLUSTER_WIDE, NAMESPACED], ids=["cluster-wide", "namespaced"])
-def test_the_operator_can_read_a_secret_by_name_but_never_list_or_watch_secrets(
+def test_the_only_secret_the_operator_may_read_is_its_own_token_key(
     values: dict[str, Any],
 ) -> None:
+    """No get, list or watch of Secrets anywhere (a confused deputy could mount one, and a
+    ClusterRole would read every Secret in the cluster), but `get` of the key by its name, in
+    the release namespace. Elsewhere the operator only creates the token Secrets."""
     objects = render(values)
-    verbs = {
-        verb
-        for role in [*of_kind(objects, "ClusterRole"), *of_kind(objects, "Role")]
-        for group, resource, verb in grants(role["rules"])
-        if (group, resource) == ("", "secrets")
+    key = operator_env(objects)["TOLARIA_OPERATOR_TOKENS_KEY_SECRET"]
+    reads = [
+        (role, rule)
+        for role, rule in secret_rules(objects)
+        if {"get", "list", "watch"} & set(rule["verbs"])
+    ]
+    assert reads == [(KEY_ROLE, {**reads[0][1], "resourceNames": [key], "verbs": ["get"]})]
+    (key_role,) = [r for r in of_kind(objects, "Role") if r["metadata"]["name"] == KEY_ROLE]
+    assert key_role["metadata"]["namespace"] == NAMESPACE
+    others = {
+        verb for role, rule in secret_rules(objects) if role != KEY_ROLE for verb in rule["verbs"]
     }
-    assert verbs == {"get", "create", "delete"}
+    assert others == {"create"}
+    named = [role for role, rule in secret_rules(objects) if "resourceNames" in rule]
+    assert named == [KEY_ROLE]
 
 
 def test_rbac_create_false_renders_no_rbac() -> None:

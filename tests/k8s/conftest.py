@@ -20,17 +20,22 @@ import re
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kubernetes
 import pytest
+import pytest_asyncio
 import yaml
 from kubernetes.client import ApiClient, ApiextensionsV1Api, CustomObjectsApi
 from kubernetes.client.rest import ApiException
 
 from leyline.crd import crds
+
+if TYPE_CHECKING:
+    from tests.k8s.hybrid_api import HybridApi
+    from tests.k8s.operator_world import RealCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "crd-apiserver"
@@ -143,3 +148,20 @@ def namespace(request: pytest.FixtureRequest) -> str:
     """A namespace name of this test's own (CRDs are cluster-wide; names must not collide)."""
     stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
     return f"{stem}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest_asyncio.fixture
+async def world(
+    kmock: Any,
+    kube: ApiClient,
+    crd_apiserver: Path,
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[tuple[RealCluster, HybridApi]]:
+    """The in-process operator's cluster on the real server for Tolaria's objects and kmock for
+    the rest (`operator_world`); the operator is started by the test."""
+    from tests.k8s.operator_world import open_world
+
+    async with open_world(kmock, kube, crd_apiserver, namespace, tmp_path, monkeypatch) as pair:
+        yield pair

@@ -12,7 +12,7 @@ from typing import Any
 from tolaria_operator.clock import format_time
 from tolaria_operator.config import TolariaSettings
 from tolaria_operator.pods import attempt_pod
-from tolaria_operator.resources import RunObject, parse_run
+from tolaria_operator.resources import RunObject, parse_run, token_name
 
 T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
 """The time every pure test starts at."""
@@ -104,6 +104,7 @@ def new_pod(
         restarts_before=restarts_before,
         counted_before=counted_before,
         created_at=format_time(created),
+        token_secret=token_name(run.name, attempt, "0a1b2c3d"),
     )
 
 

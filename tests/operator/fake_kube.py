@@ -26,10 +26,12 @@ class FakeKube:
         self.terminating: set[str] = set()
         """Names whose deletion only marks them (a pod with a long grace period)."""
         self.calls: list[tuple[str, str, str]] = []
+        """(verb, plural, name) of every call; a list's name is its namespace, or `*`."""
 
     async def get(
         self, resource: Resource, namespace: str | None, name: str
     ) -> dict[str, Any] | None:
+        self.calls.append(("get", resource.plural, name))
         obj = self.objects.get((resource.plural, namespace, name))
         return copy.deepcopy(obj) if obj is not None else None
 
@@ -39,6 +41,7 @@ class FakeKube:
         namespace: str | None = None,
         labels: Mapping[str, str] | None = None,
     ) -> list[dict[str, Any]]:
+        self.calls.append(("list", resource.plural, namespace or "*"))
         return [
             copy.deepcopy(o)
             for (plural, ns, _), o in self.objects.items()
@@ -77,10 +80,14 @@ class FakeKube:
         _merge(obj, patch)
         return copy.deepcopy(obj)
 
-    async def delete(self, resource: Resource, namespace: str | None, name: str) -> bool:
+    async def delete(
+        self, resource: Resource, namespace: str | None, name: str, *, uid: str = ""
+    ) -> bool:
         key = (resource.plural, namespace, name)
         self.calls.append(("delete", resource.plural, name))
         if key not in self.objects:
+            return False
+        if uid and self.objects[key]["metadata"].get("uid") != uid:
             return False
         if name in self.terminating:
             self.objects[key]["metadata"]["deletionTimestamp"] = "2026-11-25T12:00:00Z"

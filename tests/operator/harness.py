@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -113,6 +114,8 @@ class Cluster:
         self._task: asyncio.Task[None] | None = None
         self._stop: asyncio.Event | None = None
         self.settings = operator_settings()
+        self.token_key = secrets.token_bytes(32)
+        """The run-token key of every operator this test starts (one kept across restarts)."""
         self.clock: LoopClock | SystemClock = LoopClock()
         self.namespace = "default"
         """The namespace the operator watches."""
@@ -136,6 +139,7 @@ class Cluster:
             resolve=self.resolve,
             registry=self.registry,
             events=self.events,
+            token_key=self.token_key,
         )
         self.ctx = ctx
         settings = kopf.OperatorSettings()
@@ -198,8 +202,13 @@ class Cluster:
     # -- sidecars ----------------------------------------------------------------------------
 
     def token(self, namespace: str, run: str) -> Callable[[], str | None]:
+        """What the run's sidecar reads: the token in the Secret its current pod mounts."""
+
         def read() -> str | None:
-            secret = self.get("secrets", namespace, f"{run}-token")
+            pod = self.get("pods", namespace, self.run_status(run, namespace).get("podName", ""))
+            volumes = {v["name"]: v for v in ((pod or {}).get("spec") or {}).get("volumes", [])}
+            name = volumes.get("token", {}).get("secret", {}).get("secretName", "")
+            secret = self.get("secrets", namespace, name) if name else None
             if secret is None:
                 return None
             return base64.b64decode(secret["data"]["token"]).decode()

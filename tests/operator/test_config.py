@@ -58,6 +58,8 @@ DEFAULTS = {
     "suspend": {"checkpoint_timeout_seconds": 120.0},
     "escalation": {"fanout_concurrency": 32, "watch_namespaces": (), "per_run_timeline_limit": 32},
     "metrics": {"port": 9403, "address": "0.0.0.0"},
+    "tokens": {"key_secret": "tolaria-operator-token-key"},
+    "retention": {"resolved_incident_ttl_seconds": 86_400.0, "sweep_interval_seconds": 30.0},
 }
 
 
@@ -123,6 +125,7 @@ def test_settings_come_from_the_environment() -> None:
         ("TOLARIA_OPERATOR_IMAGES_PULL_POLICY", "Sometimes", "must be one of Always"),
         ("TOLARIA_OPERATOR_IMAGES_TRAINER", "", "image reference without spaces"),
         ("TOLARIA_OPERATOR_IMAGES_SIDECAR", "reg.io/sidecar:1 --x", "without spaces"),
+        ("TOLARIA_OPERATOR_TOKENS_KEY_SECRET", "Not_A_Name", "must be a Secret name"),
     ],
 )
 def test_a_bad_setting_is_refused_naming_the_variable(name: str, value: str, rule: str) -> None:

@@ -1,10 +1,12 @@
 """The whole operator in-process against kmock, with looptime for time and real gRPC sidecars
-on 127.0.0.1 (R10.1-R10.4). kmock has no kubelet and no garbage collector: the tests patch
-pod statuses as a kubelet would, and the operator removes what a run owns itself."""
+on 127.0.0.1 (R10.1-R10.5). kmock has no kubelet and no garbage collector: the tests patch
+pod statuses as a kubelet would, and check that what a run makes carries the ownerReference
+the garbage collector deletes it by (the operator deletes nothing of a run by name)."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -47,7 +49,7 @@ async def test_a_new_run_gets_its_pod_service_token_manifest_and_policy(cluster:
     assert pod["metadata"]["labels"]["tolaria.dev/attempt"] == "1"
     for plural, name in (
         ("services", "r1-sidecar"),
-        ("secrets", "r1-token"),
+        ("secrets", token_secret_of(pod)),
         ("configmaps", "r1-manifest"),
         ("networkpolicies", "r1-sidecar"),
         ("pods", "r1-a1"),
@@ -76,14 +78,25 @@ async def test_a_new_run_gets_its_pod_service_token_manifest_and_policy(cluster:
     await cluster.close()
 
 
+def token_secret_of(pod: dict[str, Any]) -> str:
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    return str(volumes["token"]["secret"]["secretName"])
+
+
 @pytest.mark.slow
 @pytest.mark.req("R10.1")
 @pytest.mark.asyncio
 @pytest.mark.looptime
-async def test_deleting_a_run_removes_everything_it_owns(cluster: Cluster) -> None:
+async def test_deleting_a_run_leaves_what_it_owns_to_the_garbage_collector(
+    cluster: Cluster,
+) -> None:
+    """The active run holds kopf's finalizer (its sidecar daemon is stopped first); the
+    operator then lets it go and deletes nothing by name."""
     await cluster.start_operator()
     await cluster.create_run(run_body("r1", spec=_spec()))
     await cluster.eventually("pod", lambda: cluster.run_status("r1").get("podName"))
+    pod = cluster.get("pods", "default", "r1-a1")
+    assert pod is not None
     await cluster.delete_run("r1")
     await cluster.eventually(
         "run gone", lambda: cluster.get("tolariaruns", "default", "r1") is None
@@ -91,11 +104,72 @@ async def test_deleting_a_run_removes_everything_it_owns(cluster: Cluster) -> No
     for plural, name in (
         ("pods", "r1-a1"),
         ("services", "r1-sidecar"),
-        ("secrets", "r1-token"),
+        ("secrets", token_secret_of(pod)),
         ("configmaps", "r1-manifest"),
         ("networkpolicies", "r1-sidecar"),
     ):
-        assert cluster.get(plural, "default", name) is None, name
+        obj = cluster.get(plural, "default", name)
+        assert obj is not None and not cluster.was_deleted(plural, "default", name), name
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == uid_of("r1"), name
+    await cluster.close()
+
+
+@pytest.mark.slow
+@pytest.mark.req("R10.5")
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_a_foreign_secret_named_like_the_run_token_is_never_mounted(
+    cluster: Cluster,
+) -> None:
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "r1-token", "namespace": "default"},
+        "data": {"token": "c2Vuc2l0aXZl"},
+    }
+    await cluster.request("POST", "/api/v1/namespaces/default/secrets", secret)
+    before = cluster.get("secrets", "default", "r1-token")
+    await cluster.start_operator()
+    await cluster.create_run(run_body("r1", spec=_spec()))
+    pod = await cluster.eventually("pod r1-a1", lambda: cluster.get("pods", "default", "r1-a1"))
+    assert token_secret_of(pod).startswith("r1-a1-token-")
+    assert cluster.get("secrets", "default", "r1-token") == before
+    await cluster.close()
+
+
+@pytest.mark.slow
+@pytest.mark.req("R10.5")
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_a_name_conflict_holds_the_run_and_its_deletion_leaves_the_object(
+    cluster: Cluster,
+) -> None:
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "r1-manifest", "namespace": "default"},
+        "data": {"run.yaml": "someone else's"},
+    }
+    await cluster.request("POST", "/api/v1/namespaces/default/configmaps", config_map)
+    before = cluster.get("configmaps", "default", "r1-manifest")
+    await cluster.start_operator()
+    await cluster.create_run(run_body("r1", spec=_spec()))
+
+    def name_conflict() -> dict[str, Any] | None:
+        conditions = cluster.run_status("r1").get("conditions") or []
+        ready = {c["type"]: c for c in conditions}.get("Ready") or {}
+        return ready if ready.get("reason") == "NameConflict" else None
+
+    ready = await cluster.eventually("Ready=False, reason NameConflict", name_conflict)
+    assert ready["status"] == "False" and "ConfigMap default/r1-manifest" in ready["message"]
+    assert "NameConflict" in cluster.events.reasons("r1")
+    assert cluster.get("pods", "default", "r1-a1") is None
+    await cluster.delete_run("r1")
+    await cluster.eventually(
+        "run gone", lambda: cluster.get("tolariaruns", "default", "r1") is None
+    )
+    assert cluster.get("configmaps", "default", "r1-manifest") == before
+    assert not cluster.was_deleted("configmaps", "default", "r1-manifest")
     await cluster.close()
 
 

@@ -4,6 +4,7 @@ one run), owned objects created once, the token reused (R10.1, R10.2, R10.5)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 from datetime import datetime
 from typing import Any
 
@@ -17,7 +18,7 @@ from tolaria_operator.config import TolariaSettings
 from tolaria_operator.context import OperatorContext, build_context
 from tolaria_operator.errors import PodNotGone
 from tolaria_operator.reconciler import sync_run
-from tolaria_operator.resources import INCIDENTS, PODS, RUNS, SECRETS
+from tolaria_operator.resources import INCIDENTS, PODS, RUNS
 from tolaria_operator.watcher import Flusher
 
 
@@ -27,7 +28,7 @@ class FixedClock(SystemClock):
 
 
 def context(kube: FakeKube) -> OperatorContext:
-    return build_context(TolariaSettings(), kube=kube, clock=FixedClock())
+    return build_context(TolariaSettings(), kube=kube, clock=FixedClock(), token_key=b"k" * 32)
 
 
 async def put(kube: FakeKube, body: dict[str, Any]) -> None:
@@ -41,30 +42,38 @@ async def test_the_first_reconcile_creates_the_owned_objects_then_the_pod() -> N
     await put(kube, b.run_body("r1"))
     await sync_run(context(kube), "default", "r1")
     created = [(plural, name) for verb, plural, name in kube.calls if verb == "create"]
-    assert created == [
-        ("secrets", "r1-token"),
+    assert created[:3] == [
         ("configmaps", "r1-manifest"),
         ("services", "r1-sidecar"),
         ("networkpolicies", "r1-sidecar"),
-        ("pods", "r1-a1"),
     ]
+    assert created[3][0] == "secrets" and created[3][1].startswith("r1-a1-token-")
+    assert created[4:] == [("pods", "r1-a1")]
     status = (await kube.get(RUNS, "default", "r1"))["status"]
     assert (status["attempt"], status["podName"], status["phase"]) == (1, "r1-a1", "Pending")
 
 
+def mounted_token(kube: FakeKube, pod: str) -> tuple[str, str]:
+    """The token Secret a pod mounts, and the token in it."""
+    volumes = {v["name"]: v for v in kube.objects[("pods", "default", pod)]["spec"]["volumes"]}
+    name = volumes["token"]["secret"]["secretName"]
+    secret = kube.objects[("secrets", "default", name)]
+    return name, base64.b64decode(secret["data"]["token"]).decode()
+
+
 @pytest.mark.req("R10.5")
 @pytest.mark.asyncio
-async def test_every_attempt_reuses_the_runs_token() -> None:
+async def test_each_attempt_mounts_a_new_secret_with_the_runs_one_token() -> None:
     kube = FakeKube()
     await put(kube, b.run_body("r1"))
     ctx = context(kube)
     await sync_run(ctx, "default", "r1")
-    token = (await kube.get(SECRETS, "default", "r1-token"))["data"]["token"]
-    pod = kube.objects[("pods", "default", "r1-a1")]
-    b.evicted(pod)
+    first_secret, token = mounted_token(kube, "r1-a1")
+    b.evicted(kube.objects[("pods", "default", "r1-a1")])
     await sync_run(ctx, "default", "r1")
-    assert ("pods", "default", "r1-a2") in kube.objects
-    assert (await kube.get(SECRETS, "default", "r1-token"))["data"]["token"] == token
+    second_secret, again = mounted_token(kube, "r1-a2")
+    assert second_secret != first_secret and second_secret.startswith("r1-a2-token-")
+    assert again == token == await ctx.tokens.token("default", "r1", b.uid_of("r1"))
 
 
 @pytest.mark.req("R10.2")
@@ -112,7 +121,7 @@ async def test_a_run_that_is_gone_or_being_deleted_is_left_alone() -> None:
     body["metadata"]["deletionTimestamp"] = "2026-11-25T12:00:00Z"
     await put(kube, body)
     await sync_run(context(kube), "default", "r1")
-    assert kube.calls == []
+    assert [c for c in kube.calls if c[0] not in ("get", "list")] == []
     assert await kube.list(PODS, "default") == []
 
 

@@ -1,5 +1,6 @@
-"""The operator's gRPC link against a real `SidecarControl` server on 127.0.0.1: the token,
-unreachable sidecars, acknowledgement deadlines and a resumable event stream (R10.4, R10.5)."""
+"""The operator's gRPC link against a real `SidecarControl` server on 127.0.0.1: the token
+(derived from the run's UID, never read from a Secret), unreachable sidecars, acknowledgement
+deadlines and a resumable event stream (R10.4, R10.5)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import pytest
 import pytest_asyncio
 
 from leyline import EmergencySignal
-from tests.operator.builders import T0, run_object
+from tests.operator.builders import T0, run_body, run_object
 from tests.operator.fake_kube import FakeKube
 from tests.operator.fake_sidecar import FakeSidecar, closed_port
-from tolaria_operator.config import SidecarLinkSettings
+from tolaria_operator.config import SidecarLinkSettings, TokenSettings
 from tolaria_operator.errors import AckTimeout, SidecarUnavailable
-from tolaria_operator.pods import token_secret
-from tolaria_operator.resources import SECRETS
+from tolaria_operator.resources import RUNS
 from tolaria_operator.sidecar_client import SidecarClient, SidecarConnector, template_resolver
+from tolaria_operator.tokens import RunTokens, derive_token
 
 SETTINGS = SidecarLinkSettings(connect_timeout_seconds=5.0)
 
@@ -107,16 +108,42 @@ async def test_a_checkpoint_request_returns_the_durable_record(sidecar: FakeSide
 
 @pytest.mark.req("R10.5")
 @pytest.mark.asyncio
-async def test_the_connector_reads_the_token_from_the_runs_secret(sidecar: FakeSidecar) -> None:
+async def test_the_connector_derives_the_token_from_the_runs_uid_and_reads_no_secret() -> None:
+    key = b"k" * 32
+    run = run_object()
+    sidecar = FakeSidecar("r1", lambda: derive_token(key, "default", "r1", run.uid), lambda: T0)
+    await sidecar.start()
     kube = FakeKube()
     connector = SidecarConnector(
-        kube, SETTINGS, control_port=7070, resolve=lambda ns, run, port: f"127.0.0.1:{sidecar.port}"
+        kube,
+        SETTINGS,
+        control_port=7070,
+        tokens=RunTokens(kube, TokenSettings(), "", key=key),
+        resolve=lambda ns, name, port: f"127.0.0.1:{sidecar.port}",
     )
-    with pytest.raises(SidecarUnavailable, match="no secret r1-token"):
-        await connector.open("default", "r1")
-    await kube.create(SECRETS, "default", token_secret(run_object(), "s3cret"))
-    async with await connector.open("default", "r1") as link:
-        assert (await link.get_status()).run_id == "r1"
+    try:
+        with pytest.raises(SidecarUnavailable, match="the run does not exist"):
+            await connector.open("default", "r1")
+        await kube.create(RUNS, "default", run_body("r1"))
+        async with await connector.open("default", "r1") as link:
+            assert (await link.get_status()).run_id == "r1"
+    finally:
+        await sidecar.stop()
+    assert {plural for _, plural, _ in kube.calls} == {"tolariaruns"}
+    assert sidecar.refused == 0
+
+
+@pytest.mark.req("R10.5")
+@pytest.mark.asyncio
+async def test_a_run_made_again_under_its_name_gets_another_token() -> None:
+    kube = FakeKube()
+    tokens = RunTokens(kube, TokenSettings(), "", key=b"k" * 32)
+    connector = SidecarConnector(kube, SETTINGS, control_port=7070, tokens=tokens)
+    await kube.create(RUNS, "default", run_body("r1", uid="11111111-aaaa"))
+    first = await connector.token("default", "r1")
+    await kube.delete(RUNS, "default", "r1")
+    await kube.create(RUNS, "default", run_body("r1", uid="22222222-bbbb"))
+    assert await connector.token("default", "r1") != first
 
 
 def test_the_default_address_is_the_headless_service() -> None:

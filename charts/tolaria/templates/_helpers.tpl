@@ -27,6 +27,16 @@ each is written once.
 {{- printf "%s-operator" (include "tolaria.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/*
+The Secret, in the release namespace, that keeps the operator's run-token key: the operator
+creates it on its first start and reads no other Secret (the token Role below grants `get`
+on this name only). It outlives `helm uninstall`, so a reinstalled operator still reaches
+the sidecars of runs started before.
+*/}}
+{{- define "tolaria.keySecretName" -}}
+{{- printf "%s-token-key" (include "tolaria.operatorName" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "tolaria.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "tolaria.operatorName" .) .Values.serviceAccount.name -}}
@@ -84,10 +94,10 @@ grants them and nothing more.
 */}}
 {{- define "tolaria.namespacedRules" -}}
 # Runs: kopf lists and watches them and patches its finalizer and annotations; the operator
-# reads them and writes their status.
+# reads them, writes their status, and deletes a finished one after spec.ttlSecondsAfterFinished.
 - apiGroups: ["tolaria.dev"]
   resources: ["tolariaruns"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
 - apiGroups: ["tolaria.dev"]
   resources: ["tolariaruns/status"]
   verbs: ["patch"]
@@ -95,29 +105,48 @@ grants them and nothing more.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "delete"]
-# The run's manifest, headless Service and NetworkPolicy: created once, deleted with the run.
+# The run's manifest, headless Service and NetworkPolicy: created once; read by name to see
+# whether one under the run's name is the run's (its ownerReference). Never changed, never
+# deleted: the garbage collector removes them with the run.
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["create", "delete"]
+  verbs: ["get", "create"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["create", "delete"]
-# The run token: read by name to reach the sidecar; never listed or watched.
+  verbs: ["get", "create"]
+# The run token's Secret, one per attempt under a random name: created, never read, listed,
+# watched or deleted (the token is derived from the run's UID; the garbage collector removes
+# the Secrets with the run).
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "create", "delete"]
+  verbs: ["create"]
 # Events on runs (kopf posts them).
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
 {{- end -}}
 
+{{/*
+What the operator does in its own (the release) namespace, in both modes: its run-token key,
+created once and then read by name. The one Secret it ever reads.
+*/}}
+{{- define "tolaria.keyRules" -}}
+- apiGroups: [""]
+  resources: ["secrets"]
+  resourceNames: [{{ include "tolaria.keySecretName" . | quote }}]
+  verbs: ["get"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create"]
+{{- end -}}
+
 {{/* What the operator does outside any namespace, in both modes. */}}
 {{- define "tolaria.clusterRules" -}}
-# Incidents are cluster-scoped: created, read, escalated and resolved by the operator.
+# Incidents are cluster-scoped: created, read, escalated and resolved by the operator, and
+# deleted retention.resolved_incident_ttl_seconds after their resolution.
 - apiGroups: ["tolaria.dev"]
   resources: ["tolariaincidents"]
-  verbs: ["get", "list", "create", "patch"]
+  verbs: ["get", "list", "create", "patch", "delete"]
 - apiGroups: ["tolaria.dev"]
   resources: ["tolariaincidents/status"]
   verbs: ["patch"]
