@@ -11,6 +11,11 @@ recorded before its pod exists, so a crash in between creates the same pod again
 of counting a loss), then - only once every other pod of the run is gone - the new pod, and
 the pod's name last. It never deletes a pod it did not plan to delete, and never creates a
 second pod while one of the run's pods still exists.
+
+A spec that cannot become a pod is never retried in a loop: a pod that cannot be built, or
+that the API server refuses as invalid (422), fails the run with the reason in one reconcile;
+a spec the model cannot read gets `Ready=False` with the reason. Both then raise `SpecInvalid`,
+which `lifecycle.handle` counts as a reconcile error and turns into kopf's permanent error.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -28,10 +33,12 @@ from tolaria_operator import escalation
 from tolaria_operator.clock import format_time
 from tolaria_operator.context import OperatorContext, RunKey
 from tolaria_operator.errors import (
+    KubeApiError,
     ObjectExists,
     PodNotGone,
     SidecarCallFailed,
     SidecarUnavailable,
+    SpecInvalid,
 )
 from tolaria_operator.observation import view_pod
 from tolaria_operator.pods import attempt_pod, new_token, owned_objects, token_secret
@@ -55,7 +62,7 @@ from tolaria_operator.resources import (
     status_wire,
     token_name,
 )
-from tolaria_operator.status import FINAL, Plan, plan_run
+from tolaria_operator.status import FINAL, Plan, plan_run, spec_refused
 from tolaria_operator.view import to_datetime
 
 logger = logging.getLogger(__name__)
@@ -79,27 +86,74 @@ async def sync_run(
             gone = None
 
 
+UNPROCESSABLE = 422
+"""The API server's answer to an object that fails validation (or a validating admission
+policy): the same pod would be refused again."""
+
+
 async def _sync_once(
     ctx: OperatorContext, namespace: str, name: str, gone: Mapping[str, Any] | None
 ) -> bool:
     """One read-plan-act pass; True when deleted pods are gone and another pass is due."""
     body = await ctx.kube.get(RUNS, namespace, name)
-    if body is None:
+    if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
         return False
-    run = parse_run(body)
-    if run.deleting:
+    try:
+        run = parse_run(body)
+    except SpecInvalid as err:
+        await _spec_refused(ctx, namespace, name, body, err)
         return False
     pods = await run_pods(ctx, run)
     now = ctx.clock.now()
-    plan = plan_run(
-        run,
-        [view_pod(p) for p in pods],
-        view_pod(gone) if gone else None,
-        ctx.views.get(run.key),
-        now,
-        ctx.settings,
+
+    def planned(refused: str = "") -> Plan:
+        return plan_run(
+            run,
+            [view_pod(p) for p in pods],
+            view_pod(gone) if gone else None,
+            ctx.views.get(run.key),
+            now,
+            ctx.settings,
+            refused=refused,
+        )
+
+    plan = planned()
+    manifest: dict[str, Any] | None = None
+    if plan.create is not None:
+        try:
+            manifest = attempt_pod(
+                run,
+                plan.create.attempt,
+                ctx.settings,
+                restarts_before=plan.create.restarts_before,
+                counted_before=plan.create.counted_before,
+                created_at=format_time(now),
+            )
+        except ValueError as err:
+            plan = planned(f"the operator cannot build it: {err}")
+    return await _execute(ctx, run, plan, now, manifest, planned)
+
+
+async def _spec_refused(
+    ctx: OperatorContext, namespace: str, name: str, body: Mapping[str, Any], err: SpecInvalid
+) -> None:
+    """A spec the model refuses: Ready=False naming it, once per generation; raises
+    `SpecInvalid` when newly recorded (counted once, not on every resync)."""
+    meta = body.get("metadata") or {}
+    status = spec_refused(
+        body.get("status") or {}, int(meta.get("generation") or 0), err.detail, ctx.clock.now()
     )
-    return await _execute(ctx, run, plan, now)
+    if status is None:
+        return
+    patch = status_patch(body.get("status") or {}, status)
+    await ctx.kube.patch(RUNS, namespace, name, {"status": patch}, subresource="status")
+    reference = {
+        "apiVersion": f"{RUNS.group}/{RUNS.version}",
+        "kind": "TolariaRun",
+        "metadata": {"name": name, "namespace": namespace, "uid": str(meta.get("uid", ""))},
+    }
+    ctx.events.post(reference, "Warning", status.reason, err.detail)
+    raise err
 
 
 async def run_pods(ctx: OperatorContext, run: RunObject) -> list[dict[str, Any]]:
@@ -108,7 +162,14 @@ async def run_pods(ctx: OperatorContext, run: RunObject) -> list[dict[str, Any]]
     return [p for p in pods if owned_by(p, run)]
 
 
-async def _execute(ctx: OperatorContext, run: RunObject, plan: Plan, now: datetime) -> bool:
+async def _execute(
+    ctx: OperatorContext,
+    run: RunObject,
+    plan: Plan,
+    now: datetime,
+    manifest: dict[str, Any] | None,
+    replan: Callable[[str], Plan],
+) -> bool:
     status = plan.status
     if plan.deadline_missed is not None:
         ctx.metrics.deadline_misses.inc()
@@ -134,19 +195,13 @@ async def _execute(ctx: OperatorContext, run: RunObject, plan: Plan, now: dateti
     written = await write_status(ctx, run, run.raw_status, status)
     _record(ctx, run, plan, status)
     await _resolve_if_source_ended(ctx, run, status)
-    if plan.create is None:
+    if plan.refused:
+        raise SpecInvalid(f"{run.namespace}/{run.name}", plan.refused)
+    if plan.create is None or manifest is None:
         return bool(deleted and await _gone(ctx, run, deleted, wait=False))
     await wait_for_no_pods(ctx, run)
     await ensure_owned(ctx, run)
     create = plan.create
-    manifest = attempt_pod(
-        run,
-        create.attempt,
-        ctx.settings,
-        restarts_before=create.restarts_before,
-        counted_before=create.counted_before,
-        created_at=format_time(now),
-    )
     try:
         await ctx.kube.create(PODS, run.namespace, manifest)
         logger.info(
@@ -156,6 +211,13 @@ async def _execute(ctx: OperatorContext, run: RunObject, plan: Plan, now: dateti
         logger.info(
             "%s/%s: pod of attempt %d already exists", run.namespace, run.name, create.attempt
         )
+    except KubeApiError as err:
+        if err.status != UNPROCESSABLE:
+            raise
+        refused = replan(f"the API server refused it: {err.reason}: {err.detail}")
+        await write_status(ctx, run, written, refused.status)
+        _record(ctx, run, refused, refused.status)
+        raise SpecInvalid(f"{run.namespace}/{run.name}", refused.refused) from err
     final = status.model_copy(update={"pod_name": pod_name(run.name, create.attempt)})
     await write_status(ctx, run, written, final)
     return False

@@ -423,9 +423,38 @@ def test_rules_of_the_spec_sections_are_all_present() -> None:
         for r in n.get("x-kubernetes-validations", [])
         if "oldSelf" not in r["rule"]
     ]
-    assert sorted(cel) == sorted(
-        [".hookMs", ".lrGuardMs", ".shape", ".epochs", ".fastMs", ".criticalMs", ".groupLabel"]
-    )
+    pod = [
+        ".extra",  # resources: extended resources and their counts
+        ".extra",  # resources: nvidia.com/gpu in one place
+        ".sizeLimit",  # checkpointVolume: more than 0
+        ".value",  # tolerations: empty with Exists
+        ".operator",  # tolerations: Exists with an empty key
+        ".tolerationSeconds",  # tolerations: only with NoExecute
+        ".nodeSelector",
+        ".volumeMounts",  # names a volume
+        ".volumes",  # unique names
+        ".volumeMounts",  # unique paths
+        ".env",  # unique names
+        ".labels",  # label keys
+        ".labels",  # not the operator's
+        ".annotations",  # label keys
+        ".annotations",  # not the operator's
+        ".shmSizeLimit",  # more than 0
+    ]
+    fragments = [  # the Kubernetes fragments of spec.pod (leyline/spec/kube.py)
+        ".configMapKeyRef",  # env valueFrom: one source
+        ".name",  # env: not TOLARIA_* or HOME
+        ".valueFrom",  # env: not with value
+        ".prefix",  # envFrom: not TOLARIA_
+        ".configMapRef",  # envFrom: one source
+        ".name",  # volumes: not the operator's
+        ".name",  # volumes: one source
+        ".mountPath",  # volumeMounts: not over the operator's paths
+        ".subPath",  # volumeMounts: no ..
+    ]
+    affinity = [".values"] * 10 + [".matchLabels"] * 8  # every requirement and selector
+    sections = [".hookMs", ".lrGuardMs", ".shape", ".epochs", ".fastMs", ".criticalMs"]
+    assert sorted(cel) == sorted([*sections, ".groupLabel", *pod, *fragments, *affinity])
 
 
 def test_immutable_sections_carry_a_transition_rule_and_mutable_ones_none() -> None:
