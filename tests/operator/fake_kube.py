@@ -6,7 +6,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from tolaria_operator.errors import ObjectExists
+from tolaria_operator.errors import KubeApiError, ObjectExists
 from tolaria_operator.resources import Resource
 
 
@@ -26,6 +26,8 @@ class FakeKube:
         self.terminating: set[str] = set()
         """Names whose deletion only marks them (a pod with a long grace period)."""
         self.calls: list[tuple[str, str, str]] = []
+        self.refuse: dict[str, KubeApiError] = {}
+        """Creates of these plurals fail with the error (an API server refusing the object)."""
 
     async def get(
         self, resource: Resource, namespace: str | None, name: str
@@ -56,6 +58,8 @@ class FakeKube:
         self.calls.append(("create", resource.plural, key[2]))
         if key in self.objects:
             raise ObjectExists("POST", resource.path(namespace), 409, "AlreadyExists", "exists")
+        if resource.plural in self.refuse:
+            raise self.refuse[resource.plural]
         self.objects[key] = copy.deepcopy(dict(body))
         return copy.deepcopy(dict(body))
 
