@@ -559,3 +559,33 @@ def test_a_default_outside_its_enum_is_refused_with_the_field_named() -> None:
 
     with pytest.raises(crd.CrdError, match=r"Bad\.shape: default 'c' is not in its enum"):
         crd.structural_schema(Bad)
+
+
+CEL_OF_KUBERNETES_1_28 = frozenset(
+    {"has", "size", "matches", "startsWith", "endsWith", "contains", "all", "exists", "exists_one"}
+)
+"""The CEL functions and macros the CRDs may call: core CEL, which every Kubernetes with CRD
+validation rules compiles. The quantity library (`quantity()`, `isQuantity()`) arrived in 1.29
+and the chart's oldest Kubernetes is 1.28: a rule calling it would make the whole CRD fail to
+install there (`leyline.quantity` explains the pattern used instead)."""
+
+
+def _cel_rules(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for rule in node.get("x-kubernetes-validations", []):
+            yield str(rule["rule"])
+        for child in node.values():
+            yield from _cel_rules(child)
+    elif isinstance(node, list):
+        for child in node:
+            yield from _cel_rules(child)
+
+
+@pytest.mark.parametrize("name", sorted(crd.crds()))
+def test_every_cel_rule_compiles_on_the_oldest_kubernetes_the_chart_supports(name: str) -> None:
+    for rule in _cel_rules(committed(name)):
+        code = re.sub(r"'([^'\\]|\\.)*'", "''", rule)  # string literals say nothing
+        called = set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(", code))
+        assert called <= CEL_OF_KUBERNETES_1_28, (
+            f"{rule}: {sorted(called - CEL_OF_KUBERNETES_1_28)}"
+        )

@@ -20,7 +20,7 @@ from leyline.spec.kube import (
     RESERVED_PATHS,
     RESERVED_VOLUMES,
 )
-from tests.operator.builders import new_pod, run_object
+from tests.operator.builders import SHARED_POD, new_pod, run_object
 from tolaria_operator.config import (
     GiB,
     ImageSettings,
@@ -423,53 +423,8 @@ def test_every_object_passes_the_kubernetes_schema(version: str, native: bool) -
         kubernetes_validate.validate(obj, version, strict=True)
 
 
-SHARED = {
-    "env": [
-        {"name": "DATA_DIR", "value": "/data"},
-        {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "key"}}},
-    ],
-    "envFrom": [{"configMapRef": {"name": "hyper"}, "prefix": "HP_"}],
-    "volumes": [
-        {"name": "imagenet", "persistentVolumeClaim": {"claimName": "imagenet", "readOnly": True}},
-        {"name": "scratch", "emptyDir": {"sizeLimit": "100Gi"}},
-        {"name": "bucket", "csi": {"driver": "s3.csi.aws.com", "volumeAttributes": {"b": "x"}}},
-    ],
-    "volumeMounts": [
-        {"name": "imagenet", "mountPath": "/data", "readOnly": True},
-        {"name": "scratch", "mountPath": "/scratch"},
-        {"name": "bucket", "mountPath": "/bucket", "subPath": "runs"},
-    ],
-    "imagePullSecrets": [{"name": "team-registry"}, {"name": "regcred"}],
-    "affinity": {
-        "nodeAffinity": {
-            "requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [
-                    {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["a100"]}]}
-                ]
-            }
-        },
-        "podAntiAffinity": {
-            "preferredDuringSchedulingIgnoredDuringExecution": [
-                {
-                    "weight": 50,
-                    "podAffinityTerm": {
-                        "labelSelector": {"matchLabels": {"team": "vision"}},
-                        "topologyKey": "kubernetes.io/hostname",
-                    },
-                }
-            ]
-        },
-    },
-    "schedulerName": "volcano",
-    "labels": {"team": "vision"},
-    "annotations": {"cost-center": "ml-42"},
-    "resources": {"gpus": 1, "extra": {"example.com/fpga": "1", "ephemeral-storage": "50Gi"}},
-}
-"""A run on a shared cluster: a dataset claim, a bucket, credentials, its own registry."""
-
-
 def _shared_pod(settings: TolariaSettings | None = None) -> dict[str, Any]:
-    return new_pod(run_object(spec={"pod": SHARED}), 1, settings)
+    return new_pod(run_object(spec={"pod": SHARED_POD}), 1, settings)
 
 
 @pytest.mark.req("R10.1")
@@ -516,7 +471,7 @@ def test_a_runs_pull_secrets_are_added_to_the_operators_once_each() -> None:
 def test_affinity_and_the_scheduler_go_to_the_pod_as_written() -> None:
     spec = _shared_pod()["spec"]
     assert spec["schedulerName"] == "volcano"
-    assert spec["affinity"] == SHARED["affinity"]
+    assert spec["affinity"] == SHARED_POD["affinity"]
     plain = new_pod(run_object(), 1)["spec"]
     assert "affinity" not in plain and "schedulerName" not in plain
 
