@@ -13,11 +13,12 @@ The grammar is the subset of Kubernetes' that manifests need: a non-negative dec
 the same value (`tests/k8s` checks this against a real server's CEL `quantity()`).
 
 Why a pattern and not CEL's `quantity()`: the CRD must install on the oldest Kubernetes the
-chart supports (1.28), and the CEL quantity library only arrived in 1.29 (and is accepted in a
-new CRD's rules from 1.30), so a rule calling it would make the whole CRD fail to install on
-1.28. A pattern checks the same grammar on every version, and byte sizes get their own
-(`BYTES_PATTERN`): `shmSizeLimit: 100m` (a tenth of a byte, which the server would accept)
-is refused where it is written.
+chart supports (1.28), and a CRD's new rules may call the CEL quantity library only from 1.29
+on (a 1.28 server compiles new rules without it and keeps it for rules a newer server stored),
+so one rule calling it would make the whole CRD fail to install on 1.28. A pattern checks the
+same grammar on every version, and byte sizes get their own (`BYTES_PATTERN`):
+`shmSizeLimit: 100m` (a tenth of a byte, which the server would accept) is refused where it is
+written.
 """
 
 from __future__ import annotations

@@ -96,8 +96,8 @@ def label_keys_rule(field: str) -> Rule:
     """Every key of map `field` is a label key (the CRD cannot constrain a map's keys)."""
     return Rule(
         field=field,
-        message=f"keys must be label keys (an optional DNS prefix and '/', then at most 63 "
-        f"characters): {LABEL_KEY_PATTERN}",
+        message="keys must be label keys (an optional DNS-subdomain prefix and '/', then a "
+        "name of at most 63 letters, digits, '-', '_' or '.')",
         cel=f"self.{field}.all(k, k.size() <= {LABEL_KEY_MAX} && "
         f"k.matches({cel_string(LABEL_KEY_PATTERN)}))",
         holds=lambda s: all(

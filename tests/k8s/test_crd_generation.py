@@ -565,9 +565,10 @@ CEL_OF_KUBERNETES_1_28 = frozenset(
     {"has", "size", "matches", "startsWith", "endsWith", "contains", "all", "exists", "exists_one"}
 )
 """The CEL functions and macros the CRDs may call: core CEL, which every Kubernetes with CRD
-validation rules compiles. The quantity library (`quantity()`, `isQuantity()`) arrived in 1.29
-and the chart's oldest Kubernetes is 1.28: a rule calling it would make the whole CRD fail to
-install there (`leyline.quantity` explains the pattern used instead)."""
+validation rules compiles. A new rule may call the quantity library (`quantity()`,
+`isQuantity()`) from 1.29 on, and the chart's oldest Kubernetes is 1.28: a rule calling it
+would make the whole CRD fail to install there (`leyline.quantity` explains the pattern used
+instead)."""
 
 
 def _cel_rules(node: Any) -> Iterator[str]:

@@ -2,9 +2,9 @@
 the model reads it, the CEL twins of the model's rules refuse exactly what the model refuses,
 and the manifest's quantity grammar means what the API server's own `quantity()` means (R10.1).
 
-The CRD cannot call CEL's quantity library (it arrived in Kubernetes 1.29 and the chart
-supports 1.28), so the agreement is proven here instead, on a probe CRD this test installs on
-a server new enough to have it.
+The CRD cannot call CEL's quantity library (a new rule may call it from Kubernetes 1.29 on,
+and the chart supports 1.28), so the agreement is proven here instead, on a probe CRD this
+test installs on a server new enough to have it.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def quantity_probe(kube: ApiClient) -> Iterator[CustomObjectsApi]:
         ext.create_custom_resource_definition(body)
     except ApiException as err:
         if "quantity" in json.loads(err.body).get("message", ""):
-            pytest.skip("this API server's CEL has no quantity library (Kubernetes < 1.29)")
+            pytest.skip("this API server takes no quantity() in a new rule (Kubernetes < 1.29)")
         raise
     custom = CustomObjectsApi(kube)
     deadline = time.monotonic() + 60
