@@ -15,7 +15,9 @@ second pod while one of the run's pods still exists.
 A spec that cannot become a pod is never retried in a loop: a pod that cannot be built, or
 that the API server refuses as invalid (422), fails the run with the reason in one reconcile;
 a spec the model cannot read gets `Ready=False` with the reason. Both then raise `SpecInvalid`,
-which `lifecycle.handle` counts as a reconcile error and turns into kopf's permanent error.
+which `lifecycle.handle` counts as a reconcile error and turns into kopf's permanent error. A
+pod turned away for now (400, 403) is retried like any API error, and counted each time, with
+`Ready=False` and reason `PodRefused` quoting the server meanwhile.
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ async def sync_run(
 UNPROCESSABLE = 422
 """The API server's answer to an object that fails validation (or a validating admission
 policy): the same pod would be refused again."""
+TURNED_AWAY = frozenset({400, 403})
+"""Answers that may change without the spec changing (a quota, a PriorityClass or
+ServiceAccount created later, an admission webhook): retried, and said in the status."""
 
 
 async def _sync_once(
@@ -106,7 +111,7 @@ async def _sync_once(
     pods = await run_pods(ctx, run)
     now = ctx.clock.now()
 
-    def planned(refused: str = "") -> Plan:
+    def planned(refused: str = "", blocked: str = "") -> Plan:
         return plan_run(
             run,
             [view_pod(p) for p in pods],
@@ -115,6 +120,7 @@ async def _sync_once(
             now,
             ctx.settings,
             refused=refused,
+            blocked=blocked,
         )
 
     plan = planned()
@@ -168,7 +174,7 @@ async def _execute(
     plan: Plan,
     now: datetime,
     manifest: dict[str, Any] | None,
-    replan: Callable[[str], Plan],
+    replan: Callable[..., Plan],
 ) -> bool:
     status = plan.status
     if plan.deadline_missed is not None:
@@ -212,12 +218,17 @@ async def _execute(
             "%s/%s: pod of attempt %d already exists", run.namespace, run.name, create.attempt
         )
     except KubeApiError as err:
-        if err.status != UNPROCESSABLE:
-            raise
-        refused = replan(f"the API server refused it: {err.reason}: {err.detail}")
-        await write_status(ctx, run, written, refused.status)
-        _record(ctx, run, refused, refused.status)
-        raise SpecInvalid(f"{run.namespace}/{run.name}", refused.refused) from err
+        said = f"{err.status} {err.reason}: {err.detail}"
+        if err.status == UNPROCESSABLE:
+            refused = replan(refused=f"the API server refused it: {said}")
+            await write_status(ctx, run, written, refused.status)
+            _record(ctx, run, refused, refused.status)
+            raise SpecInvalid(f"{run.namespace}/{run.name}", refused.refused) from err
+        if err.status in TURNED_AWAY:
+            blocked = replan(blocked=said)
+            await write_status(ctx, run, written, blocked.status)
+            _record(ctx, run, blocked, blocked.status)
+        raise
     final = status.model_copy(update={"pod_name": pod_name(run.name, create.attempt)})
     await write_status(ctx, run, written, final)
     return False

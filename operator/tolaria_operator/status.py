@@ -18,9 +18,12 @@ The decisions, in the order they are taken:
 9. otherwise Pending, Running, RollingBack or Restarting from the trainer's state.
 
 A pod the operator cannot make (`refused`: it could not be built, or the API server refused
-it) fails the run at once with reason `PodSpecInvalid` instead of being created: `spec.pod` is
-immutable, so retrying could never succeed, and a retry loop would hide the reason. A spec the
-model cannot read at all gets `Ready=False` (`spec_refused`) once per generation.
+it as invalid) fails the run at once with reason `PodSpecInvalid` instead of being created:
+`spec.pod` is immutable, so retrying could never succeed, and a retry loop would hide the
+reason. A pod the API server turned away for now (`blocked`: a quota, a missing PriorityClass
+or ServiceAccount, an admission webhook) is retried, with reason `PodRefused` and the server's
+word in the status meanwhile. A spec the model cannot read at all gets `Ready=False`
+(`spec_refused`) once per generation.
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ class Plan:
     as a reconcile error."""
 
 
+POD_REFUSED = "PodRefused"
+"""Reason of a run whose pod the API server turned away for now (retried)."""
 POD_SPEC_INVALID = "PodSpecInvalid"
 """Reason of a run whose pod cannot be made from its spec (the operator could not build it, or
 the API server refused it)."""
@@ -209,10 +214,13 @@ def plan_run(
     settings: TolariaSettings,
     *,
     refused: str = "",
+    blocked: str = "",
 ) -> Plan:
     """The next status of `run` and the actions to reach it; see the module docstring.
 
     `refused`: why the pod this plan would create cannot be made; the run fails instead.
+    `blocked`: why the API server did not take that pod this time; it is retried, and the
+    status says why meanwhile.
     """
     prev = merge_view(run.status, view)
     d = _Draft(prev)
@@ -220,6 +228,9 @@ def plan_run(
     _decide(run, d, plan, pods, gone, view, now, settings)
     if refused and plan.create is not None:
         _refuse(d, plan, refused, now)
+    elif blocked and plan.create is not None:
+        message = f"the pod of attempt {plan.create.attempt} was refused (retrying): {blocked}"
+        d.reason, d.message = POD_REFUSED, message
     plan.restarts_added = max(0, d.restarts - run.status.restarts)
     plan.counted_added = max(0, d.counted - run.status.restarts_counted)
     if d.phase != (run.status.phase or 0) or d.reason != run.status.reason:

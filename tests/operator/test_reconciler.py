@@ -203,14 +203,28 @@ async def test_a_pod_the_api_server_refuses_fails_the_run_in_one_reconcile_and_i
 
 @pytest.mark.req("R10.1")
 @pytest.mark.asyncio
-async def test_a_transient_refusal_of_the_pod_is_retried_not_final() -> None:
+async def test_a_pod_turned_away_for_now_is_retried_with_the_servers_reason_in_the_status() -> None:
+    """A quota, or a PriorityClass not created yet (403): nothing in the spec is wrong, so the
+    pod is retried, but the run says why it waits, and each refusal is counted."""
     kube = FakeKube()
-    kube.refuse["pods"] = KubeApiError("POST", "/api/v1/pods", 403, "Forbidden", "quota exceeded")
+    kube.refuse["pods"] = KubeApiError(
+        "POST", "/api/v1/namespaces/default/pods", 403, "Forbidden", "exceeded quota: gpus"
+    )
     await put(kube, b.run_body("r1"))
     ctx = context(kube)
     with pytest.raises(kopf.TemporaryError):
         await lifecycle.handle(ctx, "reconcile", sync_run(ctx, "default", "r1"))
-    assert (await kube.get(RUNS, "default", "r1"))["status"]["phase"] == "Pending"
+    status = (await kube.get(RUNS, "default", "r1"))["status"]
+    assert (status["phase"], status["reason"], status["attempt"]) == ("Pending", "PodRefused", 1)
+    assert "exceeded quota: gpus" in status["message"]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "PodRefused")
+    assert reconcile_errors(ctx) == 1
+
+    del kube.refuse["pods"]  # the quota was raised
+    await lifecycle.handle(ctx, "resync", sync_run(ctx, "default", "r1"))
+    assert ("pods", "default", "r1-a1") in kube.objects  # the same attempt, not a new one
+    assert (await kube.get(RUNS, "default", "r1"))["status"]["podName"] == "r1-a1"
 
 
 @pytest.mark.req("R10.1")
