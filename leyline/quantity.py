@@ -9,11 +9,21 @@ or a suffix table (`tests/leyline/test_single_definitions.py` fails when one app
 
 The grammar is the subset of Kubernetes' that manifests need: a non-negative decimal number
 (no sign, no exponent) with an optional binary (`Ki`..`Ei`), decimal (`k`..`E`) or milli
-(`m`) suffix.
+(`m`) suffix. Every string it accepts, the API server's `resource.ParseQuantity` accepts with
+the same value (`tests/k8s` checks this against a real server's CEL `quantity()`).
+
+Why a pattern and not CEL's `quantity()`: the CRD must install on the oldest Kubernetes the
+chart supports (1.28), and a CRD's new rules may call the CEL quantity library only from 1.29
+on (a 1.28 server compiles new rules without it and keeps it for rules a newer server stored),
+so one rule calling it would make the whole CRD fail to install on 1.28. A pattern checks the
+same grammar on every version, and byte sizes get their own (`BYTES_PATTERN`):
+`shmSizeLimit: 100m` (a tenth of a byte, which the server would accept) is refused where it is
+written.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 
@@ -30,8 +40,17 @@ FACTORS: dict[str, Fraction] = {
 
 QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]+)?)(" + "|".join(FACTORS) + r")?$"
 """A Kubernetes resource quantity such as `4Gi`, `500m`, `2` (the CRD's `pattern`)."""
+BYTES_PATTERN = r"^([0-9]+(\.[0-9]+)?)(" + "|".join(s for s in FACTORS if s != MILLI) + r")?$"
+"""A byte size such as `4Gi`, `500M`, `1073741824`: a quantity without the milli suffix, which
+would make it a fraction of a byte (memory, `/dev/shm`, volume sizes)."""
+HUGEPAGES_PATTERN = r"^hugepages-[0-9]+(" + "|".join(_BINARY) + r")?$"
+"""The resource name of huge pages of one size (`hugepages-2Mi`, `hugepages-1Gi`)."""
+COUNT_PATTERN = r"^[0-9]+$"
+"""A whole count such as `2`: what extended resources (`nvidia.com/gpu`) take; the API server
+refuses a fraction of one."""
 
 _QUANTITY = re.compile(QUANTITY_PATTERN)
+_BYTES = re.compile(BYTES_PATTERN)
 
 _FORMAT_UNITS = ("Gi", "Mi", "Ki")
 """The suffixes `format_quantity` writes, largest first."""
@@ -51,17 +70,17 @@ def parse_quantity(text: str) -> Fraction:
 
 
 def parse_bytes(text: str) -> int:
-    """Whole bytes in a quantity (`4Gi`, `500M`, `1073741824`), a fraction of a byte dropped.
+    """Whole bytes in a byte size (`4Gi`, `500M`, `1073741824`), a fraction of a byte rounded
+    up as Kubernetes' `Quantity.Value()` does.
 
-    Raises `ValueError` for what `parse_quantity` refuses and for a milli quantity (`500m`
-    is a CPU amount, not a byte size).
+    Accepts exactly the strings `BYTES_PATTERN` matches; raises `ValueError` otherwise, and
+    names a milli quantity's mistake (`500m` is a CPU amount, not a byte size).
     """
-    if text.endswith(MILLI):
-        raise ValueError(f"{text!r} is not a byte quantity (milli is for CPU)")
-    try:
-        return int(parse_quantity(text))
-    except ValueError as err:
-        raise ValueError(f"{text!r} is not a byte quantity") from err
+    if _BYTES.fullmatch(text) is None:
+        if _QUANTITY.fullmatch(text) is not None:
+            raise ValueError(f"{text!r} is not a byte quantity (milli is for CPU)")
+        raise ValueError(f"{text!r} is not a byte quantity")
+    return math.ceil(parse_quantity(text))
 
 
 def format_quantity(nbytes: int) -> str:

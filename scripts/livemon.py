@@ -213,9 +213,22 @@ class Prometheus(PrometheusAPI):
             tmp.replace(path)  # atomic: Prometheus never reads half a file
 
     def add_targets(self, *targets: Target) -> None:
-        """Adds scrape targets (picked up within a second or two through file_sd)."""
+        """Adds scrape targets (picked up within a second or two through file_sd; call
+        `wait_discovered` before anything that must be seen from its first second)."""
         self._targets.extend(targets)
         self._write_targets()
+
+    def wait_discovered(self, targets: Sequence[Target], deadline_s: float) -> None:
+        """Waits until Prometheus scrapes every target in `targets` (file_sd is read on a
+        timer, later still on a loaded machine): from then on a process listening there is
+        scraped within one interval of its start."""
+        wanted = {t.address for t in targets}
+
+        def discovered() -> bool:
+            active = self.api("targets", state="active")["activeTargets"]
+            return wanted <= {t["discoveredLabels"].get("__address__") for t in active}
+
+        wait_for("Prometheus to discover the targets", discovered, deadline_s)
 
     def start(self) -> Prometheus:
         self.workdir.mkdir(parents=True, exist_ok=True)

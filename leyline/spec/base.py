@@ -66,6 +66,12 @@ class Rule:
     holds: Callable[[Any], bool]
 
 
+def cel_string(text: str) -> str:
+    """`text` as a CEL string literal (single-quoted, backslashes and quotes escaped), so a
+    Python regex can be handed to CEL's `matches` unchanged: both are RE2-compatible here."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 class RuleViolation(ValueError):
     """Raised by `SpecModel` when a `Rule` fails; carries the field to name."""
 

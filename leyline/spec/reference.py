@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -54,11 +54,13 @@ def _type_text(info: FieldInfo) -> str:
     if model is not None and origin is dict:
         return f"map of {model.__name__}"
     if model is not None:
-        return "object"
+        return "list of object" if origin is list else "object"
     names = {int: "integer", float: "number", str: "string", bool: "boolean"}
+    containers = {list: "list of ", dict: "map of "}
     for arg in (annotation, *get_args(annotation)):
-        if arg in names:
-            return names[arg] if origin is not list else f"list of {names[arg]}"
+        plain = get_args(arg)[0] if get_origin(arg) is Annotated else arg
+        if plain in names:
+            return f"{containers.get(origin, '') if origin else ''}{names[plain]}"
     return str(annotation)
 
 
@@ -90,7 +92,12 @@ def _rules(info: FieldInfo) -> str:
     return ", ".join(parts)
 
 
-def _section(path: str, model: type[SpecModel], out: list[str]) -> None:
+def _section(
+    path: str, model: type[SpecModel], out: list[str], seen: dict[type[SpecModel], str]
+) -> None:
+    """`model`'s table at `path`, then the tables of the models inside it; a model met again
+    (an affinity term in several places) points to its first table instead of repeating it."""
+    seen[model] = path
     doc = (model.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
     out += [
         f"#### `{path}`",
@@ -104,25 +111,29 @@ def _section(path: str, model: type[SpecModel], out: list[str]) -> None:
     for name, info in model.model_fields.items():
         key = info.alias or name
         description = (info.description or "").replace("\n", " ").replace("|", "\\|")
+        sub = _model_of(info.annotation)
+        if sub is not None and sub in seen:
+            description = f"{description} As `{seen[sub]}`.".strip()
+        elif sub is not None:
+            suffix = ".<id>" if get_origin(info.annotation) is dict else ""
+            nested.append((f"{path}.{key}{suffix}", sub))
+            seen[sub] = nested[-1][0]
         out.append(
             f"| `{key}` | {_type_text(info)} | {_default_text(model, name, info)} | "
             f"{_rules(info)} | {description} |"
         )
-        sub = _model_of(info.annotation)
-        if sub is not None:
-            suffix = ".<id>" if get_origin(info.annotation) is dict else ""
-            nested.append((f"{path}.{key}{suffix}", sub))
     for rule in model.rules:
-        out.append(f"| | | | `{rule.field}`: {rule.message} | cross-field rule |")
+        message = rule.message.replace("|", "\\|").replace("*", "\\*")
+        out.append(f"| | | | `{rule.field}`: {message} | cross-field rule |")
     out.append("")
     for sub_path, sub in nested:
-        _section(sub_path, sub, out)
+        _section(sub_path, sub, out, seen)
 
 
 def render() -> str:
     """The whole reference, from `spec` down."""
     out: list[str] = []
-    _section("spec", TolariaRunSpec, out)
+    _section("spec", TolariaRunSpec, out, {})
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -186,7 +186,13 @@ class TolariaIncidentSpec(SpecModel):
     source_run: RunRef
     """The run whose sidecar raised it."""
     scope: Annotated[int, ProtoEnum(IncidentScope)] = IncidentScope.run
-    """Which runs it reaches."""
+    """Which runs it reaches: the source run's `spec.escalation.scope`, narrowed to what the
+    operator's escalation policy lets the source's namespace reach."""
+    requested_scope: Annotated[int, ProtoEnum(IncidentScope)] | None = None
+    """The scope the source run asked for, set only when the policy narrowed it to `scope`."""
+    cross_namespace: bool = False
+    """Whether it reaches runs outside its source's namespace: only when the operator's policy
+    gives the source's namespace cluster reach (by default no run reaches another tenant)."""
     group_label: str = ""
     """With scope group: the label key."""
     group_value: str = ""

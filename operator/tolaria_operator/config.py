@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_args, get_type_hints
 
 from leyline.spec.cluster import PodSpec
+from leyline.v1.cluster_pb2 import IncidentScope
 from tolaria_operator.errors import SettingsInvalid
 
 MiB = 1024 * 1024
@@ -29,6 +30,12 @@ PULL_POLICIES: tuple[str, ...] = tuple(
 """What a container's `imagePullPolicy` may be: the manifest's own choices (`spec.pod`) but the
 empty one, which means "the operator's default"."""
 _DNS_NAME = re.compile(r"[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?")
+REACH_SCOPES: tuple[str, ...] = tuple(
+    IncidentScope.Name(s)
+    for s in (IncidentScope.run, IncidentScope.namespace, IncidentScope.cluster)
+)
+"""What `escalation.max_scope` may be: the scopes that say which namespaces an incident reaches
+(`node` and `group` select runs within a reach, they do not widen it)."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,19 @@ class EscalationSettings:
     per_run_timeline_limit: int = 32
     """Up to this many reached runs the timeline has one entry per run; beyond, one entry per
     outcome (the timeline holds at most 256 entries)."""
+    max_scope: str = IncidentScope.Name(IncidentScope.namespace)
+    """The widest reach of an incident raised by a run outside `cluster_scope_namespaces`:
+    `run` (no other run is ever signalled), `namespace` (runs of the source's own namespace
+    only; `node`, `group` and `cluster` scopes select within it) or `cluster` (every watched
+    namespace: no tenant boundary, for a cluster with one tenant). A wider
+    `spec.escalation.scope` is narrowed to it and the incident records both. `namespace` by
+    default: a run's author controls only their own namespace, so their spec must not freeze,
+    and then halt, another tenant's runs."""
+    cluster_scope_namespaces: tuple[str, ...] = ()
+    """Namespaces an administrator trusts with cluster reach (e.g. the platform team's): their
+    runs' incidents take the scope the run asks for, across every watched namespace. A list of
+    names, not a namespace label, so granting it takes the operator's settings (the Helm
+    release), never a label a tenant might be allowed to set, and costs no API read."""
 
 
 @dataclass(frozen=True)
@@ -239,8 +259,8 @@ def from_env(env: Mapping[str, str]) -> TolariaSettings:
     """Settings with every `TOLARIA_OPERATOR_<SECTION>_<FIELD>` in `env` applied.
 
     Raises `SettingsInvalid` naming the variable for a value of the wrong type, a negative
-    number, a pull policy Kubernetes does not know, an empty image, or a `TOLARIA_OPERATOR_*`
-    variable that names no setting.
+    number, a pull policy Kubernetes does not know, an empty image, an escalation reach that is
+    not a reach, or a `TOLARIA_OPERATOR_*` variable that names no setting.
     """
     known: set[str] = set()
     sections: dict[str, Any] = {}
@@ -263,9 +283,12 @@ def from_env(env: Mapping[str, str]) -> TolariaSettings:
 
 def _check(section: str, name: str, var: str, value: Any) -> None:
     """The rules a type alone cannot say: a pod built from a bad image setting would only
-    fail at the kubelet, one run at a time, long after the operator started."""
+    fail at the kubelet, one run at a time, long after the operator started; a misspelt reach
+    would only show when an incident is raised."""
     if section == "tokens" and name == "key_secret" and not _DNS_NAME.fullmatch(value):
         raise SettingsInvalid(var, f"must be a Secret name (lowercase DNS name), got {value!r}")
+    if section == "escalation" and name == "max_scope" and value not in REACH_SCOPES:
+        raise SettingsInvalid(var, f"must be one of {', '.join(REACH_SCOPES)}, got {value!r}")
     if section != "images":
         return
     if name == "pull_policy" and value not in PULL_POLICIES:

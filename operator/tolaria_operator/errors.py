@@ -41,6 +41,7 @@ class KubeApiError(OperatorError):
         self.path = path
         self.status = status
         self.reason = reason
+        self.detail = message
 
 
 class ObjectExists(KubeApiError):

@@ -89,7 +89,12 @@ async def on_emergency(
             return
     name = incidents.incident_name(fresh.name, fresh.uid, attempt, signal.generation)
     spec = incidents.incident_spec(
-        fresh, signal.level, signal.kind or None, signal.reason, await _node_of(ctx, fresh)
+        fresh,
+        signal.level,
+        signal.kind or None,
+        signal.reason,
+        await _node_of(ctx, fresh),
+        ctx.settings.escalation,
     )
     await raise_incident(ctx, fresh, name, spec, attempt=attempt, generation=signal.generation)
 
@@ -105,7 +110,9 @@ async def raise_incident(
     include_source: bool = True,
 ) -> IncidentRef:
     """Create (or find) incident `name`, mark the source, signal every run in scope, record
-    the answers and post Events. Idempotent: a run already answered is not signalled again."""
+    the answers and post Events. Idempotent: a run already answered is not signalled again.
+    The operator's escalation policy bounds `spec` here, whoever built it."""
+    spec = incidents.bounded(spec, ctx.settings.escalation)
     level_name = incidents.level_name(spec.level).lower()
     body = incidents.incident_body(name, spec, source, attempt, generation)
     try:
@@ -137,6 +144,10 @@ async def raise_incident(
         "IncidentRaised",
         f"{level_name} incident {name} ({IncidentScope.Name(spec.scope)}): {spec.reason}",  # type: ignore[arg-type]
     )
+    if spec.requested_scope:
+        ctx.events.post(
+            source.reference(), "Warning", "EscalationNarrowed", incidents.narrowing(spec)
+        )
     answered = {(r.namespace, r.name) for r in status.runs if r.ack != IncidentAck.Awaiting}
     targets = [t for t in await _targets(ctx, spec) if t.key not in answered]
     entries: list[ReachedRun] = []
@@ -213,11 +224,13 @@ async def _escalate_open(
 
 
 async def _targets(ctx: OperatorContext, spec: TolariaIncidentSpec) -> list[RunSummary]:
-    """The runs in the incident's scope (listing only what the scope needs)."""
+    """The runs in the incident's scope (listing only what the scope needs: the source's
+    namespace alone unless the policy lets it reach across namespaces)."""
+    spec = incidents.bounded(spec, ctx.settings.escalation)
     src = spec.source_run
     scope = spec.scope
     namespaces: list[str | None]
-    if scope in (IncidentScope.run, IncidentScope.namespace):
+    if scope in (IncidentScope.run, IncidentScope.namespace) or not spec.cross_namespace:
         namespaces = [src.namespace]
     else:
         watched = ctx.settings.escalation.watch_namespaces
@@ -463,6 +476,7 @@ async def raise_deadline_incident(
         AnomalyKind.ANOMALY_KIND_ROLLBACK_DEADLINE_MISSED,
         reason,
         await _node_of(ctx, run),
+        ctx.settings.escalation,
     )
     try:
         ref = await raise_incident(

@@ -6,6 +6,11 @@ functions. An incident is cluster-scoped and has no owner, so it outlives its ru
 source emergency makes one incident, an escalation of it updates that incident, and an
 emergency the operator itself fanned out (it carries `incident_id`) is never escalated again
 (no echo loops between runs of one group). Nothing here reads the clock or the API.
+
+Tenant boundary: a run's author chooses its `spec.escalation.scope`, but only the operator's
+settings (`escalation.max_scope`, `escalation.cluster_scope_namespaces`) decide how far that
+scope may reach. `bounded` narrows every incident to its source's reach before a single run
+is selected, so by default no run ever freezes (and then halts) a run of another namespace.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from leyline.spec.status import (
 )
 from leyline.v1.cluster_pb2 import IncidentAck, IncidentPhase, IncidentScope
 from tolaria_operator.clock import format_time
+from tolaria_operator.config import EscalationSettings
 from tolaria_operator.resources import (
     ATTEMPT_LABEL,
     INCIDENT_KIND,
@@ -122,14 +128,66 @@ def should_escalate(signal: EmergencySignal, escalation: EscalationSpec) -> bool
     return signal.level >= escalation.threshold and not is_echo(signal)
 
 
+def reach(namespace: str, policy: EscalationSettings) -> int:
+    """The widest scope an incident raised in `namespace` may have: `cluster` for a namespace
+    the administrator granted it, else the operator's `max_scope`."""
+    if namespace in policy.cluster_scope_namespaces:
+        return IncidentScope.cluster
+    return int(IncidentScope.Value(policy.max_scope))
+
+
+def bounded(spec: TolariaIncidentSpec, policy: EscalationSettings) -> TolariaIncidentSpec:
+    """`spec` narrowed to what its source's namespace may reach under `policy`.
+
+    Scopes widen in their proto order (run, node, group, namespace, cluster) once every scope
+    below `cluster` is confined to the source's namespace; a requested scope past the reach
+    becomes the reach, and `requestedScope` keeps what was asked. Idempotent, and it always
+    starts from the requested scope, so the policy in force decides, never an earlier one (or
+    a hand-edited incident).
+    """
+    requested = spec.requested_scope or spec.scope
+    cap = reach(spec.source_run.namespace, policy)
+    scope = min(requested, cap)
+    across = cap == IncidentScope.cluster and scope in (
+        IncidentScope.node,
+        IncidentScope.group,
+        IncidentScope.cluster,
+    )
+    return spec.model_copy(
+        update={
+            "scope": scope,
+            "requested_scope": requested if scope != requested else None,
+            "cross_namespace": across,
+        }
+    )
+
+
+def narrowing(spec: TolariaIncidentSpec) -> str:
+    """Why the incident reaches less than its source asked for; empty when it does not."""
+    if not spec.requested_scope:
+        return ""
+    asked = spell(IncidentScope, spec.requested_scope)
+    return (
+        f"scope {asked} narrowed to {spell(IncidentScope, spec.scope)}: namespace "
+        f"{spec.source_run.namespace} is not granted cluster reach "
+        "(operator settings escalation.max_scope, escalation.cluster_scope_namespaces)"
+    )
+
+
 def incident_spec(
-    source: RunObject, level: int, kind: int | None, reason: str, node: str
+    source: RunObject,
+    level: int,
+    kind: int | None,
+    reason: str,
+    node: str,
+    policy: EscalationSettings,
 ) -> TolariaIncidentSpec:
-    """The incident's spec from the source run's `spec.escalation` and its labels."""
+    """The incident's spec from the source run's `spec.escalation` and its labels, bounded by
+    the operator's escalation `policy`."""
     esc = source.run.spec.escalation
     group_value = source.labels.get(esc.group_label, "") if esc.group_label else ""
     grouped = esc.scope == IncidentScope.group
-    return TolariaIncidentSpec.model_validate(
+    spec = TolariaIncidentSpec.model_validate(
         {
             "level": spell(EmergencyLevel, level, LEVEL_PREFIX),
             "kind": spell(AnomalyKind, kind) if kind else None,
@@ -141,6 +199,7 @@ def incident_spec(
             "reason": reason[:4096],
         }
     )
+    return bounded(spec, policy)
 
 
 def incident_body(
@@ -171,12 +230,15 @@ def select_targets(spec: TolariaIncidentSpec, runs: Sequence[RunSummary]) -> lis
 
     run: the source; node: runs with a pod on the source's node; group: runs whose
     `groupLabel` has the source's value; namespace: the source's namespace; cluster: all.
+    Unless `crossNamespace` says the policy allowed more, only runs of the source's namespace.
     """
     src = (spec.source_run.namespace, spec.source_run.name)
     source = [r for r in runs if r.key == src]
 
     def in_scope(r: RunSummary) -> bool:
         if r.key == src or r.phase in FINAL_PHASE_NAMES:
+            return False
+        if r.namespace != spec.source_run.namespace and not spec.cross_namespace:
             return False
         if spec.scope == IncidentScope.node:
             return bool(spec.node) and r.node == spec.node
@@ -224,7 +286,8 @@ def _append(status: TolariaIncidentStatus, entries: Sequence[TimelineEntry]) -> 
 
 def opened(spec: TolariaIncidentSpec, now: str, generation: int) -> TolariaIncidentStatus:
     src = f"{spec.source_run.namespace}/{spec.source_run.name}"
-    text = f"{level_name(spec.level)} from {src} (generation {generation}): {spec.reason}"
+    narrowed = f" ({narrowing(spec)})" if spec.requested_scope else ""
+    text = f"{level_name(spec.level)} from {src} (generation {generation}){narrowed}: {spec.reason}"
     raised = TimelineEntry(time=now, event="Raised", message=text[:4096])
     return TolariaIncidentStatus.model_validate(
         {

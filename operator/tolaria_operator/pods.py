@@ -4,8 +4,13 @@ headless sidecar Service, NetworkPolicy and the pod of each attempt (R10.1, R10.
 Called by the reconciler before it creates an attempt; pure, so every field is tested
 without a cluster. One pod per attempt: the trainer container and the rollback sidecar
 (native sidecar by default) share `/dev/shm`, the socket directory and the checkpoint
-volume; the run token is mounted in the sidecar only. Nothing here talks to the API or
-reads the clock (the caller passes the creation time), and nothing here imports kopf.
+volume; the run token is mounted in the sidecar only. What `spec.pod` adds (environment,
+volumes and mounts, extra resources, pull secrets, affinity, scheduler, labels, annotations)
+goes to the trainer or the pod next to the operator's own parts, which the manifest model
+keeps it from naming (`leyline.spec.kube.RESERVED_*`). A spec this module cannot turn into a
+pod raises `ValueError`, which the reconciler turns into a failed run with the reason. Nothing
+here talks to the API or reads the clock (the caller passes the creation time), and nothing
+here imports kopf.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from leyline.commands import (
 from leyline.lifecycle import INSTANCE_ENV, LINEAGE_ENV, RESUME_ALLOWED, RESUME_ENV
 from leyline.quantity import format_quantity, parse_bytes
 from leyline.shm import INSTANCE_PATTERN
-from leyline.spec import TolariaRun
+from leyline.spec import SpecModel, TolariaRun
+from leyline.spec.cluster import GPU_RESOURCE
 from tolaria_operator.config import MiB, TolariaSettings
 from tolaria_operator.resources import (
     ATTEMPT_LABEL,
@@ -59,7 +65,6 @@ WORK_DIR = "/var/lib/tolaria/work"
 CHECKPOINT_DIR = "/var/lib/tolaria/checkpoints"
 SHM_DIR = "/dev/shm"  # noqa: S108 - the pod's own memory-backed emptyDir, not the host's
 TMP_DIR = "/tmp"  # noqa: S108 - an emptyDir: the root filesystem is read-only
-GPU_RESOURCE = "nvidia.com/gpu"
 ATTEMPT_ENV = "TOLARIA_ATTEMPT"
 _HOME = {"name": "HOME", "value": TMP_DIR}
 """The root filesystem is read-only: caches (torch inductor, triton, pip) go to /tmp."""
@@ -211,9 +216,20 @@ def network_policy(run: RunObject, settings: TolariaSettings) -> dict[str, Any]:
     }
 
 
+def kube_fragment(model: SpecModel) -> dict[str, Any]:
+    """A `spec.pod` fragment as the PodSpec field it mirrors: camelCase, and without the
+    fields left at their defaults (empty strings and lists, false), as Kubernetes writes it."""
+    return model.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+
+
 def pod_labels(run: RunObject, attempt: int) -> dict[str, str]:
-    """Run labels plus the attempt, Kueue's queue and the escalation group label."""
-    labels = {**run_labels(run), ATTEMPT_LABEL: str(attempt)}
+    """The run's `spec.pod.labels`, then the operator's own, which win: run labels plus the
+    attempt, Kueue's queue and the escalation group label."""
+    labels = {
+        **run.run.spec.pod.labels,
+        **run_labels(run),
+        ATTEMPT_LABEL: str(attempt),
+    }
     queue = run.labels.get(KUEUE_QUEUE_LABEL)
     if queue:
         labels[KUEUE_QUEUE_LABEL] = queue
@@ -233,10 +249,13 @@ def _container_security() -> dict[str, Any]:
 
 
 def _trainer_resources(run: TolariaRun) -> dict[str, Any]:
+    """Requests equal to limits (the trainer's pod is Guaranteed when the sidecar is too):
+    cpu, memory, the GPUs, then `resources.extra` (extended resources must be equal anyway)."""
     res = run.spec.pod.resources
     amounts: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
     if res.gpus > 0:
         amounts[GPU_RESOURCE] = str(res.gpus)
+    amounts.update(res.extra)
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
@@ -262,11 +281,20 @@ def pull_policy(run: RunObject, settings: TolariaSettings) -> str:
     return run.run.spec.pod.image_pull_policy or settings.images.pull_policy
 
 
+def pull_secrets(run: RunObject, settings: TolariaSettings) -> list[str]:
+    """The operator's pull secrets (a registry named cluster-wide), then the run's own
+    `spec.pod.imagePullSecrets` (its private images): added, never replacing, once each."""
+    names = [*settings.images.pull_secrets, *(r.name for r in run.run.spec.pod.image_pull_secrets)]
+    return list(dict.fromkeys(names))
+
+
 def trainer_container(run: RunObject, attempt: int, settings: TolariaSettings) -> dict[str, Any]:
     """The trainer: `python -m tolaria_trainer.worker ... --pod`, which reports its outcome in
     the termination message and exits 0 for every final outcome, so `restartPolicy:
-    OnFailure` restarts only crashes, in place, with /dev/shm intact (R10.2)."""
-    return {
+    OnFailure` restarts only crashes, in place, with /dev/shm intact (R10.2). The run's own
+    `env`, `envFrom` and `volumeMounts` follow the operator's (none may name one of ours)."""
+    pod = run.run.spec.pod
+    trainer: dict[str, Any] = {
         "name": TRAINER,
         "image": trainer_image(run, settings),
         "imagePullPolicy": pull_policy(run, settings),
@@ -280,7 +308,12 @@ def trainer_container(run: RunObject, attempt: int, settings: TolariaSettings) -
             metrics_port=settings.pods.trainer_metrics_port,
             pod=True,
         ).args(),
-        "env": [{"name": ATTEMPT_ENV, "value": str(attempt)}, _HOME, *identity_env(run, attempt)],
+        "env": [
+            {"name": ATTEMPT_ENV, "value": str(attempt)},
+            _HOME,
+            *identity_env(run, attempt),
+            *(kube_fragment(e) for e in pod.env),
+        ],
         "ports": [
             {
                 "name": "trainer-metrics",
@@ -299,8 +332,12 @@ def trainer_container(run: RunObject, attempt: int, settings: TolariaSettings) -
             {"name": "manifest", "mountPath": MANIFEST_DIR, "readOnly": True},
             {"name": "work", "mountPath": WORK_DIR},
             {"name": "tmp", "mountPath": TMP_DIR},
+            *(kube_fragment(m) for m in pod.volume_mounts),
         ],
     }
+    if pod.env_from:
+        trainer["envFrom"] = [kube_fragment(e) for e in pod.env_from]
+    return trainer
 
 
 def sidecar_container(
@@ -374,6 +411,7 @@ def _volumes(run: RunObject, shm_bytes: int, token_secret: str) -> list[dict[str
         },
         {"name": "work", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
+        *(kube_fragment(v) for v in run.run.spec.pod.volumes),
     ]
 
 
@@ -428,9 +466,14 @@ def attempt_pod(
             for key in ("key", "value", "effect"):
                 if toleration.get(key) == "":
                     del toleration[key]
-    if settings.images.pull_secrets:
-        # a private registry's credentials: Secrets of the run's namespace, named cluster-wide
-        pod_spec["imagePullSecrets"] = [{"name": n} for n in settings.images.pull_secrets]
+    secrets = pull_secrets(run, settings)
+    if secrets:
+        # private registries' credentials: Secrets of the run's namespace
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in secrets]
+    if spec.affinity is not None:
+        pod_spec["affinity"] = kube_fragment(spec.affinity)
+    if spec.scheduler_name:
+        pod_spec["schedulerName"] = spec.scheduler_name
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
     if spec.service_account_name:
@@ -438,6 +481,7 @@ def attempt_pod(
     meta = _metadata(run, pod_name(run.name, attempt))
     meta["labels"] = pod_labels(run, attempt)
     meta["annotations"] = {
+        **spec.annotations,
         RESTARTS_BEFORE_ANNOTATION: str(restarts_before),
         COUNTED_BEFORE_ANNOTATION: str(counted_before),
         CREATED_AT_ANNOTATION: created_at,

@@ -19,13 +19,20 @@ waits with `Ready=False, reason=NameConflict` naming it, and the object is neith
 changed. The token Secret gets a fresh random name per attempt (the operator cannot read
 Secrets, so it could not tell an existing one is its own). Deleting a run deletes nothing by
 name: Kubernetes' garbage collector removes exactly the objects owned by it.
+
+A spec that cannot become a pod is never retried in a loop: a pod that cannot be built, or
+that the API server refuses as invalid (422), fails the run with the reason in one reconcile;
+a spec the model cannot read gets `Ready=False` with the reason. Both then raise `SpecInvalid`,
+which `lifecycle.handle` counts as a reconcile error and turns into kopf's permanent error. A
+pod turned away for now (400, 403) is retried like any API error, and counted each time, with
+`Ready=False` and reason `PodRefused` quoting the server meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -36,10 +43,12 @@ from tolaria_operator import escalation
 from tolaria_operator.clock import format_time
 from tolaria_operator.context import OperatorContext, RunKey
 from tolaria_operator.errors import (
+    KubeApiError,
     ObjectExists,
     PodNotGone,
     SidecarCallFailed,
     SidecarUnavailable,
+    SpecInvalid,
 )
 from tolaria_operator.observation import view_pod
 from tolaria_operator.pods import attempt_pod, owned_objects, token_secret, token_suffix
@@ -61,7 +70,7 @@ from tolaria_operator.resources import (
     status_wire,
     token_name,
 )
-from tolaria_operator.status import FINAL, Plan, plan_run
+from tolaria_operator.status import FINAL, Plan, plan_run, spec_refused
 from tolaria_operator.view import to_datetime
 
 logger = logging.getLogger(__name__)
@@ -88,27 +97,85 @@ async def sync_run(
             gone = None
 
 
+UNPROCESSABLE = 422
+"""The API server's answer to an object that fails validation (or a validating admission
+policy): the same pod would be refused again."""
+TURNED_AWAY = frozenset({400, 403})
+"""Answers that may change without the spec changing (a quota, a PriorityClass or
+ServiceAccount created later, an admission webhook): retried, and said in the status."""
+
+
 async def _sync_once(
     ctx: OperatorContext, namespace: str, name: str, gone: Mapping[str, Any] | None
 ) -> bool:
     """One read-plan-act pass; True when deleted pods are gone and another pass is due."""
     body = await ctx.kube.get(RUNS, namespace, name)
-    if body is None:
+    if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
         return False
-    run = parse_run(body)
-    if run.deleting:
+    try:
+        run = parse_run(body)
+    except SpecInvalid as err:
+        await _spec_refused(ctx, namespace, name, body, err)
         return False
     pods = await run_pods(ctx, run)
     now = ctx.clock.now()
-    plan = plan_run(
-        run,
-        [view_pod(p) for p in pods],
-        view_pod(gone) if gone else None,
-        ctx.views.get(run.key),
-        now,
-        ctx.settings,
+
+    def planned(refused: str = "", blocked: str = "") -> Plan:
+        return plan_run(
+            run,
+            [view_pod(p) for p in pods],
+            view_pod(gone) if gone else None,
+            ctx.views.get(run.key),
+            now,
+            ctx.settings,
+            refused=refused,
+            blocked=blocked,
+        )
+
+    plan = planned()
+    build: Callable[[str], dict[str, Any]] | None = None
+    if plan.create is not None:
+        create = plan.create
+
+        def pod_for(secret: str) -> dict[str, Any]:
+            return attempt_pod(
+                run,
+                create.attempt,
+                ctx.settings,
+                restarts_before=create.restarts_before,
+                counted_before=create.counted_before,
+                created_at=format_time(now),
+                token_secret=secret,
+            )
+
+        try:  # a spec that cannot become a pod is refused before anything is created
+            pod_for(token_name(run.name, create.attempt, "0" * 8))
+            build = pod_for
+        except ValueError as err:
+            plan = planned(f"the operator cannot build it: {err}")
+    return await _execute(ctx, run, plan, now, build, planned)
+
+
+async def _spec_refused(
+    ctx: OperatorContext, namespace: str, name: str, body: Mapping[str, Any], err: SpecInvalid
+) -> None:
+    """A spec the model refuses: Ready=False naming it, once per generation; raises
+    `SpecInvalid` when newly recorded (counted once, not on every resync)."""
+    meta = body.get("metadata") or {}
+    status = spec_refused(
+        body.get("status") or {}, int(meta.get("generation") or 0), err.detail, ctx.clock.now()
     )
-    return await _execute(ctx, run, plan, now)
+    if status is None:
+        return
+    patch = status_patch(body.get("status") or {}, status)
+    await ctx.kube.patch(RUNS, namespace, name, {"status": patch}, subresource="status")
+    reference = {
+        "apiVersion": f"{RUNS.group}/{RUNS.version}",
+        "kind": "TolariaRun",
+        "metadata": {"name": name, "namespace": namespace, "uid": str(meta.get("uid", ""))},
+    }
+    ctx.events.post(reference, "Warning", status.reason, err.detail)
+    raise err
 
 
 async def run_pods(ctx: OperatorContext, run: RunObject) -> list[dict[str, Any]]:
@@ -117,7 +184,14 @@ async def run_pods(ctx: OperatorContext, run: RunObject) -> list[dict[str, Any]]
     return [p for p in pods if owned_by(p, run)]
 
 
-async def _execute(ctx: OperatorContext, run: RunObject, plan: Plan, now: datetime) -> bool:
+async def _execute(
+    ctx: OperatorContext,
+    run: RunObject,
+    plan: Plan,
+    now: datetime,
+    build: Callable[[str], dict[str, Any]] | None,
+    replan: Callable[..., Plan],
+) -> bool:
     status = plan.status
     conflicts = await name_conflicts(ctx, run, plan.create.attempt) if plan.create else []
     if conflicts:
@@ -146,7 +220,9 @@ async def _execute(ctx: OperatorContext, run: RunObject, plan: Plan, now: dateti
     written = await write_status(ctx, run, run.raw_status, status)
     _record(ctx, run, plan, status)
     await _resolve_if_source_ended(ctx, run, status)
-    if plan.create is None or conflicts:
+    if plan.refused:
+        raise SpecInvalid(f"{run.namespace}/{run.name}", plan.refused)
+    if plan.create is None or build is None or conflicts:
         return bool(deleted and await _gone(ctx, run, deleted, wait=False))
     await wait_for_no_pods(ctx, run)
     conflicts = await ensure_owned(ctx, run)
@@ -154,16 +230,7 @@ async def _execute(ctx: OperatorContext, run: RunObject, plan: Plan, now: dateti
         await write_status(ctx, run, written, _conflicted(ctx, run, status, conflicts, now))
         return False
     create = plan.create
-    secret = await create_token_secret(ctx, run, create.attempt)
-    manifest = attempt_pod(
-        run,
-        create.attempt,
-        ctx.settings,
-        restarts_before=create.restarts_before,
-        counted_before=create.counted_before,
-        created_at=format_time(now),
-        token_secret=secret,
-    )
+    manifest = build(await create_token_secret(ctx, run, create.attempt))
     try:
         await ctx.kube.create(PODS, run.namespace, manifest)
         logger.info(
@@ -179,6 +246,18 @@ async def _execute(ctx: OperatorContext, run: RunObject, plan: Plan, now: dateti
         logger.info(
             "%s/%s: pod of attempt %d already exists", run.namespace, run.name, create.attempt
         )
+    except KubeApiError as err:
+        said = f"{err.status} {err.reason}: {err.detail}"
+        if err.status == UNPROCESSABLE:
+            refused = replan(refused=f"the API server refused it: {said}")
+            await write_status(ctx, run, written, refused.status)
+            _record(ctx, run, refused, refused.status)
+            raise SpecInvalid(f"{run.namespace}/{run.name}", refused.refused) from err
+        if err.status in TURNED_AWAY:
+            blocked = replan(blocked=said)
+            await write_status(ctx, run, written, blocked.status)
+            _record(ctx, run, blocked, blocked.status)
+        raise
     final = status.model_copy(update={"pod_name": pod_name(run.name, create.attempt)})
     await write_status(ctx, run, written, final)
     return False

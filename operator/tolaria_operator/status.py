@@ -16,6 +16,14 @@ The decisions, in the order they are taken:
 7. the trainer's final word (termination message) ends the run;
 8. a pod that never starts past `spec.failurePolicy.podStartTimeoutSeconds`: Failed;
 9. otherwise Pending, Running, RollingBack or Restarting from the trainer's state.
+
+A pod the operator cannot make (`refused`: it could not be built, or the API server refused
+it as invalid) fails the run at once with reason `PodSpecInvalid` instead of being created:
+`spec.pod` is immutable, so retrying could never succeed, and a retry loop would hide the
+reason. A pod the API server turned away for now (`blocked`: a quota, a missing PriorityClass
+or ServiceAccount, an admission webhook) is retried, with reason `PodRefused` and the server's
+word in the status meanwhile. A spec the model cannot read at all gets `Ready=False`
+(`spec_refused`) once per generation.
 """
 
 from __future__ import annotations
@@ -33,7 +41,14 @@ from tolaria_operator import deadline
 from tolaria_operator.clock import format_time
 from tolaria_operator.config import TolariaSettings
 from tolaria_operator.observation import START_FAILURE_REASONS, Loss, PodView, classify_loss
-from tolaria_operator.resources import TRAINER, RunObject, enum_name, pod_name, service_name
+from tolaria_operator.resources import (
+    TRAINER,
+    RunObject,
+    enum_name,
+    parse_status,
+    pod_name,
+    service_name,
+)
 from tolaria_operator.view import SidecarView
 
 FINAL = frozenset({RunPhase.Succeeded, RunPhase.Failed, RunPhase.Halted})
@@ -79,7 +94,18 @@ class Plan:
     notes: list[Note] = field(default_factory=list)
     restarts_added: int = 0
     counted_added: int = 0
+    refused: str = ""
+    """Why the attempt's pod cannot be made (the run failed instead); the reconciler counts it
+    as a reconcile error."""
 
+
+POD_REFUSED = "PodRefused"
+"""Reason of a run whose pod the API server turned away for now (retried)."""
+POD_SPEC_INVALID = "PodSpecInvalid"
+"""Reason of a run whose pod cannot be made from its spec (the operator could not build it, or
+the API server refused it)."""
+SPEC_INVALID = "SpecInvalid"
+"""Reason of a run whose spec this operator cannot read (a CRD older or newer than it)."""
 
 OPERATOR_STOPS = frozenset({"RestartLimitExceeded", "PodStartTimeout", "RollbackDeadlineMissed"})
 """Final reasons for which the operator stops the pod itself (it would otherwise keep
@@ -186,12 +212,25 @@ def plan_run(
     view: SidecarView | None,
     now: datetime,
     settings: TolariaSettings,
+    *,
+    refused: str = "",
+    blocked: str = "",
 ) -> Plan:
-    """The next status of `run` and the actions to reach it; see the module docstring."""
+    """The next status of `run` and the actions to reach it; see the module docstring.
+
+    `refused`: why the pod this plan would create cannot be made; the run fails instead.
+    `blocked`: why the API server did not take that pod this time; it is retried, and the
+    status says why meanwhile.
+    """
     prev = merge_view(run.status, view)
     d = _Draft(prev)
     plan = Plan(status=prev)
     _decide(run, d, plan, pods, gone, view, now, settings)
+    if refused and plan.create is not None:
+        _refuse(d, plan, refused, now)
+    elif blocked and plan.create is not None:
+        message = f"the pod of attempt {plan.create.attempt} was refused (retrying): {blocked}"
+        d.reason, d.message = POD_REFUSED, message
     plan.restarts_added = max(0, d.restarts - run.status.restarts)
     plan.counted_added = max(0, d.counted - run.status.restarts_counted)
     if d.phase != (run.status.phase or 0) or d.reason != run.status.reason:
@@ -312,6 +351,60 @@ def _decide(
         RunPhase.Restarting,
         "TrainerRestarting",
         f"trainer restart {current.trainer_restarts} in place{detail}",
+    )
+
+
+def _refuse(d: _Draft, plan: Plan, message: str, now: datetime) -> None:
+    """The attempt's pod cannot be made: no pod, no attempt counted, Failed with the reason
+    (`spec.pod` is immutable, so no retry could succeed)."""
+    if plan.create is None:  # pragma: no cover - checked by the caller
+        return
+    attempt = plan.create.attempt
+    plan.create = None
+    plan.refused = message
+    d.attempt, d.pod_name = attempt - 1, ""
+    if d.first_failure is None:
+        d.first_failure = _failure("", POD_SPEC_INVALID, message, None, attempt, now)
+    _fail(d, POD_SPEC_INVALID, f"the pod of attempt {attempt} cannot be made: {message}", now)
+
+
+def spec_refused(
+    raw: Mapping[str, Any], generation: int, message: str, now: datetime
+) -> TolariaRunStatus | None:
+    """The status of a run whose spec this operator's model refuses (the CRD it was admitted
+    under is older or newer than the operator): Ready and Progressing False with reason
+    `SpecInvalid`, the phase left as it stands (a pod may still be running; only the operator
+    cannot act on it). None when that is already recorded for this generation, so the resync
+    timer neither rewrites nor counts it again."""
+    status = parse_status(raw)
+    text = message[: cond.MESSAGE_LIMIT]
+    ready = cond.find(status.conditions, cond.READY)
+    if (
+        ready is not None
+        and ready.reason == SPEC_INVALID
+        and ready.message == text
+        and ready.observed_generation == generation
+    ):
+        return None
+    touched = {cond.READY, cond.PROGRESSING}
+    kept = [
+        cond.Wanted(c.type, c.status == "True", c.reason, c.message)
+        for c in status.conditions
+        if c.type not in touched
+    ]
+    wanted = [
+        cond.Wanted(cond.READY, False, SPEC_INVALID, text),
+        cond.Wanted(cond.PROGRESSING, False, SPEC_INVALID, text),
+        *kept,
+    ]
+    return status.model_copy(
+        update={
+            "phase": status.phase or RunPhase.Pending,
+            "reason": SPEC_INVALID,
+            "message": text,
+            "observed_generation": generation,
+            "conditions": cond.merge(status.conditions, wanted, format_time(now), generation),
+        }
     )
 
 

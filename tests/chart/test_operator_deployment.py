@@ -245,3 +245,17 @@ def test_the_metrics_service_exposes_the_operators_metrics_port() -> None:
         selector.items()
         <= one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"].items()
     )
+
+
+def test_by_default_the_operator_confines_every_incident_to_its_namespace() -> None:
+    settings = operator_settings(render())
+    assert settings.escalation.max_scope == "namespace"
+    assert settings.escalation.cluster_scope_namespaces == ()
+
+
+def test_the_escalation_policy_reaches_the_operator() -> None:
+    """An administrator grants cluster reach in the release's values, never in a run."""
+    values = {"escalation": {"maxScope": "run", "clusterScopeNamespaces": ["ml-platform", "sre"]}}
+    settings = operator_settings(render(values))
+    assert settings.escalation.max_scope == "run"
+    assert settings.escalation.cluster_scope_namespaces == ("ml-platform", "sre")

@@ -150,6 +150,11 @@ def _under_optional_object(path: str) -> bool:
             "want string",
         ),
         (
+            {"escalation": {"maxScope": "group"}},
+            "at '/escalation/maxScope'",
+            "value must be one of 'run', 'namespace', 'cluster'",
+        ),
+        (
             {"operator": {"settings": {"images.trainer": "mine:1"}}},
             "invalid propertyName",  # Helm's validator locates a key's own refusal at ''
             "'images.trainer'",
@@ -168,6 +173,7 @@ def _under_optional_object(path: str) -> bool:
         "namespaces-while-watching-all",
         "bad-namespace-name",
         "non-string-label",
+        "a-reach-that-is-no-reach",
         "a-setting-the-chart-derives",
     ],
 )

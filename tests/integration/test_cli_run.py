@@ -103,7 +103,19 @@ def test_a_missing_user_task_exits_2_naming_the_task_field(run_manifest: Any) ->
 def test_slow_tamiyo_drill_falls_back_enters_and_leaves_conservative_mode(
     run_manifest: Any,
 ) -> None:
-    done = run_manifest(small_manifest("slow", epochs=8), "--inject", "slow-tamiyo@epoch=2")
+    doc = small_manifest("slow", epochs=8)
+    # Budgets 20x the defaults: a loaded machine must not breach them by itself (that would
+    # open conservative intervals of its own); the drill's 1 s Tamiyo still overruns its deadline.
+    doc["spec"]["budgets"] = {
+        "hookMs": 360,
+        "assemblyMs": 70,
+        "tamiyoMs": 240,
+        "commandMs": 30,
+        "guardMs": 20,
+        "lrStepMs": 100,
+        "lrGuardMs": 40,
+    }
+    done = run_manifest(doc, "--inject", "slow-tamiyo@epoch=2")
     assert done.returncode == 0, done.stderr[-3000:]
     report = done.report
     assert report["status"] == "Succeeded"

@@ -406,9 +406,11 @@ def test_an_incident_is_cluster_scoped_and_its_status_can_be_patched(
             "kind": "ANOMALY_KIND_STALLED_STEP",
             "sourceRun": {"namespace": namespace, "name": "stalled"},
             "scope": "namespace",
+            "requestedScope": "cluster",
+            "crossNamespace": False,
             "reason": "no heartbeat for 120 s",
         }
-    ).model_dump(mode="json")
+    ).model_dump(mode="json", exclude_none=True)
     status = TolariaIncidentStatus.model_validate(
         {
             "phase": "Open",

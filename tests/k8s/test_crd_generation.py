@@ -423,9 +423,38 @@ def test_rules_of_the_spec_sections_are_all_present() -> None:
         for r in n.get("x-kubernetes-validations", [])
         if "oldSelf" not in r["rule"]
     ]
-    assert sorted(cel) == sorted(
-        [".hookMs", ".lrGuardMs", ".shape", ".epochs", ".fastMs", ".criticalMs", ".groupLabel"]
-    )
+    pod = [
+        ".extra",  # resources: extended resources and their counts
+        ".extra",  # resources: nvidia.com/gpu in one place
+        ".sizeLimit",  # checkpointVolume: more than 0
+        ".value",  # tolerations: empty with Exists
+        ".operator",  # tolerations: Exists with an empty key
+        ".tolerationSeconds",  # tolerations: only with NoExecute
+        ".nodeSelector",
+        ".volumeMounts",  # names a volume
+        ".volumes",  # unique names
+        ".volumeMounts",  # unique paths
+        ".env",  # unique names
+        ".labels",  # label keys
+        ".labels",  # not the operator's
+        ".annotations",  # label keys
+        ".annotations",  # not the operator's
+        ".shmSizeLimit",  # more than 0
+    ]
+    fragments = [  # the Kubernetes fragments of spec.pod (leyline/spec/kube.py)
+        ".configMapKeyRef",  # env valueFrom: one source
+        ".name",  # env: not TOLARIA_* or HOME
+        ".valueFrom",  # env: not with value
+        ".prefix",  # envFrom: not TOLARIA_
+        ".configMapRef",  # envFrom: one source
+        ".name",  # volumes: not the operator's
+        ".name",  # volumes: one source
+        ".mountPath",  # volumeMounts: not over the operator's paths
+        ".subPath",  # volumeMounts: no ..
+    ]
+    affinity = [".values"] * 10 + [".matchLabels"] * 8  # every requirement and selector
+    sections = [".hookMs", ".lrGuardMs", ".shape", ".epochs", ".fastMs", ".criticalMs"]
+    assert sorted(cel) == sorted([*sections, ".groupLabel", *pod, *fragments, *affinity])
 
 
 def test_immutable_sections_carry_a_transition_rule_and_mutable_ones_none() -> None:
@@ -530,3 +559,34 @@ def test_a_default_outside_its_enum_is_refused_with_the_field_named() -> None:
 
     with pytest.raises(crd.CrdError, match=r"Bad\.shape: default 'c' is not in its enum"):
         crd.structural_schema(Bad)
+
+
+CEL_OF_KUBERNETES_1_28 = frozenset(
+    {"has", "size", "matches", "startsWith", "endsWith", "contains", "all", "exists", "exists_one"}
+)
+"""The CEL functions and macros the CRDs may call: core CEL, which every Kubernetes with CRD
+validation rules compiles. A new rule may call the quantity library (`quantity()`,
+`isQuantity()`) from 1.29 on, and the chart's oldest Kubernetes is 1.28: a rule calling it
+would make the whole CRD fail to install there (`leyline.quantity` explains the pattern used
+instead)."""
+
+
+def _cel_rules(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for rule in node.get("x-kubernetes-validations", []):
+            yield str(rule["rule"])
+        for child in node.values():
+            yield from _cel_rules(child)
+    elif isinstance(node, list):
+        for child in node:
+            yield from _cel_rules(child)
+
+
+@pytest.mark.parametrize("name", sorted(crd.crds()))
+def test_every_cel_rule_compiles_on_the_oldest_kubernetes_the_chart_supports(name: str) -> None:
+    for rule in _cel_rules(committed(name)):
+        code = re.sub(r"'([^'\\]|\\.)*'", "''", rule)  # string literals say nothing
+        called = set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(", code))
+        assert called <= CEL_OF_KUBERNETES_1_28, (
+            f"{rule}: {sorted(called - CEL_OF_KUBERNETES_1_28)}"
+        )

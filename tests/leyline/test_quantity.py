@@ -1,5 +1,6 @@
-"""Kubernetes quantities: the manifest's quantity fields and `leyline.quantity`'s parser accept
-and refuse the same strings, and the operator's byte sizes round-trip (R10.1)."""
+"""Kubernetes quantities: the manifest's quantity fields and `leyline.quantity`'s parsers accept
+and refuse the same strings (byte sizes with `parse_bytes`, which refuses milli, CPU with
+`parse_quantity`), and the operator's byte sizes round-trip (R10.1)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from leyline.quantity import QUANTITY_PATTERN, format_quantity, parse_bytes, parse_quantity
+from leyline.quantity import (
+    BYTES_PATTERN,
+    QUANTITY_PATTERN,
+    format_quantity,
+    parse_bytes,
+    parse_quantity,
+)
 from leyline.spec import CheckpointVolumeSpec, PodSpec, ResourcesSpec
 
 KiB = 1024
@@ -27,14 +34,19 @@ QUANTITY_FIELDS = {
     "pod.shmSizeLimit": lambda text: PodSpec(shm_size_limit=text),
 }
 """Every manifest field that takes a quantity, built from one string."""
+BYTE_FIELDS = {"resources.memory", "checkpointVolume.sizeLimit", "pod.shmSizeLimit"}
+"""The fields that take a byte size (no milli suffix)."""
+NONZERO_FIELDS = {"checkpointVolume.sizeLimit", "pod.shmSizeLimit"}
+"""Size limits of emptyDirs, where 0 would mean "no limit" to the kubelet."""
 
 
-def parses(text: str) -> bool:
+def parses(text: str, field: str = "resources.cpu") -> bool:
+    """Whether the parser the operator uses for `field` reads `text` as a value it may take."""
     try:
-        parse_quantity(text)
+        value = parse_bytes(text) if field in BYTE_FIELDS else parse_quantity(text)
     except ValueError:
         return False
-    return True
+    return value > 0 or field not in NONZERO_FIELDS
 
 
 def spec_accepts(field: str, text: str) -> bool:
@@ -83,7 +95,7 @@ def test_manifest_fields_and_parser_accept_the_same_quantities(field: str, text:
     if field == "pod.shmSizeLimit" and text == "":
         assert spec_accepts(field, text)  # empty: the operator computes the size instead
         return
-    assert spec_accepts(field, text) == parses(text)
+    assert spec_accepts(field, text) == parses(text, field)
 
 
 @pytest.mark.req("R10.1")
@@ -93,7 +105,25 @@ def test_manifest_fields_and_parser_accept_the_same_quantities(field: str, text:
     | st.from_regex(QUANTITY_PATTERN, fullmatch=True).filter(lambda t: len(t) <= FIELD_MAX_LENGTH),
 )
 def test_no_string_is_accepted_by_one_and_refused_by_the_other(field: str, text: str) -> None:
-    assert spec_accepts(field, text) == parses(text)
+    assert spec_accepts(field, text) == parses(text, field)
+
+
+@pytest.mark.req("R10.1")
+@pytest.mark.parametrize("field", sorted(BYTE_FIELDS))
+def test_a_milli_byte_size_is_refused_where_it_is_written(field: str) -> None:
+    """`shmSizeLimit: 100m` is a tenth of a byte: the API server's grammar accepts it, the
+    operator could never size /dev/shm with it, so the manifest refuses it."""
+    assert parses("100m")  # a valid Kubernetes quantity
+    assert not spec_accepts(field, "100m")
+    with pytest.raises(ValueError, match="milli is for CPU"):
+        parse_bytes("100m")
+
+
+@pytest.mark.req("R10.1")
+def test_a_fraction_of_a_byte_rounds_up_as_kubernetes_does() -> None:
+    assert parse_bytes("1.5") == 2
+    assert parse_bytes("0.5Ki") == 512
+    assert BYTES_PATTERN.replace("|m", "") == BYTES_PATTERN  # no milli alternative at all
 
 
 @pytest.mark.req("R10.1")
@@ -119,7 +149,7 @@ def test_byte_sizes_round_trip_in_the_largest_exact_binary_unit() -> None:
 
 
 @pytest.mark.req("R10.1")
-@given(st.integers(min_value=0, max_value=2**62))
+@given(st.integers(min_value=1, max_value=2**62))
 def test_every_formatted_byte_size_parses_back_and_passes_the_manifest(nbytes: int) -> None:
     text = format_quantity(nbytes)
     assert parse_bytes(text) == nbytes

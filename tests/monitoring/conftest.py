@@ -35,6 +35,8 @@ from tolaria_operator.metrics import OperatorMetrics
 TIME_SCALE = 60.0
 """The live rules' `for:` durations are the shipped ones divided by this: one shipped minute is
 one live second (the 10 minutes of TolariaRunNoProgress become 10 s)."""
+DISCOVERY_DEADLINE_S = 120.0
+"""file_sd is re-read every second; minutes only on a machine far beyond loaded."""
 SPIKE_STEP = 640
 HANG_STEP = 1600
 DRILLS = (f"loss-spike@step={SPIKE_STEP}", f"hang@step={HANG_STEP}")
@@ -91,7 +93,9 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Watched]:
         prometheus.add_targets(
             Target(OPERATOR_JOB, f"127.0.0.1:{server.server_port}", operator_labels)
         )
-        prometheus.add_targets(run.target("sidecar"), run.target("trainer"))
+        run_targets = (run.target("sidecar"), run.target("trainer"))
+        prometheus.add_targets(*run_targets)
+        prometheus.wait_discovered(run_targets, DISCOVERY_DEADLINE_S)
         run.start()  # scraped from its first second: the spike cannot come before a scrape
         operator.observe_phase((LOCAL_NAMESPACE, run.name), "Running", restarts=0)
         yield Watched(prometheus, run, operator)

@@ -235,3 +235,49 @@ def node_lost(pod: dict[str, Any]) -> dict[str, Any]:
     status["reason"] = "NodeLost"
     status["message"] = "Node node-a which was running pod is unresponsive"
     return pod
+
+
+SHARED_POD: dict[str, Any] = {
+    "env": [
+        {"name": "DATA_DIR", "value": "/data"},
+        {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "key"}}},
+    ],
+    "envFrom": [{"configMapRef": {"name": "hyper"}, "prefix": "HP_"}],
+    "volumes": [
+        {"name": "imagenet", "persistentVolumeClaim": {"claimName": "imagenet", "readOnly": True}},
+        {"name": "scratch", "emptyDir": {"sizeLimit": "100Gi"}},
+        {"name": "bucket", "csi": {"driver": "s3.csi.aws.com", "volumeAttributes": {"b": "x"}}},
+    ],
+    "volumeMounts": [
+        {"name": "imagenet", "mountPath": "/data", "readOnly": True},
+        {"name": "scratch", "mountPath": "/scratch"},
+        {"name": "bucket", "mountPath": "/bucket", "subPath": "runs"},
+    ],
+    "imagePullSecrets": [{"name": "team-registry"}, {"name": "regcred"}],
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["a100"]}]}
+                ]
+            }
+        },
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 50,
+                    "podAffinityTerm": {
+                        "labelSelector": {"matchLabels": {"team": "vision"}},
+                        "topologyKey": "kubernetes.io/hostname",
+                    },
+                }
+            ]
+        },
+    },
+    "schedulerName": "volcano",
+    "labels": {"team": "vision"},
+    "annotations": {"cost-center": "ml-42"},
+    "resources": {"gpus": 1, "extra": {"example.com/fpga": "1", "ephemeral-storage": "50Gi"}},
+}
+"""`spec.pod` of a run on a shared cluster: a dataset claim, a bucket, credentials, its own
+registry, placement, an extended resource; every field a run adds to its pod."""

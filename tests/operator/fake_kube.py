@@ -6,7 +6,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from tolaria_operator.errors import ObjectExists
+from tolaria_operator.errors import KubeApiError, ObjectExists
 from tolaria_operator.resources import Resource
 
 
@@ -27,6 +27,8 @@ class FakeKube:
         """Names whose deletion only marks them (a pod with a long grace period)."""
         self.calls: list[tuple[str, str, str]] = []
         """(verb, plural, name) of every call; a list's name is its namespace, or `*`."""
+        self.refuse: dict[str, KubeApiError] = {}
+        """Creates of these plurals fail with the error (an API server refusing the object)."""
 
     async def get(
         self, resource: Resource, namespace: str | None, name: str
@@ -59,6 +61,8 @@ class FakeKube:
         self.calls.append(("create", resource.plural, key[2]))
         if key in self.objects:
             raise ObjectExists("POST", resource.path(namespace), 409, "AlreadyExists", "exists")
+        if resource.plural in self.refuse:
+            raise self.refuse[resource.plural]
         self.objects[key] = copy.deepcopy(dict(body))
         return copy.deepcopy(dict(body))
 

@@ -56,7 +56,13 @@ DEFAULTS = {
         "reconnect_max_seconds": 10.0,
     },
     "suspend": {"checkpoint_timeout_seconds": 120.0},
-    "escalation": {"fanout_concurrency": 32, "watch_namespaces": (), "per_run_timeline_limit": 32},
+    "escalation": {
+        "fanout_concurrency": 32,
+        "watch_namespaces": (),
+        "per_run_timeline_limit": 32,
+        "max_scope": "namespace",
+        "cluster_scope_namespaces": (),
+    },
     "metrics": {"port": 9403, "address": "0.0.0.0"},
     "tokens": {"key_secret": "tolaria-operator-token-key"},
     "retention": {"resolved_incident_ttl_seconds": 86_400.0, "sweep_interval_seconds": 30.0},
@@ -126,6 +132,11 @@ def test_settings_come_from_the_environment() -> None:
         ("TOLARIA_OPERATOR_IMAGES_TRAINER", "", "image reference without spaces"),
         ("TOLARIA_OPERATOR_IMAGES_SIDECAR", "reg.io/sidecar:1 --x", "without spaces"),
         ("TOLARIA_OPERATOR_TOKENS_KEY_SECRET", "Not_A_Name", "must be a Secret name"),
+        (
+            "TOLARIA_OPERATOR_ESCALATION_MAX_SCOPE",
+            "group",
+            "must be one of run, namespace, cluster",
+        ),
     ],
 )
 def test_a_bad_setting_is_refused_naming_the_variable(name: str, value: str, rule: str) -> None:
@@ -147,3 +158,15 @@ def test_run_images_come_from_the_environment() -> None:
     assert settings.images.sidecar == "reg.example/ml/sidecar:1.2"
     assert settings.images.pull_policy == "Always"
     assert settings.images.pull_secrets == ("regcred", "other")
+
+
+def test_the_escalation_policy_comes_from_the_environment() -> None:
+    """The Helm chart passes the tenant boundary as these two variables."""
+    settings = from_env(
+        {
+            env_name("escalation", "max_scope"): "run",
+            env_name("escalation", "cluster_scope_namespaces"): "ml-platform, sre",
+        }
+    )
+    assert settings.escalation.max_scope == "run"
+    assert settings.escalation.cluster_scope_namespaces == ("ml-platform", "sre")

@@ -14,10 +14,15 @@ from leyline.spec.status import IncidentRef, ReachedRun
 from leyline.v1.cluster_pb2 import IncidentAck, IncidentPhase, IncidentScope
 from tests.operator.builders import run_object
 from tolaria_operator import incidents as inc
+from tolaria_operator.config import EscalationSettings
 from tolaria_operator.incidents import RunSummary, SignalOutcome
 
 NOW = "2026-11-25T12:00:00.000Z"
 CRITICAL = EmergencyLevel.EMERGENCY_LEVEL_CRITICAL
+DEFAULT_POLICY = EscalationSettings()
+"""The operator's escalation policy out of the box: every run confined to its namespace."""
+GRANTED = EscalationSettings(cluster_scope_namespaces=("default",))
+"""An administrator granted the source's namespace (`default`) cluster reach."""
 
 
 def valid_status(status: TolariaIncidentStatus) -> dict[str, Any]:
@@ -38,12 +43,14 @@ def summary(
     return RunSummary(ns, name, labels or {}, node, phase, has_pod)
 
 
-def spec_for(scope: str, **escalation: Any) -> TolariaIncidentSpec:
+def spec_for(
+    scope: str, policy: EscalationSettings = GRANTED, **escalation: Any
+) -> TolariaIncidentSpec:
     run = run_object(
         name="src", labels={"team": "g1"}, spec={"escalation": {"scope": scope, **escalation}}
     )
     return inc.incident_spec(
-        run, CRITICAL, AnomalyKind.ANOMALY_KIND_BREAKER_STORM, "storm", "node-a"
+        run, CRITICAL, AnomalyKind.ANOMALY_KIND_BREAKER_STORM, "storm", "node-a", policy
     )
 
 
@@ -95,6 +102,7 @@ def test_the_incident_spec_and_object_name_the_source_and_its_group() -> None:
         "groupValue": "g1",
         "node": "node-a",
         "reason": "storm",
+        "crossNamespace": True,
     }
     TolariaIncidentSpec.model_validate(wire, strict=False)
     body = inc.incident_body("src-x-a1-g1", spec, run_object(name="src"), 1, 1)
@@ -124,13 +132,90 @@ RUNS = [
         ("cluster", {}, ["src", "same-group", "same-node", "suspended", "elsewhere"]),
     ],
 )
-def test_scope_selects_the_runs_an_incident_reaches(
+def test_scope_selects_the_runs_an_incident_reaches_from_a_namespace_granted_cluster_reach(
     scope: str, extra: dict[str, str], reached: list[str]
 ) -> None:
     targets = inc.select_targets(spec_for(scope, **extra), RUNS)
     assert targets[0].name == "src"  # the source first
     assert sorted(t.name for t in targets) == sorted(reached)
     assert "finished" not in [t.name for t in targets]
+
+
+@pytest.mark.req("R10.4")
+@pytest.mark.parametrize(
+    ("scope", "extra", "reached"),
+    [
+        ("node", {}, ["src", "same-node"]),
+        ("group", {"groupLabel": "team"}, ["src", "same-group", "suspended"]),
+        ("namespace", {}, ["src", "same-group", "same-node", "suspended"]),
+        ("cluster", {}, ["src", "same-group", "same-node", "suspended"]),
+    ],
+)
+def test_by_default_no_incident_reaches_a_run_of_another_namespace(
+    scope: str, extra: dict[str, str], reached: list[str]
+) -> None:
+    """The tenant boundary: whatever scope a run's author writes, "elsewhere" (namespace
+    `other`, same group label as the source) is never selected, so never frozen or halted."""
+    targets = inc.select_targets(spec_for(scope, DEFAULT_POLICY, **extra), RUNS)
+    assert sorted(t.name for t in targets) == sorted(reached)
+    assert all(t.namespace == "default" for t in targets)
+
+
+@pytest.mark.req("R10.4")
+def test_a_cluster_scope_without_a_grant_is_narrowed_to_the_namespace_and_says_so() -> None:
+    spec = spec_for("cluster", DEFAULT_POLICY)
+    assert (spec.scope, spec.requested_scope) == (IncidentScope.namespace, IncidentScope.cluster)
+    assert spec.cross_namespace is False
+    raised = inc.opened(spec, NOW, generation=1).timeline[0].message
+    assert "scope cluster narrowed to namespace" in raised
+    assert "escalation.cluster_scope_namespaces" in raised
+
+
+@pytest.mark.req("R10.4")
+def test_a_scope_within_reach_is_kept_as_asked() -> None:
+    spec = spec_for("group", DEFAULT_POLICY, groupLabel="team")
+    assert (spec.scope, spec.requested_scope) == (IncidentScope.group, None)
+    assert inc.narrowing(spec) == ""
+
+
+@pytest.mark.req("R10.4")
+@pytest.mark.parametrize("scope", ["node", "group", "namespace", "cluster"])
+def test_max_scope_run_lets_an_incident_signal_no_other_run(scope: str) -> None:
+    policy = EscalationSettings(max_scope="run")
+    spec = spec_for(scope, policy, **({"groupLabel": "team"} if scope == "group" else {}))
+    assert spec.scope == IncidentScope.run
+    assert [t.name for t in inc.select_targets(spec, RUNS)] == ["src"]
+
+
+@pytest.mark.req("R10.4")
+def test_max_scope_cluster_lifts_the_boundary_for_every_namespace() -> None:
+    """A cluster with one tenant may choose the old behaviour, explicitly."""
+    spec = spec_for("cluster", EscalationSettings(max_scope="cluster"))
+    assert spec.cross_namespace is True
+    assert "elsewhere" in [t.name for t in inc.select_targets(spec, RUNS)]
+
+
+@pytest.mark.req("R10.4")
+def test_the_policy_in_force_bounds_an_incident_whatever_its_spec_claims() -> None:
+    """An incident raised under a generous policy, or edited by hand to claim cluster reach,
+    is bounded again by today's policy before any run is selected."""
+    generous = spec_for("cluster", GRANTED)
+    strict = inc.bounded(generous, DEFAULT_POLICY)
+    assert (strict.scope, strict.requested_scope, strict.cross_namespace) == (
+        IncidentScope.namespace,
+        IncidentScope.cluster,
+        False,
+    )
+    forged = strict.model_copy(update={"scope": IncidentScope.cluster, "cross_namespace": True})
+    assert inc.bounded(forged, DEFAULT_POLICY) == strict
+    assert inc.bounded(strict, GRANTED) == generous  # the requested scope is never lost
+    assert inc.bounded(strict, DEFAULT_POLICY) == strict  # idempotent
+
+
+@pytest.mark.req("R10.4")
+def test_select_targets_never_crosses_namespaces_unless_the_spec_says_it_may() -> None:
+    confined = spec_for("cluster", GRANTED).model_copy(update={"cross_namespace": False})
+    assert "elsewhere" not in [t.name for t in inc.select_targets(confined, RUNS)]
 
 
 @pytest.mark.req("R10.4")

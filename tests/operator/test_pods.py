@@ -11,7 +11,16 @@ import pytest
 import yaml
 
 from leyline.spec import validate_manifest
-from tests.operator.builders import new_pod, run_object
+from leyline.spec.kube import (
+    RESERVED_ANNOTATION_PREFIXES,
+    RESERVED_ENV,
+    RESERVED_ENV_PREFIX,
+    RESERVED_LABEL_PREFIXES,
+    RESERVED_LABELS,
+    RESERVED_PATHS,
+    RESERVED_VOLUMES,
+)
+from tests.operator.builders import SHARED_POD, new_pod, run_object
 from tolaria_operator.config import (
     GiB,
     ImageSettings,
@@ -410,3 +419,112 @@ def test_every_object_passes_the_kubernetes_schema(version: str, native: bool) -
         token_secret(run, "r1-a1-token-0a1b2c3d", "t0ken"),
     ):
         kubernetes_validate.validate(obj, version, strict=True)
+
+
+def _shared_pod(settings: TolariaSettings | None = None) -> dict[str, Any]:
+    return new_pod(run_object(spec={"pod": SHARED_POD}), 1, settings)
+
+
+@pytest.mark.req("R10.1")
+def test_the_trainer_gets_the_runs_env_after_the_operators() -> None:
+    trainer = _container(_shared_pod(), "trainer")
+    names = [e["name"] for e in trainer["env"]]
+    assert names[:2] == ["TOLARIA_ATTEMPT", "HOME"]
+    assert names[-2:] == ["DATA_DIR", "WANDB_API_KEY"]
+    assert trainer["env"][-1] == {
+        "name": "WANDB_API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "key"}},
+    }
+    assert trainer["envFrom"] == [{"configMapRef": {"name": "hyper"}, "prefix": "HP_"}]
+    sidecar = _container(_shared_pod(), "sidecar")
+    assert "DATA_DIR" not in [e["name"] for e in sidecar["env"]] and "envFrom" not in sidecar
+
+
+@pytest.mark.req("R10.1")
+def test_datasets_are_extra_volumes_mounted_in_the_trainer_only() -> None:
+    pod = _shared_pod()
+    volumes = _volumes(pod)
+    assert volumes["imagenet"] == {
+        "name": "imagenet",
+        "persistentVolumeClaim": {"claimName": "imagenet", "readOnly": True},
+    }
+    assert volumes["scratch"] == {"name": "scratch", "emptyDir": {"sizeLimit": "100Gi"}}
+    assert volumes["bucket"]["csi"] == {"driver": "s3.csi.aws.com", "volumeAttributes": {"b": "x"}}
+    trainer = _container(pod, "trainer")
+    assert {"name": "imagenet", "mountPath": "/data", "readOnly": True} in trainer["volumeMounts"]
+    assert {"name": "bucket", "mountPath": "/bucket", "subPath": "runs"} in trainer["volumeMounts"]
+    assert _mounts(trainer)["/dev/shm"] == "dshm"  # the operator's stay
+    assert "/data" not in _mounts(_container(pod, "sidecar"))
+
+
+@pytest.mark.req("R10.1")
+def test_a_runs_pull_secrets_are_added_to_the_operators_once_each() -> None:
+    pod = _shared_pod(replace(TolariaSettings(), images=REGISTRY))
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}, {"name": "team-registry"}]
+    alone = _shared_pod()
+    assert alone["spec"]["imagePullSecrets"] == [{"name": "team-registry"}, {"name": "regcred"}]
+
+
+@pytest.mark.req("R10.1")
+def test_affinity_and_the_scheduler_go_to_the_pod_as_written() -> None:
+    spec = _shared_pod()["spec"]
+    assert spec["schedulerName"] == "volcano"
+    assert spec["affinity"] == SHARED_POD["affinity"]
+    plain = new_pod(run_object(), 1)["spec"]
+    assert "affinity" not in plain and "schedulerName" not in plain
+
+
+@pytest.mark.req("R10.1")
+def test_the_runs_labels_and_annotations_sit_beside_the_operators() -> None:
+    meta = _shared_pod()["metadata"]
+    assert meta["labels"]["team"] == "vision"
+    assert meta["labels"]["tolaria.dev/run"] == "r1"
+    assert meta["annotations"]["cost-center"] == "ml-42"
+    assert meta["annotations"]["tolaria.dev/restarts-before"] == "0"
+
+
+@pytest.mark.req("R10.1")
+def test_extra_resources_are_requested_and_limited_like_the_others() -> None:
+    trainer = _container(_shared_pod(), "trainer")
+    assert trainer["resources"]["limits"] == {
+        "cpu": "2",
+        "memory": "8Gi",
+        "nvidia.com/gpu": "1",
+        "example.com/fpga": "1",
+        "ephemeral-storage": "50Gi",
+    }
+    assert trainer["resources"]["requests"] == trainer["resources"]["limits"]
+
+
+def test_the_reserved_names_are_exactly_what_the_operator_puts_in_the_pod() -> None:
+    """The manifest model refuses `leyline.spec.kube.RESERVED_*`; this pins them to the pod the
+    operator builds, so a new volume, path, variable, label or annotation of the operator's
+    cannot go unreserved."""
+    pod = new_pod(
+        run_object(
+            labels={"kueue.x-k8s.io/queue-name": "q"},
+            spec={"pod": {"resources": {"gpus": 1}}},
+        ),
+        2,
+    )
+    spec, meta = pod["spec"], pod["metadata"]
+    containers = [*spec["initContainers"], *spec["containers"]]
+    assert {v["name"] for v in spec["volumes"]} == set(RESERVED_VOLUMES)
+    paths = {m["mountPath"] for c in containers for m in c["volumeMounts"]}
+    paths |= {c["terminationMessagePath"] for c in containers if "terminationMessagePath" in c}
+    assert all(any(p == r or p.startswith(r + "/") for r in RESERVED_PATHS) for p in paths)
+    assert all(any(p == r or p.startswith(r + "/") for p in paths) for r in RESERVED_PATHS)
+    env = {e["name"] for c in containers for e in c["env"]}
+    assert all(n.startswith(RESERVED_ENV_PREFIX) or n in RESERVED_ENV for n in env)
+    assert all(
+        k in RESERVED_LABELS or k.startswith(RESERVED_LABEL_PREFIXES) for k in meta["labels"]
+    )
+    assert all(k.startswith(RESERVED_ANNOTATION_PREFIXES) for k in meta["annotations"])
+
+
+@pytest.mark.req("R10.1")
+@pytest.mark.parametrize("version", ["1.29", "1.33"])
+def test_a_pod_with_every_run_field_passes_the_kubernetes_schema(version: str) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    pod = _shared_pod(replace(TolariaSettings(), images=REGISTRY))
+    kubernetes_validate.validate(pod, version, strict=True)

@@ -8,15 +8,17 @@ import base64
 from datetime import datetime
 from typing import Any
 
+import kopf
 import pytest
 
 from leyline.spec.status import ProgressStatus
 from tests.operator import builders as b
 from tests.operator.fake_kube import FakeKube
+from tolaria_operator import lifecycle
 from tolaria_operator.clock import SystemClock
 from tolaria_operator.config import TolariaSettings
 from tolaria_operator.context import OperatorContext, build_context
-from tolaria_operator.errors import PodNotGone
+from tolaria_operator.errors import KubeApiError, PodNotGone
 from tolaria_operator.reconciler import sync_run
 from tolaria_operator.resources import INCIDENTS, PODS, RUNS
 from tolaria_operator.watcher import Flusher
@@ -174,3 +176,115 @@ async def test_an_incident_resolves_when_its_source_run_ends() -> None:
     incident = (await kube.get(INCIDENTS, None, "inc-1"))["status"]
     assert incident["phase"] == "Resolved"
     assert incident["resolution"]["reason"].startswith("source run default/r1 ended Halted")
+
+
+def reconcile_errors(ctx: OperatorContext) -> float:
+    value = ctx.metrics.registry.get_sample_value(
+        "tolaria_operator_reconcile_errors_total", {"handler": "reconcile"}
+    )
+    return value or 0.0
+
+
+@pytest.mark.req("R10.1")
+@pytest.mark.asyncio
+async def test_a_pod_the_api_server_refuses_fails_the_run_in_one_reconcile_and_is_counted() -> None:
+    """Whatever the CRD and the model let through, the API server has the last word on a pod
+    (a validating admission policy, annotations past 256 KiB): its 422 is the run's reason,
+    once, never a retry every minute behind a Pending phase."""
+    kube = FakeKube()
+    kube.refuse["pods"] = KubeApiError(
+        "POST", "/api/v1/namespaces/default/pods", 422, "Invalid", 'Pod "r1-a1" is invalid: x'
+    )
+    await put(kube, b.run_body("r1"))
+    ctx = context(kube)
+    with pytest.raises(kopf.PermanentError, match="the API server refused it"):
+        await lifecycle.handle(ctx, "reconcile", sync_run(ctx, "default", "r1"))
+    status = (await kube.get(RUNS, "default", "r1"))["status"]
+    assert (status["phase"], status["reason"], status["attempt"]) == ("Failed", "PodSpecInvalid", 0)
+    assert 'Pod "r1-a1" is invalid: x' in status["message"]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "PodSpecInvalid")
+    assert reconcile_errors(ctx) == 1
+    await lifecycle.handle(ctx, "reconcile", sync_run(ctx, "default", "r1"))  # final: no retry
+    assert [c for c in kube.calls if c[:2] == ("create", "pods")] == [("create", "pods", "r1-a1")]
+    assert reconcile_errors(ctx) == 1
+
+
+@pytest.mark.req("R10.1")
+@pytest.mark.asyncio
+async def test_a_pod_turned_away_for_now_is_retried_with_the_servers_reason_in_the_status() -> None:
+    """A quota, or a PriorityClass not created yet (403): nothing in the spec is wrong, so the
+    pod is retried, but the run says why it waits, and each refusal is counted."""
+    kube = FakeKube()
+    kube.refuse["pods"] = KubeApiError(
+        "POST", "/api/v1/namespaces/default/pods", 403, "Forbidden", "exceeded quota: gpus"
+    )
+    await put(kube, b.run_body("r1"))
+    ctx = context(kube)
+    with pytest.raises(kopf.TemporaryError):
+        await lifecycle.handle(ctx, "reconcile", sync_run(ctx, "default", "r1"))
+    status = (await kube.get(RUNS, "default", "r1"))["status"]
+    assert (status["phase"], status["reason"], status["attempt"]) == ("Pending", "PodRefused", 1)
+    assert "exceeded quota: gpus" in status["message"]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "PodRefused")
+    assert reconcile_errors(ctx) == 1
+
+    del kube.refuse["pods"]  # the quota was raised
+    await lifecycle.handle(ctx, "resync", sync_run(ctx, "default", "r1"))
+    assert ("pods", "default", "r1-a1") in kube.objects  # the same attempt, not a new one
+    assert (await kube.get(RUNS, "default", "r1"))["status"]["podName"] == "r1-a1"
+
+
+@pytest.mark.req("R10.1")
+@pytest.mark.asyncio
+async def test_a_pod_the_operator_cannot_build_fails_the_run_in_one_reconcile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pod builder's `ValueError` (a quantity it cannot read...) used to escape the handler
+    and be retried forever with the run Pending and nothing counted."""
+
+    def broken(*_: object, **__: object) -> dict[str, object]:
+        raise ValueError("'100m' is not a byte quantity (milli is for CPU)")
+
+    monkeypatch.setattr("tolaria_operator.reconciler.attempt_pod", broken)
+    kube = FakeKube()
+    await put(kube, b.run_body("r1"))
+    ctx = context(kube)
+    with pytest.raises(kopf.PermanentError, match="milli is for CPU"):
+        await lifecycle.handle(ctx, "reconcile", sync_run(ctx, "default", "r1"))
+    status = (await kube.get(RUNS, "default", "r1"))["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "PodSpecInvalid")
+    assert "cannot build it: '100m' is not a byte quantity" in status["message"]
+    assert await kube.list(PODS, "default") == []
+    assert reconcile_errors(ctx) == 1
+
+
+@pytest.mark.req("R10.1")
+@pytest.mark.asyncio
+async def test_a_spec_an_older_crd_admitted_is_ready_false_in_one_reconcile_and_counted_once() -> (
+    None
+):
+    """`shmSizeLimit: 100m` passed the CRD's old quantity pattern; this operator's model refuses
+    it. One reconcile says so in Ready (naming the field), counts one error, creates nothing;
+    the resync timer's reconciles neither write nor count it again."""
+    kube = FakeKube()
+    await put(kube, b.run_body("r1", spec={"pod": {"shmSizeLimit": "100m"}}))
+    ctx = context(kube)
+    with pytest.raises(kopf.PermanentError, match=r"spec\.pod\.shmSizeLimit"):
+        await lifecycle.handle(ctx, "reconcile", sync_run(ctx, "default", "r1"))
+    status = (await kube.get(RUNS, "default", "r1"))["status"]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "SpecInvalid")
+    assert "spec.pod.shmSizeLimit" in ready["message"]
+    assert reconcile_errors(ctx) == 1
+
+    def writes() -> list[tuple[str, str, str]]:
+        return [c for c in kube.calls if c[0] not in ("get", "list")]
+
+    written = writes()
+    for _ in range(3):
+        await lifecycle.handle(ctx, "resync", sync_run(ctx, "default", "r1"))
+    assert writes() == written  # nothing written again
+    assert await kube.list(PODS, "default") == []
+    assert reconcile_errors(ctx) == 1

@@ -15,7 +15,7 @@ from tolaria_operator import conditions as cond
 from tolaria_operator.config import TolariaSettings
 from tolaria_operator.observation import view_pod
 from tolaria_operator.resources import RunObject, status_wire
-from tolaria_operator.status import Plan, plan_run
+from tolaria_operator.status import Plan, plan_run, spec_refused
 from tolaria_operator.view import SidecarView
 
 SETTINGS = TolariaSettings()
@@ -516,3 +516,60 @@ def test_a_deadline_miss_reported_by_the_sidecar_is_enforced_at_once() -> None:
     p = plan(run, [b.running(b.new_pod(run, 1))], now=11.95, view=view)
     assert p.deadline_missed is not None and wire(p)["rollback"]["state"] == "DeadlineMissed"
     assert p.create is not None and p.create.attempt == 2
+
+
+@pytest.mark.req("R10.1")
+def test_a_pod_that_cannot_be_made_fails_the_run_at_once_naming_why() -> None:
+    """`spec.pod` is immutable: no retry could make this pod, so the first reconcile says so."""
+    run = b.run_object()
+    p = plan_run(run, [], None, None, b.at(10), SETTINGS, refused="the API server refused it")
+    w = wire(p)
+    assert p.create is None and p.refused == "the API server refused it"
+    assert (w["phase"], w["reason"]) == ("Failed", "PodSpecInvalid")
+    assert w["message"] == "the pod of attempt 1 cannot be made: the API server refused it"
+    assert (w["attempt"], w["podName"]) == (0, "")  # no pod was created
+    ready = condition(p, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "PodSpecInvalid")
+    assert condition(p, "Failed")["status"] == "True"
+    assert w["firstFailure"]["reason"] == "PodSpecInvalid" and w["completionTime"]
+    assert [n.reason for n in p.notes] == ["PodSpecInvalid"]
+    TolariaRunStatus.model_validate(w, strict=False)
+
+
+def test_a_refusal_changes_nothing_when_no_pod_was_to_be_made() -> None:
+    run = attempt(b.run_object(), 1)
+    pod = b.running(b.new_pod(run, 1))
+    p = plan_run(run, [view_pod(pod)], None, None, b.at(10), SETTINGS, refused="anything")
+    assert wire(p)["phase"] == "Running" and p.refused == ""
+
+
+@pytest.mark.req("R10.1")
+def test_a_spec_the_model_refuses_is_ready_false_once_per_generation() -> None:
+    """A run admitted under an older CRD (e.g. `shmSizeLimit: 100m`) cannot be read by this
+    operator: Ready and Progressing say why, the phase stays, and the resync timer finds it
+    recorded (None) instead of writing and counting it again."""
+    message = "invalid spec: spec.pod.shmSizeLimit: must match ..."
+    status = spec_refused({}, 3, message, b.at(10))
+    assert status is not None
+    w = status_wire(status)
+    assert (w["phase"], w["reason"], w["message"], w["observedGeneration"]) == (
+        "Pending",
+        "SpecInvalid",
+        message,
+        3,
+    )
+    by_type = {c["type"]: c for c in w["conditions"]}
+    assert by_type["Ready"]["status"] == "False" and by_type["Ready"]["reason"] == "SpecInvalid"
+    assert by_type["Progressing"]["status"] == "False"
+    assert spec_refused(w, 3, message, b.at(20)) is None
+    assert spec_refused(w, 4, message, b.at(20)) is not None  # a new spec: said again
+
+
+def test_a_running_run_whose_spec_became_unreadable_keeps_its_phase() -> None:
+    run = attempt(b.run_object(), 1)
+    running = wire(plan(run, [b.running(b.new_pod(run, 1))]))
+    status = spec_refused(running, 2, "invalid spec: x", b.at(20))
+    assert status is not None
+    w = status_wire(status)
+    assert w["phase"] == "Running" and w["attempt"] == 1
+    assert {c["type"]: c["status"] for c in w["conditions"]}["Failed"] == "False"

@@ -8,7 +8,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from leyline import AnomalyKind, EmergencyLevel, RollbackOutcome, RollbackTier, enum_names
+from leyline import (
+    AnomalyKind,
+    EmergencyLevel,
+    RollbackOutcome,
+    RollbackTier,
+    RunPhase,
+    enum_names,
+)
 from leyline.spec import TolariaRun
 from leyline.v1.resilience_pb2 import CheckpointOutcome, SlotCondition
 from tests.sidecar.doubles import tolaria_run
@@ -196,13 +203,13 @@ def test_the_checkpoint_age_counts_from_the_newest_commit_time_seen() -> None:
 def test_the_run_phase_is_one_series_at_one_and_every_other_phase_at_zero() -> None:
     registry = CollectorRegistry()
     metrics = SidecarMetrics(registry)
-    assert value(registry, "tolaria_sidecar_run_phase", phase="Pending") == 1
-    metrics.set_phase("Succeeded")
+    pending, succeeded = RunPhase.Name(RunPhase.Pending), RunPhase.Name(RunPhase.Succeeded)
+    assert value(registry, "tolaria_sidecar_run_phase", phase=pending) == 1
+    metrics.set_phase(succeeded)
     phases = {
-        p: value(registry, "tolaria_sidecar_run_phase", phase=p)
-        for p in ("Pending", "Running", "Succeeded", "Halted")
+        p: value(registry, "tolaria_sidecar_run_phase", phase=p) for p in enum_names(RunPhase)
     }
-    assert phases == {"Pending": 0, "Running": 0, "Succeeded": 1, "Halted": 0}
+    assert phases == {p: float(p == succeeded) for p in enum_names(RunPhase)}
 
 
 @pytest.mark.req("R6.5")
