@@ -77,7 +77,10 @@ def control_options(tuning: Tuning) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", int(tuning.keepalive_timeout_seconds * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.http2.min_ping_interval_without_data_ms", int(tuning.min_client_ping_seconds * 1000)),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            int(tuning.min_client_ping_seconds * 1000),
+        ),
     ]
 
 

@@ -28,8 +28,8 @@ from tests.operator.fake_sidecar import FakeSidecar, closed_port
 from tests.operator.process_kubelet import ProcessKubelet
 from tolaria_operator.clock import SystemClock
 from tolaria_operator.config import MetricsSettings, TolariaSettings
-from tolaria_operator.control_tls import ControlCA
 from tolaria_operator.context import OperatorContext, build_context
+from tolaria_operator.control_tls import ControlCA
 from tolaria_operator.kube import KubeApi
 from tolaria_operator.lifecycle import CONTEXT_KEY
 

@@ -74,9 +74,7 @@ def status_via(running: Running, *, root_ca: bytes | None, name: str = "") -> pb
 
 
 def test_the_operators_client_calls_a_tls_sidecar_trusting_its_ca(tls_sidecar: Running) -> None:
-    status = status_via(
-        tls_sidecar, root_ca=ControlCA(KEY).cert_pem, name=tls_name(NAMESPACE, RUN)
-    )
+    status = status_via(tls_sidecar, root_ca=ControlCA(KEY).cert_pem, name=tls_name(NAMESPACE, RUN))
     assert status.run_id == tls_sidecar.sidecar.config.run_id
 
 
