@@ -29,6 +29,8 @@ class SidecarCommand:
     checkpoint_dir: str = ""
     control_address: str = ""
     token_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
     metrics_port: int | None = None
     metrics_address: str = ""
     cleanup_on_exit: bool = False
@@ -42,6 +44,8 @@ class SidecarCommand:
             ("--checkpoint-dir", self.checkpoint_dir),
             ("--control-address", self.control_address),
             ("--token-file", self.token_file),
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
             ("--metrics-address", self.metrics_address),
         ):
             if value:

@@ -35,6 +35,7 @@ from leyline.shm import INSTANCE_PATTERN
 from leyline.spec import SpecModel, TolariaRun
 from leyline.spec.cluster import GPU_RESOURCE
 from tolaria_operator.config import MiB, TolariaSettings
+from tolaria_operator.control_tls import ServerCert
 from tolaria_operator.resources import (
     ATTEMPT_LABEL,
     COUNTED_BEFORE_ANNOTATION,
@@ -60,6 +61,8 @@ SOCKET_DIR = "/run/tolaria"
 SOCKET_PATH = f"{SOCKET_DIR}/sidecar.sock"
 TOKEN_DIR = "/var/run/secrets/tolaria"  # noqa: S105 - a mount path, not a secret
 TOKEN_KEY = "token"  # noqa: S105 - the Secret's key name
+TLS_CERT_KEY = "tls.crt"
+TLS_KEY_KEY = "tls.key"
 TOKEN_PATH = f"{TOKEN_DIR}/{TOKEN_KEY}"
 WORK_DIR = "/var/lib/tolaria/work"
 CHECKPOINT_DIR = "/var/lib/tolaria/checkpoints"
@@ -136,17 +139,25 @@ def manifest_config_map(run: RunObject, settings: TolariaSettings) -> dict[str, 
     }
 
 
-def token_secret(run: RunObject, name: str, token: str) -> dict[str, Any]:
-    """The run token (R10.5) as the Secret one attempt's sidecar mounts. A new one per attempt,
-    under a random name (`resources.token_name`): the operator creates it and never reads a
-    Secret back, so it cannot know an existing one is its own. Each is owned by the run and
-    goes with it; the token is the same in all of them (derived, `tokens.derive_token`)."""
+def token_secret(
+    run: RunObject, name: str, token: str, tls: ServerCert | None = None
+) -> dict[str, Any]:
+    """The run token (R10.5) and the control port's certificate (`control_tls`) as the Secret
+    one attempt's sidecar mounts. A new one per attempt, under a random name
+    (`resources.token_name`): the operator creates it and never reads a Secret back, so it
+    cannot know an existing one is its own. Each is owned by the run and goes with it; the
+    token is the same in all of them (derived, `tokens.derive_token`), the certificate and its
+    key are new for each attempt."""
+    data = {TOKEN_KEY: token.encode("ascii")}
+    if tls is not None:
+        data[TLS_CERT_KEY] = tls.cert_pem
+        data[TLS_KEY_KEY] = tls.key_pem
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
         "metadata": _metadata(run, name),
-        "data": {TOKEN_KEY: base64.b64encode(token.encode("ascii")).decode("ascii")},
+        "data": {k: base64.b64encode(v).decode("ascii") for k, v in data.items()},
     }
 
 
@@ -357,6 +368,8 @@ def sidecar_container(
             run_id=run.name,
             control_address=f"0.0.0.0:{pods.control_port}",
             token_file=TOKEN_PATH,
+            tls_cert=f"{TOKEN_DIR}/{TLS_CERT_KEY}",
+            tls_key=f"{TOKEN_DIR}/{TLS_KEY_KEY}",
             metrics_port=pods.sidecar_metrics_port,
             # scraped through the Service; the NetworkPolicy limits who
             metrics_address="0.0.0.0",  # noqa: S104

@@ -383,13 +383,15 @@ async def ensure_owned(ctx: OperatorContext, run: RunObject) -> list[str]:
 
 
 async def create_token_secret(ctx: OperatorContext, run: RunObject, attempt: int) -> str:
-    """A new Secret with the run token for the pod of `attempt`, under a random name; returns
+    """A new Secret with the run token and a new control-port certificate (`control_tls`) for
+    the pod of `attempt`, under a random name; returns
     the name. Never one that exists: the operator cannot read a Secret to check its owner."""
     token = await ctx.tokens.token(run.namespace, run.name, run.uid)
+    tls = (await ctx.tokens.ca()).issue(run.namespace, run.name)
     for _ in range(TOKEN_NAME_TRIES):
         name = token_name(run.name, attempt, token_suffix())
         try:
-            await ctx.kube.create(SECRETS, run.namespace, token_secret(run, name, token))
+            await ctx.kube.create(SECRETS, run.namespace, token_secret(run, name, token, tls))
         except ObjectExists:
             logger.warning("%s/%s: Secret %s exists; another name", run.namespace, run.name, name)
             continue

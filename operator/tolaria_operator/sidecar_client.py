@@ -1,5 +1,9 @@
-"""The operator's link to a run's sidecar: `SidecarControl` over gRPC (grpc.aio, TCP), every call
-carrying the run's token as `authorization: Bearer <token>` (R10.5).
+"""The operator's link to a run's sidecar: `SidecarControl` over gRPC (grpc.aio, TCP, TLS), every
+call carrying the run's token as `authorization: Bearer <token>` (R10.5).
+
+The channel trusts only the operator's control CA (`control_tls`, derived from the token key)
+and checks that the sidecar's certificate names `<service>.<namespace>.svc` of this run, also
+when a resolver dials an IP; the token is sent only inside that TLS session.
 
 `SidecarConnector.open` resolves the address (the headless Service by default; a callable
 in tests) and derives the token from the run's UID (`tokens`: no Secret is read);
@@ -29,6 +33,7 @@ from leyline.v1.sidecar_pb2 import (
 )
 from leyline.v1.sidecar_pb2_grpc import SidecarControlStub
 from tolaria_operator.config import SidecarLinkSettings
+from tolaria_operator.control_tls import tls_name
 from tolaria_operator.errors import (
     AckTimeout,
     KubeApiError,
@@ -62,19 +67,39 @@ def template_resolver(template: str) -> AddressResolver:
 class SidecarClient:
     """One connection to one run's sidecar."""
 
-    def __init__(self, run: str, address: str, token: str, settings: SidecarLinkSettings) -> None:
+    def __init__(
+        self,
+        run: str,
+        address: str,
+        token: str,
+        settings: SidecarLinkSettings,
+        *,
+        root_ca: bytes | None = None,
+        tls_name: str = "",
+    ) -> None:
+        """Over TLS trusting only `root_ca` and requiring `tls_name` in the sidecar's
+        certificate, whatever host `address` names; plain text without `root_ca` (tests of
+        loopback sidecars only: a pod's sidecar serves TLS alone)."""
         self.run = run
         self.address = address
         self._settings = settings
-        self._channel = grpc.aio.insecure_channel(
-            address,
-            options=[
-                ("grpc.keepalive_time_ms", 10_000),
-                ("grpc.keepalive_timeout_ms", 5_000),
-                ("grpc.initial_reconnect_backoff_ms", 200),
-                ("grpc.max_reconnect_backoff_ms", 2_000),
-            ],
-        )
+        options: list[tuple[str, int | str]] = [
+            # pings every 10 s also on an idle event stream, so a dead peer (node gone, no
+            # FIN) breaks the stream within ~15 s and the watcher reconnects
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+        ]
+        if root_ca is None:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            if tls_name:
+                options.append(("grpc.ssl_target_name_override", tls_name))
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_ca)
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         self._stub = SidecarControlStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
 
@@ -212,4 +237,12 @@ class SidecarConnector:
         """A client for the run's current sidecar; raises `SidecarUnavailable` without a token."""
         token = await self.token(namespace, run)
         address = self._resolve(namespace, run, self._port)
-        return SidecarClient(f"{namespace}/{run}", address, token, self._settings)
+        ca = await self._tokens.ca()
+        return SidecarClient(
+            f"{namespace}/{run}",
+            address,
+            token,
+            self._settings,
+            root_ca=ca.cert_pem,
+            tls_name=tls_name(namespace, run),
+        )

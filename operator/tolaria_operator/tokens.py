@@ -9,6 +9,8 @@ read, reused or mounted. The key lives in one Secret of the operator's own names
 only Secret the operator ever reads, by name. Without a known namespace (the operator started
 by hand outside a pod) the key is random per process, which a warning says.
 
+The same key also derives the CA of the sidecars' control port (`control_tls`, `RunTokens.ca`).
+
 Used by the reconciler (the Secret each attempt mounts) and the sidecar connector (the token
 each call carries). Everything but `RunTokens.key` is pure; that reads or creates the key
 once per process, under a lock, never before the first handler needs it (kopf logs in after
@@ -27,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tolaria_operator.config import TokenSettings
+from tolaria_operator.control_tls import ControlCA
 from tolaria_operator.errors import ObjectExists, TokenKeyInvalid
 from tolaria_operator.protocols import Kube
 from tolaria_operator.resources import KEY_SECRETS, MANAGED_BY_LABEL, MANAGER
@@ -88,6 +91,7 @@ class RunTokens:
         self._settings = settings
         self._namespace = namespace
         self._key = key
+        self._ca: ControlCA | None = None
         self._lock = asyncio.Lock()
 
     async def key(self) -> bytes:
@@ -99,6 +103,13 @@ class RunTokens:
 
     async def token(self, namespace: str, name: str, uid: str) -> str:
         return derive_token(await self.key(), namespace, name, uid)
+
+    async def ca(self) -> ControlCA:
+        """The control-port CA derived from the same key (`control_tls`), built once."""
+        key = await self.key()
+        if self._ca is None:
+            self._ca = ControlCA(key)
+        return self._ca
 
     async def _load(self) -> bytes:
         if not self._namespace:

@@ -5,7 +5,8 @@ Parses the flags, loads and validates the manifest, builds the `SidecarConfig` a
 names the field on stderr; nothing is created before the input is valid.
 
     tolaria-sidecar --manifest run.yaml --socket /run/tolaria/sidecar.sock \\
-        [--control-address 0.0.0.0:7070 --token-file /var/run/secrets/tolaria/token] \\
+        [--control-address 0.0.0.0:7070 --token-file /var/run/secrets/tolaria/token \\
+         --tls-cert /var/run/secrets/tolaria/tls.crt --tls-key /var/run/secrets/tolaria/tls.key] \\
         [--metrics-port 9464] [--checkpoint-dir DIR] [--cleanup-on-exit] \\
         [--remove-socket-dir] [--inject checkpoint-io-error@epoch=N]
 """
@@ -66,6 +67,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--token-file", type=Path, help="file holding the run token")
     p.add_argument(
+        "--tls-cert",
+        type=Path,
+        help="PEM server certificate of the control port (with --tls-key); required unless "
+        "the control address is loopback",
+    )
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    p.add_argument(
         "--metrics-port",
         type=int,
         help="serve Prometheus metrics on this port (0 picks a free one; off when not given)",
@@ -119,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             resume=args.resume,
             control_address=args.control_address,
             token_file=args.token_file,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
             metrics_port=args.metrics_port,
             metrics_address=args.metrics_address,
             checkpoint_dir=args.checkpoint_dir,

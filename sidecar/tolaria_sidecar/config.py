@@ -12,6 +12,7 @@ Everything from outside (flags, token file, drill strings) is validated here and
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -78,7 +79,28 @@ class Tuning:
     serving a trainer that is still running, so that it can finish its step, detach and fetch
     the status for its report before the segments go; longer than a step plus the report."""
     server_workers: int = 8
-    """gRPC worker threads per server; event streams hold one each while open."""
+    """gRPC worker threads of the trainer's Unix-socket server."""
+    event_streams: int = 4
+    """Concurrent `StreamEvents` of the control server; one more is refused at once with
+    RESOURCE_EXHAUSTED. Each open stream holds a worker thread, so without a cap a few
+    forgotten streams (eight, the old pool size) left no thread for `GetStatus` or
+    `ResolveEmergency`. The operator keeps one stream per run; four leave room for a
+    reconnect overlapping the old stream and for a human's debugging client."""
+    unary_workers: int = 4
+    """Control worker threads beyond `event_streams`: a unary control call always finds one,
+    however many streams are open."""
+    keepalive_seconds: float = 20.0
+    """The control server pings an idle connection this often and drops it when the ping is
+    not answered within `keepalive_timeout_seconds`: a dead operator's stream (its node gone,
+    no FIN ever) frees its slot instead of holding it forever."""
+    keepalive_timeout_seconds: float = 10.0
+    min_client_ping_seconds: float = 5.0
+    """Client pings closer together than this are a misbehaving client (the operator's
+    client pings every 10 s): gRPC answers too many with GOAWAY."""
+
+    @property
+    def control_workers(self) -> int:
+        return self.event_streams + self.unary_workers
 
 
 @dataclass(frozen=True)
@@ -91,6 +113,17 @@ class ControlAddress:
     @property
     def target(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def loopback(self) -> bool:
+        """Reachable from this machine only: `localhost` or a loopback IP."""
+        host = self.host.strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
     @classmethod
     def parse(cls, text: str) -> ControlAddress:
@@ -106,6 +139,43 @@ class ControlAddress:
         if not 0 <= port <= 65535:
             raise ConfigInvalid("--control-address", f"port {port} must be 0..65535")
         return cls(host, port)
+
+
+@dataclass(frozen=True)
+class ControlTls:
+    """`--tls-cert`/`--tls-key`: the PEM certificate and key the control port serves; the
+    operator issues them per attempt under its CA, for the run's Service names."""
+
+    cert_pem: bytes
+    key_pem: bytes
+
+    @classmethod
+    def load(cls, cert: Path, key: Path) -> ControlTls:
+        """Reads and checks the pair: both PEM, and the key is the certificate's, so a wrong
+        mount fails here naming the flag and not at the first handshake."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        cert_pem = _read_pem("--tls-cert", cert)
+        key_pem = _read_pem("--tls-key", key)
+        try:
+            public = x509.load_pem_x509_certificate(cert_pem).public_key()
+        except ValueError as err:
+            raise ConfigInvalid("--tls-cert", f"{cert} is not a PEM certificate") from err
+        try:
+            private = load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError) as err:
+            raise ConfigInvalid("--tls-key", f"{key} is not an unencrypted PEM key") from err
+        if private.public_key() != public:
+            raise ConfigInvalid("--tls-key", f"{key} is not the key of {cert}")
+        return cls(cert_pem, key_pem)
+
+
+def _read_pem(flag: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ConfigInvalid(flag, f"cannot read {path}: {err}") from err
 
 
 @dataclass(frozen=True)
@@ -182,6 +252,8 @@ class SidecarConfig:
     """TCP address of the authenticated `SidecarControl` service; None: not served."""
     token: str | None
     """The run token every `SidecarControl` call must carry; never logged."""
+    tls: ControlTls | None
+    """The control port's certificate; None: plain text, loopback addresses only."""
     metrics_port: int | None
     """Prometheus port (0: any free port); None: no metrics endpoint."""
     metrics_address: str
@@ -207,6 +279,8 @@ class SidecarConfig:
         control_address: str | None = None,
         token: str | None = None,
         token_file: Path | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
         metrics_port: int | None = None,
         metrics_address: str | None = None,
         checkpoint_dir: Path | None = None,
@@ -219,6 +293,8 @@ class SidecarConfig:
 
         `token` wins over `token_file`, which wins over `$TOLARIA_SIDECAR_TOKEN`. A control
         address without any token is refused here (`TokenRequired` comes from the server).
+        A control address that is not loopback needs `tls_cert` and `tls_key`: the token must
+        never cross a network in clear.
         """
         rid = run.name if run_id is None else run_id
         if not re.fullmatch(NAME_PATTERN, rid) or len(rid) > NAME_MAX_LENGTH:
@@ -235,6 +311,17 @@ class SidecarConfig:
             )
         if metrics_port is not None and not 0 <= metrics_port <= 65535:
             raise ConfigInvalid("--metrics-port", f"{metrics_port} must be 0..65535")
+        address = ControlAddress.parse(control_address) if control_address is not None else None
+        if (tls_cert is None) != (tls_key is None):
+            missing = "--tls-key" if tls_key is None else "--tls-cert"
+            raise ConfigInvalid(missing, "--tls-cert and --tls-key go together")
+        tls = None if tls_cert is None or tls_key is None else ControlTls.load(tls_cert, tls_key)
+        if address is not None and tls is None and not address.loopback:
+            raise ConfigInvalid(
+                "--control-address",
+                f"{address.target} is not loopback: serving it needs --tls-cert and --tls-key "
+                "(plain text would send the run token across the network in clear)",
+            )
         spec = run.spec
         if checkpoint_dir is None:
             configured = spec.checkpoints.directory
@@ -252,10 +339,9 @@ class SidecarConfig:
             detection=spec.detection,
             emergency=spec.emergency,
             checkpoints=spec.checkpoints,
-            control_address=(
-                ControlAddress.parse(control_address) if control_address is not None else None
-            ),
+            control_address=address,
             token=token if token is not None else read_token(token_file),
+            tls=tls,
             metrics_port=metrics_port,
             metrics_address=metrics_address or spec.telemetry.metrics_address,
             cleanup_on_exit=cleanup_on_exit,

@@ -4,7 +4,8 @@ READY line, and a graceful stop on SIGTERM/SIGINT.
 `run` is what `python -m tolaria_sidecar` (`__main__`) calls; `serve` is what the tests call
 for an in-process sidecar. `start_trainer_server` serves `TrainerLink` on the Unix socket
 (born mode 0600); `start_control_server` serves the token-authenticated `SidecarControl` on
-TCP and refuses to start without a token; the stop lets in-flight calls finish within
+TCP (TLS with the operator-issued certificate; plain text on loopback only, which `config`
+enforces) and refuses to start without a token; the stop lets in-flight calls finish within
 `Tuning.shutdown_grace_seconds`. Nothing here touches a slot or the disk beyond the socket:
 the servicers (`trainer_link`, `sidecar_control`) and the `Sidecar` do the work.
 """
@@ -32,7 +33,7 @@ from leyline.v1.sidecar_pb2_grpc import (
     add_TrainerLinkServicer_to_server,
 )
 from tolaria_sidecar.auth import TokenAuth
-from tolaria_sidecar.config import ControlAddress, SidecarConfig
+from tolaria_sidecar.config import ControlAddress, ControlTls, SidecarConfig, Tuning
 from tolaria_sidecar.errors import ConfigInvalid
 from tolaria_sidecar.metrics import serve as serve_metrics
 from tolaria_sidecar.orphan import wait_for_trainer
@@ -68,21 +69,49 @@ def start_trainer_server(sidecar: ServicedSidecar, socket_path: Path, workers: i
     return server
 
 
-def start_control_server(
-    sidecar: ServicedSidecar, address: ControlAddress, token: str | None, workers: int
-) -> tuple[grpc.Server, int]:
-    """Serves `SidecarControl` on TCP behind `TokenAuth`; returns (server, bound port).
+def control_options(tuning: Tuning) -> list[tuple[str, int]]:
+    """Server keepalive: idle connections are pinged and dropped when the peer is gone, and
+    the operator's 10 s client pings (also on idle streams) are accepted, not GOAWAY'd."""
+    return [
+        ("grpc.keepalive_time_ms", int(tuning.keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", int(tuning.keepalive_timeout_seconds * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            int(tuning.min_client_ping_seconds * 1000),
+        ),
+    ]
 
-    Raises `TokenRequired` without a token: the control server is never unauthenticated.
+
+def start_control_server(
+    sidecar: ServicedSidecar,
+    address: ControlAddress,
+    token: str | None,
+    tuning: Tuning,
+    tls: ControlTls | None = None,
+) -> tuple[grpc.Server, int]:
+    """Serves `SidecarControl` on TCP behind `TokenAuth`, over TLS when `tls` is given;
+    returns (server, bound port).
+
+    The pool has `tuning.unary_workers` threads more than the event-stream cap, so a unary
+    control call always gets a thread. Raises `TokenRequired` without a token: the control
+    server is never unauthenticated.
     """
     auth = TokenAuth(token)
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="control"),
+        ThreadPoolExecutor(max_workers=tuning.control_workers, thread_name_prefix="control"),
         interceptors=[auth],
+        options=control_options(tuning),
     )
-    add_SidecarControlServicer_to_server(SidecarControlService(sidecar), server)
+    service = SidecarControlService(sidecar, max_streams=tuning.event_streams)
+    add_SidecarControlServicer_to_server(service, server)
     try:
-        port = server.add_insecure_port(address.target)
+        if tls is None:
+            port = server.add_insecure_port(address.target)
+        else:
+            credentials = grpc.ssl_server_credentials([(tls.key_pem, tls.cert_pem)])
+            port = server.add_secure_port(address.target, credentials)
     except RuntimeError as err:
         raise ConfigInvalid("--control-address", f"cannot bind {address.target}: {err}") from err
     if not port:
@@ -164,7 +193,7 @@ def serve(
         metrics_server = None
         if config.control_address is not None:
             control_server, control_port = start_control_server(
-                sidecar, config.control_address, config.token, workers
+                sidecar, config.control_address, config.token, config.tuning, config.tls
             )
         if config.metrics_port is not None:
             metrics_server, metrics_port = serve_metrics(

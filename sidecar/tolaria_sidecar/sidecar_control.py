@@ -11,6 +11,7 @@ bytes or disk itself, never waits past its deadline, and knows the sidecar only 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -33,8 +34,10 @@ from tolaria_sidecar.protocols import ServicedSidecar
 class SidecarControlService(SidecarControlServicer):
     """The operator's calls, over TCP; `auth.TokenAuth` has checked the token already."""
 
-    def __init__(self, sidecar: ServicedSidecar) -> None:
+    def __init__(self, sidecar: ServicedSidecar, *, max_streams: int = 4) -> None:
         self._s = sidecar
+        self._max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams)
 
     @guarded
     def GetStatus(  # noqa: N802 - gRPC method name
@@ -47,11 +50,23 @@ class SidecarControlService(SidecarControlServicer):
     ) -> Iterator[pb.SidecarEvent]:
         """Replays buffered events after `after_sequence`, then follows live until the client
         goes away or the sidecar stops. A client too slow for the ring loses the oldest events
-        (counted) and sees the jump in `sequence`."""
-        subscription = self._s.events.subscribe(request.after_sequence)
-        poll_s = self._s.config.tuning.monitor_idle_interval_ms / 1e3
-        while context.is_active() and not subscription.closed:
-            yield from subscription.next_batch(poll_s)
+        (counted) and sees the jump in `sequence`.
+
+        At most `max_streams` are open at once: each holds a worker thread, and the pool has
+        threads beyond the cap for the unary calls. One more is refused at once with
+        RESOURCE_EXHAUSTED (the client retries later) rather than left waiting for a thread."""
+        if not self._streams.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self._max_streams} event streams are open already; retry when one closes",
+            )
+        try:
+            subscription = self._s.events.subscribe(request.after_sequence)
+            poll_s = self._s.config.tuning.monitor_idle_interval_ms / 1e3
+            while context.is_active() and not subscription.closed:
+                yield from subscription.next_batch(poll_s)
+        finally:
+            self._streams.release()
 
     @guarded
     def SignalEmergency(  # noqa: N802 - gRPC method name

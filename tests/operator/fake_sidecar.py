@@ -24,6 +24,7 @@ from leyline import (
 )
 from leyline.v1 import sidecar_pb2 as pb
 from leyline.v1.sidecar_pb2_grpc import SidecarControlServicer, add_SidecarControlServicer_to_server
+from tolaria_operator.control_tls import ServerCert
 
 
 class FakeSidecar(SidecarControlServicer):
@@ -211,10 +212,16 @@ class FakeSidecar(SidecarControlServicer):
 
     # -- serving ---------------------------------------------------------------------------
 
-    async def start(self) -> int:
+    async def start(self, tls: ServerCert | None = None) -> int:
+        """Serves on a free 127.0.0.1 port, over TLS with `tls` as a pod's sidecar does (the
+        operator's connector speaks TLS only), plain text without it."""
         self.server = grpc.aio.server()
         add_SidecarControlServicer_to_server(self, self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        if tls is None:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+        else:
+            credentials = grpc.ssl_server_credentials([(tls.key_pem, tls.cert_pem)])
+            self.port = self.server.add_secure_port("127.0.0.1:0", credentials)
         await self.server.start()
         return self.port
 

@@ -29,6 +29,7 @@ from tests.operator.process_kubelet import ProcessKubelet
 from tolaria_operator.clock import SystemClock
 from tolaria_operator.config import MetricsSettings, TolariaSettings
 from tolaria_operator.context import OperatorContext, build_context
+from tolaria_operator.control_tls import ControlCA
 from tolaria_operator.kube import KubeApi
 from tolaria_operator.lifecycle import CONTEXT_KEY
 
@@ -222,7 +223,7 @@ class Cluster:
         """A fake sidecar for `run`; start it before the operator, which cancels every task
         started while it runs when it stops (gRPC's server tasks included)."""
         fake = FakeSidecar(run, self.token(namespace, run), self.clock.now)
-        await fake.start()
+        await fake.start(ControlCA(self.token_key).issue(namespace, run))
         self.sidecars[(namespace, run)] = fake
         return fake
 

@@ -29,6 +29,7 @@ from tolaria_operator.config import (
     PodSettings,
     TolariaSettings,
 )
+from tolaria_operator.control_tls import ControlCA
 from tolaria_operator.pods import (
     manifest_config_map,
     network_policy,
@@ -90,6 +91,8 @@ def test_the_sidecar_is_a_native_sidecar_the_trainer_waits_for() -> None:
     assert _arg(sidecar, "--run-id") == "r1"
     assert _arg(sidecar, "--control-address") == "0.0.0.0:7070"
     assert _arg(sidecar, "--token-file") == "/var/run/secrets/tolaria/token"
+    assert _arg(sidecar, "--tls-cert") == "/var/run/secrets/tolaria/tls.crt"
+    assert _arg(sidecar, "--tls-key") == "/var/run/secrets/tolaria/tls.key"
     assert _arg(sidecar, "--metrics-port") == "9402"
     assert _arg(sidecar, "--metrics-address") == "0.0.0.0"
     assert _arg(sidecar, "--checkpoint-dir") == "/var/lib/tolaria/checkpoints"
@@ -387,6 +390,14 @@ def test_each_token_secret_gets_a_random_name_and_holds_the_token_it_is_given() 
     assert secret["metadata"]["name"] == "r1-a2-token-0a1b2c3d"
     assert base64.b64decode(secret["data"]["token"]) == b"t0ken"
     assert secret["metadata"]["ownerReferences"][0]["uid"] == run_object().uid
+
+
+def test_the_token_secret_carries_the_attempts_control_certificate_and_key() -> None:
+    """The sidecar mounts the Secret and serves TLS with them (`--tls-cert`, `--tls-key`)."""
+    issued = ControlCA(b"k" * 32).issue("default", "r1")
+    secret = token_secret(run_object(), "r1-a1-token-0a1b2c3d", "t0ken", issued)
+    assert base64.b64decode(secret["data"]["tls.crt"]) == issued.cert_pem
+    assert base64.b64decode(secret["data"]["tls.key"]) == issued.key_pem
 
 
 @pytest.mark.req("R10.1")

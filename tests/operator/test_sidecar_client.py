@@ -14,6 +14,7 @@ from tests.operator.builders import T0, run_body, run_object
 from tests.operator.fake_kube import FakeKube
 from tests.operator.fake_sidecar import FakeSidecar, closed_port
 from tolaria_operator.config import SidecarLinkSettings, TokenSettings
+from tolaria_operator.control_tls import ControlCA
 from tolaria_operator.errors import AckTimeout, SidecarUnavailable
 from tolaria_operator.resources import RUNS
 from tolaria_operator.sidecar_client import SidecarClient, SidecarConnector, template_resolver
@@ -112,7 +113,7 @@ async def test_the_connector_derives_the_token_from_the_runs_uid_and_reads_no_se
     key = b"k" * 32
     run = run_object()
     sidecar = FakeSidecar("r1", lambda: derive_token(key, "default", "r1", run.uid), lambda: T0)
-    await sidecar.start()
+    await sidecar.start(ControlCA(key).issue("default", "r1"))
     kube = FakeKube()
     connector = SidecarConnector(
         kube,
