@@ -383,3 +383,63 @@ async def test_suspend_checkpoints_then_stops_and_resume_starts_a_new_attempt(
     status = cluster.run_status("r1")
     assert (status["attempt"], status["restarts"], status["restartsCounted"]) == (2, 0, 0)
     await cluster.close()
+
+
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+GATED = {
+    "phase": "Pending",
+    "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "SchedulingGated"},
+    ],
+}
+STOPPED_BY_KUEUE = {
+    "conditions": [
+        {
+            "type": "TerminationTarget",
+            "status": "True",
+            "reason": "StoppedByKueue",
+            "message": "Preempted to accommodate a higher priority Workload",
+        }
+    ]
+}
+
+
+@pytest.mark.slow
+@pytest.mark.req("R10.2")
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_a_kueue_queued_run_waits_past_the_start_timeout_and_a_preemption_requeues_it(
+    cluster: Cluster,
+) -> None:
+    """kmock has no Kueue: the test gates, admits and preempts the pod as Kueue's pod
+    integration would. Queued time is no start failure; a preemption is no counted restart
+    (limit 0), and the next attempt's pod carries the queue label again."""
+    await cluster.start_operator()
+    spec = {"failurePolicy": {"podStartTimeoutSeconds": 60}, "restarts": {"limit": 0}}
+    await cluster.create_run(run_body("r1", labels={QUEUE_LABEL: "team-a"}, spec=spec))
+    pod = await cluster.eventually("pod r1-a1", lambda: cluster.get("pods", "default", "r1-a1"))
+    assert pod["metadata"]["labels"][QUEUE_LABEL] == "team-a"
+    await cluster.kubelet(
+        "r1-a1", GATED, spec={"schedulingGates": [{"name": "kueue.x-k8s.io/admission"}]}
+    )
+    await asyncio.sleep(600)  # ten start timeouts in the queue (loop time)
+    status = cluster.run_status("r1")
+    assert (status["phase"], status["reason"]) == ("Pending", "Queued")
+
+    await cluster.kubelet("r1-a1", {"conditions": None}, spec={"schedulingGates": None})
+    await _running_attempt(cluster, "r1")
+    await cluster.kubelet("r1-a1", STOPPED_BY_KUEUE)
+    await cluster.request("DELETE", "/api/v1/namespaces/default/pods/r1-a1")
+    await cluster.eventually(
+        "attempt 2", lambda: cluster.run_status("r1").get("podName") == "r1-a2"
+    )
+    status = cluster.run_status("r1")
+    assert (status["phase"], status["restarts"], status["restartsCounted"]) == (
+        "Restarting",
+        1,
+        0,
+    )
+    assert status["reason"] == "StoppedByKueue"
+    pod = cluster.get("pods", "default", "r1-a2")
+    assert pod is not None and pod["metadata"]["labels"][QUEUE_LABEL] == "team-a"
+    await cluster.close()
