@@ -31,7 +31,22 @@ SUSPENDED = RunPhase.Name(RunPhase.Suspended)
 ROLLING_BACK = RunPhase.Name(RunPhase.RollingBack)
 DEGRADED = "Degraded"
 HALTED = RunPhase.Name(RunPhase.Halted)
-TYPES = (READY, PROGRESSING, SUCCEEDED, FAILED, SUSPENDED, ROLLING_BACK, DEGRADED, HALTED)
+ADMITTED = "Admitted"
+"""False (reason `Queued`) while the attempt's pod is held by a scheduling gate (Kueue's
+admission gate); its `lastTransitionTime` to True is when the pod start timeout starts."""
+QUEUED = "Queued"
+NOT_QUEUED = "NotQueued"
+TYPES = (
+    READY,
+    PROGRESSING,
+    SUCCEEDED,
+    FAILED,
+    SUSPENDED,
+    ROLLING_BACK,
+    DEGRADED,
+    HALTED,
+    ADMITTED,
+)
 """Every condition type a run carries, in the order they are written."""
 
 MESSAGE_LIMIT = 4096
@@ -145,7 +160,21 @@ def wanted(
         _rolling_back(facts.rollback),
         _degraded(facts, pod, view),
         Wanted(HALTED, phase == RunPhase.Halted, reason, only(RunPhase.Halted)),
+        _admitted(pod, facts.previous),
     ]
+
+
+def _admitted(pod: PodView | None, previous: Sequence[Condition]) -> Wanted:
+    """Queued while the attempt's pod is gated; `Admitted` once a queued pod is let through
+    (its `lastTransitionTime` is when the start timeout starts, and the reason stays for later
+    attempts, whose own creation then comes later); `NotQueued` for a run that never met a
+    queue (also between attempts)."""
+    if pod is not None and pod.gated:
+        return Wanted(ADMITTED, False, QUEUED, f"pod {pod.name} is {pod.gated}")
+    old = find(previous, ADMITTED)
+    if old is not None and (old.status == "False" or old.reason == ADMITTED):
+        return Wanted(ADMITTED, True, ADMITTED)
+    return Wanted(ADMITTED, True, NOT_QUEUED)
 
 
 def _progressing(facts: RunFacts, reason: str, now: datetime) -> Wanted:

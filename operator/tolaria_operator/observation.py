@@ -20,6 +20,7 @@ from tolaria_operator.clock import parse_time
 from tolaria_operator.resources import (
     COUNTED_BEFORE_ANNOTATION,
     CREATED_AT_ANNOTATION,
+    KUEUE_ADMISSION_GATE,
     RESTARTS_BEFORE_ANNOTATION,
     SIDECAR,
     TRAINER,
@@ -36,11 +37,19 @@ DISRUPTION_REASONS = frozenset(
         "Shutdown",
         "NodeShutdown",
         "Terminated",
+        "StoppedByKueue",
+        "EvictedByKueue",
     }
 )
 """Why a pod may go without it being the run's fault: preemption, API eviction (drain),
-taint-based eviction, graceful node shutdown, node-pressure eviction. These start a new
-attempt without counting against `spec.restarts.limit` (volcano#2560, jobset#262)."""
+taint-based eviction, graceful node shutdown, node-pressure eviction, Kueue taking the quota
+back. These start a new attempt without counting against `spec.restarts.limit` (volcano#2560,
+jobset#262)."""
+
+DISRUPTION_CONDITIONS = frozenset({"DisruptionTarget", "TerminationTarget"})
+"""Pod conditions that announce the pod is going for reasons outside the run: Kubernetes'
+`DisruptionTarget`, and `TerminationTarget`, which Kueue's pod integration sets (reason
+`StoppedByKueue`) before it deletes a pod it preempts, evicts or deactivates."""
 
 START_FAILURE_REASONS = frozenset(
     {
@@ -103,6 +112,9 @@ class PodView:
     sidecar_running: bool
     disruption: str
     unschedulable: str
+    gated: str
+    """Why the pod may not be scheduled yet (its scheduling gates, e.g. Kueue's admission
+    gate); "" once it may. A gated pod waits in a queue: it has not failed to start."""
     reason: str
     message: str
 
@@ -141,6 +153,16 @@ def _container(statuses: list[Mapping[str, Any]], name: str) -> Mapping[str, Any
     return next((s for s in statuses if s.get("name") == name), {})
 
 
+def _gates(spec: Mapping[str, Any]) -> str:
+    """The pod's scheduling gates in words, naming Kueue's admission gate as such."""
+    names = [str(g.get("name", "")) for g in spec.get("schedulingGates") or []]
+    if not names:
+        return ""
+    if KUEUE_ADMISSION_GATE in names:
+        return f"waiting for Kueue admission (scheduling gates: {', '.join(names)})"
+    return f"scheduling gates: {', '.join(names)}"
+
+
 def view_pod(body: Mapping[str, Any]) -> PodView:
     """Reduce a pod body (from the API or a DELETED watch event) to a `PodView`."""
     meta = body.get("metadata") or {}
@@ -158,15 +180,16 @@ def view_pod(body: Mapping[str, Any]) -> PodView:
     waiting = state.get("waiting") or {}
     disruption = ""
     unschedulable = ""
+    gated = _gates(spec)
     for cond in status.get("conditions") or []:
-        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
-            disruption = str(cond.get("reason") or "DisruptionTarget")
-        if (
-            cond.get("type") == "PodScheduled"
-            and cond.get("status") == "False"
-            and cond.get("reason") == "Unschedulable"
-        ):
-            unschedulable = str(cond.get("message") or "Unschedulable")
+        kind = cond.get("type")
+        if kind in DISRUPTION_CONDITIONS and cond.get("status") == "True":
+            disruption = str(cond.get("reason") or kind)
+        if kind == "PodScheduled" and cond.get("status") == "False":
+            if cond.get("reason") == "Unschedulable":
+                unschedulable = str(cond.get("message") or "Unschedulable")
+            elif cond.get("reason") == "SchedulingGated" and not gated:
+                gated = str(cond.get("message") or "SchedulingGated")
     pod_reason = str(status.get("reason") or "")
     if not disruption and pod_reason in DISRUPTION_REASONS:
         disruption = pod_reason
@@ -194,6 +217,7 @@ def view_pod(body: Mapping[str, Any]) -> PodView:
         sidecar_running="running" in (sidecar.get("state") or {}),
         disruption=disruption,
         unschedulable=unschedulable,
+        gated=gated,
         reason=pod_reason,
         message=str(status.get("message") or ""),
     )

@@ -80,6 +80,9 @@ RUN_LABEL = f"{API_GROUP}/run"
 ATTEMPT_LABEL = f"{API_GROUP}/attempt"
 RUN_NAMESPACE_LABEL = f"{API_GROUP}/run-namespace"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_ADMISSION_GATE = "kueue.x-k8s.io/admission"
+"""The scheduling gate Kueue's pod webhook puts on a pod with a queue label; Kueue removes it
+when the pod's workload is admitted (the pod integration)."""
 
 # Pod annotations: the run's counters before this attempt, so the status can be recomputed
 # from the pod alone after an operator restart.

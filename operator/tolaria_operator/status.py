@@ -14,7 +14,9 @@ The decisions, in the order they are taken:
    run), counted unless a disruption (preemption, eviction, drain, node shutdown);
 6. counted restarts past `spec.restarts.limit`: Failed, naming the first failure;
 7. the trainer's final word (termination message) ends the run;
-8. a pod that never starts past `spec.failurePolicy.podStartTimeoutSeconds`: Failed;
+8. a pod held by a scheduling gate (Kueue's admission gate) is Queued: no timeout runs;
+   once admitted, a pod that never starts past `spec.failurePolicy.podStartTimeoutSeconds`
+   (counted from its admission) is Failed;
 9. otherwise Pending, Running, RollingBack or Restarting from the trainer's state.
 
 A pod the operator cannot make (`refused`: it could not be built, or the API server refused
@@ -38,7 +40,7 @@ from leyline.spec.status import FailureStatus, RollbackStatus, TolariaRunStatus
 from leyline.v1.cluster_pb2 import DeadlinePolicy
 from tolaria_operator import conditions as cond
 from tolaria_operator import deadline
-from tolaria_operator.clock import format_time
+from tolaria_operator.clock import format_time, parse_time
 from tolaria_operator.config import TolariaSettings
 from tolaria_operator.observation import START_FAILURE_REASONS, Loss, PodView, classify_loss
 from tolaria_operator.resources import (
@@ -566,7 +568,13 @@ def _outcome(
 
 
 def _not_started(run: RunObject, d: _Draft, plan: Plan, pod: PodView, now: datetime) -> None:
-    """A pod whose trainer never ran: Pending, until the start timeout fails it (trainer#2001)."""
+    """A pod whose trainer never ran: Pending, until the start timeout fails it (trainer#2001).
+    A gated pod waits in a queue (Kueue): Queued, with no timeout; the timeout counts from its
+    admission, so time spent queued never fails a run."""
+    phase = RunPhase.Restarting if d.phase == RunPhase.Restarting else RunPhase.Pending
+    if pod.gated:
+        d.set(phase, cond.QUEUED, f"pod {pod.name} is {pod.gated}")
+        return
     if pod.trainer_waiting:
         reason, detail = pod.trainer_waiting, pod.trainer_waiting_message
     elif pod.unschedulable:
@@ -574,14 +582,34 @@ def _not_started(run: RunObject, d: _Draft, plan: Plan, pod: PodView, now: datet
     else:
         reason, detail = "PodPending", f"pod {pod.name} is {pod.phase}"
     timeout = run.run.spec.failure_policy.pod_start_timeout_seconds
-    if pod.created_at is not None and (now - pod.created_at).total_seconds() > timeout:
+    since = _start_clock(d, pod, now)
+    if since is not None and (now - since).total_seconds() > timeout:
         message = f"pod {pod.name} did not start within {timeout} s: {reason}: {detail}"
         if d.first_failure is None:
             d.first_failure = _failure(TRAINER, reason, detail, pod, d.attempt, now)
         _fail(d, "PodStartTimeout", message, now)
         _delete(plan, [pod])
         return
-    phase = RunPhase.Restarting if d.phase == RunPhase.Restarting else RunPhase.Pending
-    keep = phase == RunPhase.Restarting and d.reason not in START_FAILURE_REASONS
+    keep = (
+        phase == RunPhase.Restarting
+        and d.reason not in START_FAILURE_REASONS
+        and d.reason != cond.QUEUED
+    )
     if not keep:
         d.set(phase, reason, detail)
+
+
+def _start_clock(d: _Draft, pod: PodView, now: datetime) -> datetime | None:
+    """When the pod start timeout starts: the pod's creation, or its admission if a queue held
+    it: the stored `Admitted` condition is False (admitted in this very reconcile: now) or
+    turned True with reason `Admitted` (its `lastTransitionTime`). A run that never met a
+    queue, or whose status predates the condition, counts from the pod's creation."""
+    admitted = cond.find(d.prev.conditions, cond.ADMITTED)
+    since: datetime | None = None
+    if admitted is not None and admitted.status != "True":
+        since = now
+    elif admitted is not None and admitted.reason == cond.ADMITTED:
+        since = parse_time(admitted.last_transition_time)
+    if since is None or pod.created_at is None:
+        return pod.created_at if since is None else since
+    return max(since, pod.created_at)

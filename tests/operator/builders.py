@@ -228,6 +228,50 @@ def disrupted(pod: dict[str, Any], reason: str = "PreemptionByScheduler") -> dic
     return pod
 
 
+def gated(pod: dict[str, Any], gate: str = "kueue.x-k8s.io/admission") -> dict[str, Any]:
+    """A pod Kueue's webhook holds until its workload is admitted: a scheduling gate, and the
+    PodScheduled condition the scheduler writes for a gated pod."""
+    pod["spec"]["schedulingGates"] = [{"name": gate}]
+    status = _status(pod)
+    status["phase"] = "Pending"
+    status["conditions"] = [
+        {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "SchedulingGated",
+            "message": "Scheduling is blocked due to non-empty scheduling gates",
+        }
+    ]
+    return pod
+
+
+def admitted(pod: dict[str, Any]) -> dict[str, Any]:
+    """The same pod once Kueue admitted it and removed its gate (not yet scheduled)."""
+    pod["spec"].pop("schedulingGates", None)
+    _status(pod).pop("conditions", None)
+    return pod
+
+
+def stopped_by_kueue(
+    pod: dict[str, Any],
+    condition: str = "TerminationTarget",
+    reason: str = "StoppedByKueue",
+) -> dict[str, Any]:
+    """Kueue's pod integration preempting a running pod: a condition saying why, then a
+    deletion (its finalizer keeps the pod until it has terminated)."""
+    running(pod)
+    _status(pod).setdefault("conditions", []).append(
+        {
+            "type": condition,
+            "status": "True",
+            "reason": reason,
+            "message": "Preempted to accommodate a higher priority Workload",
+        }
+    )
+    pod["metadata"]["deletionTimestamp"] = format_time(T0)
+    return pod
+
+
 def node_lost(pod: dict[str, Any]) -> dict[str, Any]:
     scheduled(pod)
     status = _status(pod)
