@@ -97,16 +97,21 @@ def find(conditions: Sequence[Condition], type_: str) -> Condition | None:
 NAME_CONFLICT = "NameConflict"
 
 
+def name_conflict_message(objects: Sequence[str]) -> str:
+    """What the run's status and Ready condition say about `objects` that block it."""
+    return (
+        f"{', '.join(objects)}: exists without an ownerReference to this run, so the operator "
+        "leaves it alone and does not start the run; delete or rename it, or rename the run"
+    )
+
+
 def name_conflict(
     conditions: Sequence[Condition], objects: Sequence[str], now: str, generation: int
 ) -> list[Condition]:
     """The conditions with `Ready=False, reason=NameConflict` naming `objects`: objects the run
     needs exist under its names without its ownerReference, so the operator neither uses nor
     changes them and the run waits until they are gone or renamed (the others unchanged)."""
-    message = (
-        f"{', '.join(objects)}: exists without an ownerReference to this run, so the operator "
-        "leaves it alone and does not start the run; delete or rename it, or rename the run"
-    )
+    message = name_conflict_message(objects)
     (ready,) = merge(conditions, [Wanted(READY, False, NAME_CONFLICT, message)], now, generation)
     if find(conditions, READY) is None:
         return [ready, *conditions]

@@ -120,7 +120,7 @@ async def _sync_once(
     pods = await run_pods(ctx, run)
     now = ctx.clock.now()
 
-    def planned(refused: str = "", blocked: str = "") -> Plan:
+    def planned(refused: str = "", blocked: str = "", conflict: str = "") -> Plan:
         return plan_run(
             run,
             [view_pod(p) for p in pods],
@@ -130,6 +130,7 @@ async def _sync_once(
             ctx.settings,
             refused=refused,
             blocked=blocked,
+            conflict=conflict,
         )
 
     plan = planned()
@@ -194,8 +195,9 @@ async def _execute(
 ) -> bool:
     status = plan.status
     conflicts = await name_conflicts(ctx, run, plan.create.attempt) if plan.create else []
-    if conflicts:
-        status = _conflicted(ctx, run, status, conflicts, now)
+    if conflicts:  # the planner says so in the status (its Event included), then Ready
+        plan = replan(conflict=cond.name_conflict_message(conflicts))
+        status = _conflicted(ctx, run, plan.status, conflicts, now, post=False)
     if plan.deadline_missed is not None:
         ctx.metrics.deadline_misses.inc()
         logger.error(
@@ -355,14 +357,18 @@ def _conflicted(
     status: TolariaRunStatus,
     objects: list[str],
     now: datetime,
+    *,
+    post: bool = True,
 ) -> TolariaRunStatus:
-    """`status` with Ready=False/NameConflict; an Event the first time it is set."""
+    """`status` with Ready=False/NameConflict; an Event the first time it is set (unless the
+    plan's own note already announces it: `post=False`)."""
     marked = cond.name_conflict(status.conditions, objects, format_time(now), run.generation)
     ready = cond.find(marked, cond.READY)
     before = cond.find(run.status.conditions, cond.READY)
     if ready is not None and (before is None or before.message != ready.message):
         logger.error("%s/%s: %s", run.namespace, run.name, ready.message)
-        ctx.events.post(run.reference(), "Warning", cond.NAME_CONFLICT, ready.message)
+        if post:
+            ctx.events.post(run.reference(), "Warning", cond.NAME_CONFLICT, ready.message)
     return status.model_copy(update={"conditions": marked})
 
 

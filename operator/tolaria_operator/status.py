@@ -217,12 +217,15 @@ def plan_run(
     *,
     refused: str = "",
     blocked: str = "",
+    conflict: str = "",
 ) -> Plan:
     """The next status of `run` and the actions to reach it; see the module docstring.
 
     `refused`: why the pod this plan would create cannot be made; the run fails instead.
     `blocked`: why the API server did not take that pod this time; it is retried, and the
     status says why meanwhile.
+    `conflict`: why that pod is not created (objects under the run's names it does not own);
+    the status says so instead of "Created".
     """
     prev = merge_view(run.status, view)
     d = _Draft(prev)
@@ -233,10 +236,15 @@ def plan_run(
     elif blocked and plan.create is not None:
         message = f"the pod of attempt {plan.create.attempt} was refused (retrying): {blocked}"
         d.reason, d.message = POD_REFUSED, message
+    elif conflict and plan.create is not None:  # nothing is created: no reason may say so
+        d.reason, d.message = cond.NAME_CONFLICT, conflict
+    elif d.reason == cond.NAME_CONFLICT and plan.create is not None:  # checked again after this
+        d.reason = "Created"
+        d.message = f"attempt {plan.create.attempt}: created once the name conflict cleared"
     plan.restarts_added = max(0, d.restarts - run.status.restarts)
     plan.counted_added = max(0, d.counted - run.status.restarts_counted)
     if d.phase != (run.status.phase or 0) or d.reason != run.status.reason:
-        final_bad = d.phase in (RunPhase.Failed, RunPhase.Halted)
+        final_bad = d.phase in (RunPhase.Failed, RunPhase.Halted) or d.reason == cond.NAME_CONFLICT
         plan.notes.append(
             Note(
                 "Warning" if final_bad or d.phase == RunPhase.Restarting else "Normal",

@@ -100,6 +100,9 @@ async def test_a_config_map_with_the_runs_name_it_does_not_own_is_a_name_conflic
     condition = ready(kube)
     assert (condition["status"], condition["reason"]) == ("False", "NameConflict")
     assert "ConfigMap default/r1-manifest" in condition["message"]
+    status = (await kube.get(RUNS, "default", "r1"))["status"]
+    assert status["reason"] == "NameConflict", "no reason may claim a pod was created"
+    assert "ConfigMap default/r1-manifest" in status["message"]
     assert kube.objects[("configmaps", "default", "r1-manifest")] == before
     assert touched(kube, "configmaps", "r1-manifest") == []
     assert await kube.list(PODS, "default") == [], "nothing starts: the pod would mount it"
