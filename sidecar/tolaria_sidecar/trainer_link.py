@@ -43,6 +43,7 @@ from tolaria_sidecar.errors import (
     RequestInvalid,
 )
 from tolaria_sidecar.protocols import ServicedSidecar
+from tolaria_sidecar.values import LoadedCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -167,23 +168,14 @@ class TrainerLinkService(TrainerLinkServicer):
             started.requested_at.GetCurrentTime()
         s.rollback_started(started)
         response = pb.PrepareFullRollbackResponse(deadline_unix_ms=started.deadline_unix_ms)
-        max_step = request.max_target_step or None
         try:
-            loaded = s.slots.load_checkpoint(deadline_ns=deadline_ns, max_step=max_step)
+            loaded = s.slots.load_checkpoint(
+                deadline_ns=deadline_ns, max_step=request.max_target_step or None
+            )
         except (NoCheckpoint, BufferTooSmall, CheckpointCorrupt, CheckpointLoadFailed) as err:
             logger.error("full rollback %s cannot load a checkpoint: %s", request.rollback_id, err)
-            response.ready = False
-            response.error = str(err)
-            response.rejections.extend(s.slots.last_rejections)
-            s.checkpoints_rejected(s.slots.last_rejections)
-            return response
-        s.checkpoints_rejected(loaded.rejections)
-        response.ready = True
-        response.slot.CopyFrom(loaded.slot)
-        response.checkpoint.CopyFrom(loaded.record)
-        response.phases.extend(loaded.phases)
-        response.rejections.extend(loaded.rejections)
-        return response
+            return self._load_failed(response, err)
+        return self._loaded(response, loaded)
 
     @guarded
     def LoadCheckpoint(  # noqa: N802 - gRPC method name
@@ -205,12 +197,25 @@ class TrainerLinkService(TrainerLinkServicer):
             )
         except (NoCheckpoint, BufferTooSmall, CheckpointCorrupt, CheckpointLoadFailed) as err:
             logger.warning("no checkpoint to load for %s: %s", request.reason or "resume", err)
-            response.ready = False
-            response.error = str(err)
-            response.rejections.extend(s.slots.last_rejections)
-            s.checkpoints_rejected(s.slots.last_rejections)
-            return response
-        s.checkpoints_rejected(loaded.rejections)
+            return self._load_failed(response, err)
+        return self._loaded(response, loaded)
+
+    def _load_failed(
+        self, response: pb.PrepareFullRollbackResponse, err: Exception
+    ) -> pb.PrepareFullRollbackResponse:
+        """Not ready, saying why, with the checkpoints the load refused (also counted)."""
+        rejections = self._s.slots.last_rejections
+        response.ready = False
+        response.error = str(err)
+        response.rejections.extend(rejections)
+        self._s.checkpoints_rejected(rejections)
+        return response
+
+    def _loaded(
+        self, response: pb.PrepareFullRollbackResponse, loaded: LoadedCheckpoint
+    ) -> pb.PrepareFullRollbackResponse:
+        """Ready: the slot holding the checkpoint, its record, phases and what was refused."""
+        self._s.checkpoints_rejected(loaded.rejections)
         response.ready = True
         response.slot.CopyFrom(loaded.slot)
         response.checkpoint.CopyFrom(loaded.record)
