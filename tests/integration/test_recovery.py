@@ -249,6 +249,25 @@ def test_a_crash_with_every_snapshot_corrupt_resumes_from_the_newest_checkpoint(
     assert report["snapshot_rejections"], "the corrupt slots are in the report"
 
 
+@pytest.mark.req("R13.2")
+def test_a_corrupt_snapshot_drill_waits_for_a_slow_disk_before_it_strikes(run: Run) -> None:
+    """The step-16 checkpoint starts 3 s late: striking at once would leave nothing on disk
+    (a fresh start), which is not what the drill is for."""
+    done = run(
+        small_manifest("slowdisk", epochs=3),
+        "--inject",
+        "slow-checkpoint@epoch=1,seconds=3",
+        "--inject",
+        "corrupt-snapshot@step=18,spike=0,all=1",
+        "--inject",
+        "crash@step=19",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = done.report
+    (resume,) = report["resumes"]
+    assert resume["origin"] == "RESUME_SOURCE_CHECKPOINT" and resume["step"] == 16
+
+
 # -- resumes end bit-identical to an uninterrupted run (CPU) ---------------------------------
 
 

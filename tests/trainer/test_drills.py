@@ -63,3 +63,26 @@ def test_no_drills_is_a_no_op() -> None:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     Drills().before_lr_step(0, 1, opt)
     assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_corrupt_snapshot_waits_for_the_durable_checkpoint_first_unless_settle_0() -> None:
+    settled: list[str] = []
+
+    def settle() -> str:
+        settled.append("settled")
+        return "checkpoint on disk"
+
+    drills = Drills(
+        specs=[
+            parse_drill("corrupt-snapshot@step=3,spike=0"),
+            parse_drill("corrupt-snapshot@step=4,spike=0,settle=0"),
+        ]
+    )
+    drills.settle = settle
+    drills.corrupt_newest = lambda every: "corrupted slot 0"
+    drills.after_step(0, 3)
+    drills.after_step(0, 4)
+    assert settled == ["settled"]
+    first, second = drills.records
+    assert first.observed == "checkpoint on disk; corrupted slot 0"
+    assert second.observed == "corrupted slot 0"

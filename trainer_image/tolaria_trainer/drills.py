@@ -78,8 +78,9 @@ KINDS: dict[str, DrillKind] = {
         DrillKind(
             CRASH,
             "step",
-            {},
-            "the trainer dies by SIGKILL after step N: restart, resume from shared memory",
+            {"settle": 1.0},
+            "the trainer dies by SIGKILL after step N: restart, resume from shared memory "
+            "(settle=1: once the durable checkpoint in flight is on disk; 0: at once)",
         ),
         DrillKind(
             HANG, "step", {}, "the trainer hangs after step N: CRITICAL freeze, then halt (exit 3)"
@@ -87,9 +88,10 @@ KINDS: dict[str, DrillKind] = {
         DrillKind(
             CORRUPT_SNAPSHOT,
             "step",
-            {"spike": 1.0, "all": 0.0},
+            {"spike": 1.0, "all": 0.0, "settle": 1.0},
             "after step N the newest snapshot (all=1: every snapshot) is corrupted "
-            "(spike=1: step N+1's loss explodes)",
+            "(spike=1: step N+1's loss explodes; settle=1: once the durable checkpoint "
+            "in flight is on disk, 0: at once)",
         ),
         DrillKind(
             SIDECAR_CRASH,
@@ -222,6 +224,11 @@ class Drills:
     corrupt_newest: Callable[[bool], str] | None = None
     """Set by the runtime: corrupts the newest committed slot (every one when asked), returns
     what it did."""
+    settle: Callable[[], str] | None = None
+    """Set by the runtime: waits (bounded) until the durable checkpoint already requested is on
+    disk, returns what it found. Without it a drill's outcome would depend on how fast the disk
+    is: a crash or corruption striking while the sidecar still copies the slot leaves no
+    checkpoint to fall back to, which is a different drill."""
 
     def __post_init__(self) -> None:
         self.records = [DrillRecord(spec=d.raw) for d in self.specs]
@@ -271,8 +278,9 @@ class Drills:
         """Post-step drills: corrupt-snapshot, sidecar-crash, crash, hang."""
         for d, r in self._armed(CORRUPT_SNAPSHOT, global_step):
             every = bool(d.params["all"])
+            settled = self._settle(d)
             what = self.corrupt_newest(every) if self.corrupt_newest is not None else "no slots"
-            self._fire(r, epoch, global_step, what)
+            self._fire(r, epoch, global_step, settled + what)
             if d.params["spike"]:
                 self._pending_spike = global_step + 1
         for _, r in self._armed(SIDECAR_CRASH, global_step):
@@ -280,14 +288,19 @@ class Drills:
             self._fire(r, epoch, global_step, f"SIGKILL to sidecar pid {pid}")
             if pid > 0:
                 os.kill(pid, signal.SIGKILL)
-        for _, r in self._armed(CRASH, global_step):
-            self._fire(r, epoch, global_step)
+        for d, r in self._armed(CRASH, global_step):
+            self._fire(r, epoch, global_step, self._settle(d).removesuffix("; "))
             logger.critical("drill: SIGKILL to this trainer after step %d", global_step)
             os.kill(os.getpid(), signal.SIGKILL)
         for _, r in self._armed(HANG, global_step):
             self._fire(r, epoch, global_step)
             logger.critical("drill: the training thread hangs after step %d", global_step)
             threading.Event().wait()  # forever; the emergency watcher halts the process
+
+    def _settle(self, drill: DrillSpec) -> str:
+        if not drill.params.get("settle") or self.settle is None:
+            return ""
+        return self.settle() + "; "
 
     def before_lr_step(
         self, epoch: int, global_step: int, optimizer: torch.optim.Optimizer

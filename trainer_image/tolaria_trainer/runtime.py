@@ -449,6 +449,7 @@ def build(run: TolariaRun, options: RunOptions) -> Components:
     components_ref.append(components)
     if recovery is not None:
         drills.corrupt_newest = lambda every: _corrupt_newest(recovery, every)
+        drills.settle = recovery.settle_durable
     return components
 
 

@@ -88,6 +88,8 @@ CLOSE_WAIT_S = 15.0
 """At the end of a run, how long to wait for a restarting sidecar (it restarts in ~1 s)."""
 FINAL_CHECKPOINT_WAIT_S = 10.0
 """How long a halt waits for its final checkpoint to become durable before exiting anyway."""
+SETTLE_WAIT_S = 60.0
+"""How long a drill waits for the durable checkpoint in flight before striking anyway."""
 
 
 class ResumeImpossible(TrainerError):
@@ -178,6 +180,8 @@ class Recovery:
         self.degraded_reason = ""
         self._persist_next = False
         self._persist_after_commit = False
+        self._persist_requested: tuple[int, int] | None = None
+        """(slot, generation) of the newest durable checkpoint asked of the sidecar."""
         self._persist_retry = False
         """A checkpoint was due but the sidecar could not take it: the next epoch-end snapshot
         is persisted whatever `everyEpochs` says, so the durable tier catches up."""
@@ -467,6 +471,7 @@ class Recovery:
             self.link.commit(slot, generation)
             if persist:
                 self.link.persist(slot, generation)
+                self._persist_requested = (slot, generation)
         except SidecarUnavailable as err:
             self._persist_retry = self._persist_retry or persist
             return str(err)
@@ -775,6 +780,32 @@ class Recovery:
                 return
             time.sleep(0.05)
         logger.error("final checkpoint not durable within %.0f s", FINAL_CHECKPOINT_WAIT_S)
+
+    def settle_durable(self) -> str:
+        """Waits (bounded by `SETTLE_WAIT_S`) until the newest durable checkpoint asked of the
+        sidecar is on disk or refused; says which. Drills call it so that what they test does
+        not depend on how fast the disk is."""
+        self.fence()  # the epoch-end capture, its commit and its persist request
+        requested, control = self._persist_requested, self.control
+        if requested is None or control is None:
+            return "no durable checkpoint in flight"
+        slot, generation = requested
+        deadline = time.monotonic() + SETTLE_WAIT_S
+        pinned = False  # the sidecar pins the slot while it writes; unpinned, not durable: failed
+        while time.monotonic() < deadline:
+            state = control.slot_state(slot)
+            if state.durable_generation >= generation:
+                return f"durable checkpoint of slot {slot} generation {generation} on disk"
+            if state.rejected_generation == generation:
+                return f"durable checkpoint of slot {slot} generation {generation} refused"
+            if pinned and state.pinned_generation != generation:
+                return f"durable checkpoint of slot {slot} generation {generation} failed"
+            pinned = state.pinned_generation == generation
+            time.sleep(0.02)
+        return (
+            f"durable checkpoint of slot {slot} generation {generation} "
+            f"not on disk within {SETTLE_WAIT_S:.0f} s"
+        )
 
     def _halt_from_watcher(self, record: EmergencyRecord) -> None:
         self.halt_reason = (
