@@ -124,6 +124,10 @@ class StatusSettings:
     """At most one progress/snapshot/checkpoint status patch per run in this window, so a
     sidecar streaming every step does not flood the API server; rollback, emergency and
     final changes are written at once."""
+    progress_patches_per_second: float = 10.0
+    """The whole operator's budget for those patches: with N runs followed, each run's window
+    is `max(progress_patch_interval_seconds, N / this)` (1,000 runs: one patch per run per
+    100 s), so the API server's load stays flat however many runs there are."""
     deadline_check_interval_seconds: float = 1.0
     """How often runs with a full rollback in progress compare `status.rollback.deadline`
     with the clock: one twelfth of the 12 s deadline (R12). Fixed when handlers register."""

@@ -18,9 +18,11 @@ from prometheus_client import CollectorRegistry
 
 from tolaria_operator.clock import Clock, SystemClock
 from tolaria_operator.config import TolariaSettings
+from tolaria_operator.informer import Informer
 from tolaria_operator.kube import KubeApi
 from tolaria_operator.metrics import OperatorMetrics
 from tolaria_operator.protocols import EventSink, Kube
+from tolaria_operator.resources import MANAGED_BY_LABEL, MANAGER, PODS
 from tolaria_operator.sidecar_client import AddressResolver, SidecarConnector
 from tolaria_operator.tokens import RunTokens
 from tolaria_operator.view import SidecarView
@@ -49,6 +51,9 @@ class OperatorContext:
     views: dict[RunKey, SidecarView] = field(default_factory=dict)
     locks: dict[RunKey, asyncio.Lock] = field(default_factory=dict)
     incidents_counted: bool = False
+    pods: Informer | None = None
+    """The operator's pods, watched with a server-side selector (None with a test's API)."""
+    pod_watch: asyncio.Task[None] | None = None
 
     def lock(self, key: RunKey) -> asyncio.Lock:
         """The lock that serialises reconciles of one run (one writer of its status)."""
@@ -91,4 +96,12 @@ def build_context(
         clock=clock if clock is not None else SystemClock(),
         events=events if events is not None else NoEvents(),
         tokens=tokens,
+        pods=Informer(
+            api,
+            PODS,
+            namespaces=settings.escalation.watch_namespaces,
+            labels={MANAGED_BY_LABEL: MANAGER},
+        )
+        if isinstance(api, KubeApi)
+        else None,
     )

@@ -48,6 +48,10 @@ class ObjectExists(KubeApiError):
     """409 on create: the object is already there; read it instead of creating it."""
 
 
+class WatchExpired(KubeApiError):
+    """410 on a watch: the server no longer keeps that resourceVersion; list again."""
+
+
 class PodNotGone(OperatorError):
     """A deleted pod is still there: retry later; the next attempt waits for it (never two
     pods of one run at once)."""

@@ -6,6 +6,12 @@ Loaded by kopf (`kopf run -m tolaria_operator.handlers`, which `tolaria-operator
 the default registry. The timers' and the daemon's intervals are the defaults of
 `config.StatusSettings`, fixed when this module is imported. No handler returns a value:
 kopf would store it in `status`, which the CRD would prune.
+
+Pods are not watched through kopf (it filters labels on the client, so it would stream every
+pod of the cluster): `informer.Informer` watches the operator's pods with a server-side
+selector and hands their changes to `reconciler.on_pod_event` (started by `lifecycle`).
+The resync timer and the sidecar daemon get kopf's copy of the run (`body`), so a resync of a
+run with nothing to do reads and writes nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ import kopf
 from leyline.spec import API_GROUP, API_VERSION
 from tolaria_operator import deadline, lifecycle, reconciler, watcher
 from tolaria_operator.config import StatusSettings
-from tolaria_operator.resources import MANAGED_BY_LABEL, MANAGER, RUN_LABEL
 
 RUNS = (API_GROUP, API_VERSION, "tolariaruns")
 _TIMING = StatusSettings()
@@ -49,13 +54,6 @@ async def delete_run(
     await lifecycle.handle(ctx, "delete", reconciler.delete_run(ctx, namespace or "", name, body))
 
 
-@kopf.on.event("v1", "pods", labels={MANAGED_BY_LABEL: MANAGER, RUN_LABEL: kopf.PRESENT})
-async def pod_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    ctx = lifecycle.context(memo)
-    kind = str(event.get("type") or "")
-    await lifecycle.handle(ctx, "pod_event", reconciler.on_pod_event(ctx, kind, body))
-
-
 @kopf.timer(
     *RUNS,
     interval=_TIMING.deadline_check_interval_seconds,
@@ -70,9 +68,12 @@ async def enforce_rollback_deadline(
 
 
 @kopf.timer(*RUNS, interval=_TIMING.resync_interval_seconds, when=lifecycle.run_is_active)
-async def resync_run(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+async def resync_run(
+    name: str, namespace: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
     ctx = lifecycle.context(memo)
-    await lifecycle.handle(ctx, "resync", reconciler.sync_run(ctx, namespace or "", name))
+    work = reconciler.sync_run(ctx, namespace or "", name, cached=body)
+    await lifecycle.handle(ctx, "resync", work)
 
 
 @kopf.daemon(
@@ -81,7 +82,13 @@ async def resync_run(name: str, namespace: str | None, memo: kopf.Memo, **_: Any
     cancellation_timeout=_TIMING.daemon_cancellation_timeout_seconds,
 )
 async def follow_sidecar(
-    name: str, namespace: str | None, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any
+    name: str,
+    namespace: str | None,
+    body: kopf.Body,
+    stopped: kopf.DaemonStopped,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
     ctx = lifecycle.context(memo)
-    await lifecycle.handle(ctx, "sidecar", watcher.follow(ctx, namespace or "", name, stopped))
+    work = watcher.follow(ctx, namespace or "", name, stopped, live=body)
+    await lifecycle.handle(ctx, "sidecar", work)

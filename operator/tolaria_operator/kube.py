@@ -7,19 +7,24 @@ kopf's login loaded (kubeconfig or in-cluster service account), read again on ev
 so rotated tokens are honoured. No model (de)serialisation: the operator builds and reads
 dicts. Never retries on its own (kopf retries handlers), never blocks the loop, and maps
 every non-2xx answer to a typed error naming the method, the path and the server's reason.
+
+One session, one kept-alive connection pool, for every call: the TLS context is built once per
+set of credentials files and reused, because aiohttp pools connections per TLS context and a
+new context per request meant a new TCP and TLS handshake per call. `watch` streams a
+resource's changes (with a server-side label selector) for `informer.Informer`.
 """
 
 from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
 from kubernetes.client import Configuration
 
-from tolaria_operator.errors import KubeApiError, ObjectExists
+from tolaria_operator.errors import KubeApiError, ObjectExists, WatchExpired
 from tolaria_operator.resources import Resource
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -34,6 +39,7 @@ class KubeApi:
         self._configuration = configuration
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self._session: aiohttp.ClientSession | None = None
+        self._ssl_contexts: dict[tuple[object, ...], ssl.SSLContext] = {}
 
     def _config(self) -> Configuration:
         if self._configuration is not None:
@@ -43,8 +49,17 @@ class KubeApi:
         return Configuration.get_default_copy()
 
     def _ssl(self, config: Configuration) -> ssl.SSLContext | bool:
+        """The TLS context for these credentials, built once (see the module docstring)."""
         if not str(config.host).startswith("https"):
             return False
+        key = (config.ssl_ca_cert, config.cert_file, config.key_file, bool(config.verify_ssl))
+        context = self._ssl_contexts.get(key)
+        if context is None:
+            context = self._ssl_contexts[key] = self._new_ssl(config)
+        return context
+
+    @staticmethod
+    def _new_ssl(config: Configuration) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=config.ssl_ca_cert or None)
         if config.cert_file and config.key_file:
             context.load_cert_chain(config.cert_file, config.key_file)
@@ -76,8 +91,7 @@ class KubeApi:
         missing_ok: bool = False,
     ) -> dict[str, Any] | None:
         config = self._config()
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        session = self._open()
         headers = self._headers(config)
         data = None
         if body is not None:
@@ -85,7 +99,7 @@ class KubeApi:
             data = json.dumps(body)
         url = f"{str(config.host).rstrip('/')}{path}"
         try:
-            async with self._session.request(
+            async with session.request(
                 method, url, params=params, data=data, headers=headers, ssl=self._ssl(config)
             ) as response:
                 text = await response.text()
@@ -96,6 +110,72 @@ class KubeApi:
                 return json.loads(text) if text else {}
         except (aiohttp.ClientError, TimeoutError) as err:
             raise KubeApiError(method, path, 0, type(err).__name__, str(err)) from err
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # no cap on connections: each watch holds one for minutes; idle ones are kept alive
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector)
+        return self._session
+
+    async def watch(
+        self,
+        resource: Resource,
+        namespace: str | None,
+        *,
+        labels: Mapping[str, str],
+        resource_version: str,
+        timeout_s: int,
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """`(type, object)` changes after `resource_version` until the server ends the stream
+        (after `timeout_s`); bookmarks included. The selector is sent to the server, which then
+        sends only matching objects. Raises `KubeApiError` for an error answer, `WatchExpired`
+        when the server says the version is too old (410: list again)."""
+        config = self._config()
+        params = {
+            "watch": "true",
+            "labelSelector": selector(labels),
+            "resourceVersion": resource_version,
+            "timeoutSeconds": str(timeout_s),
+            "allowWatchBookmarks": "true",
+        }
+        path = resource.path(namespace)
+        url = f"{str(config.host).rstrip('/')}{path}"
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout_s + 30)
+        try:
+            async with self._open().get(
+                url,
+                params=params,
+                headers=self._headers(config),
+                ssl=self._ssl(config),
+                timeout=timeout,
+            ) as response:
+                if response.status >= 300:
+                    raise _error("WATCH", path, response.status, await response.text())
+                buffer = b""
+                async for chunk in response.content.iter_any():
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            yield _watch_event(path, line)
+                if buffer.strip():
+                    yield _watch_event(path, buffer)
+        except (aiohttp.ClientError, TimeoutError) as err:
+            raise KubeApiError("WATCH", path, 0, type(err).__name__, str(err)) from err
+
+    async def list_with_version(
+        self, resource: Resource, namespace: str | None, labels: Mapping[str, str]
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Like `list`, with the list's resourceVersion (where a watch starts)."""
+        answer = (
+            await self._request(
+                "GET", resource.path(namespace), params={"labelSelector": selector(labels)}
+            )
+            or {}
+        )
+        items = [dict(i) for i in answer.get("items") or [] if matches(i, labels)]
+        return items, str((answer.get("metadata") or {}).get("resourceVersion") or "")
 
     async def get(
         self, resource: Resource, namespace: str | None, name: str
@@ -113,21 +193,9 @@ class KubeApi:
 
         The selector is also applied here, so a server that ignores it cannot widen the set.
         """
-        params = (
-            {"labelSelector": ",".join(f"{k}={v}" for k, v in labels.items())} if labels else None
-        )
+        params = {"labelSelector": selector(labels)} if labels else None
         answer = await self._request("GET", resource.path(namespace), params=params) or {}
-        items: list[dict[str, Any]] = [dict(i) for i in answer.get("items") or []]
-        if labels:
-            items = [
-                i
-                for i in items
-                if all(
-                    ((i.get("metadata") or {}).get("labels") or {}).get(k) == v
-                    for k, v in labels.items()
-                )
-            ]
-        return items
+        return [dict(i) for i in answer.get("items") or [] if matches(i, labels or {})]
 
     async def create(
         self, resource: Resource, namespace: str | None, body: Mapping[str, Any]
@@ -179,6 +247,42 @@ class KubeApi:
             self._session = None
 
 
+def selector(labels: Mapping[str, str]) -> str:
+    """An equality-based label selector (`a=b,c=d`)."""
+    return ",".join(f"{k}={v}" for k, v in labels.items())
+
+
+def matches(obj: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """Whether `obj` carries `labels` (applied here too, so a server that ignores a selector
+    cannot widen the set)."""
+    have = (obj.get("metadata") or {}).get("labels") or {}
+    return all(have.get(k) == v for k, v in labels.items())
+
+
+def _watch_event(path: str, line: bytes) -> tuple[str, dict[str, Any]]:
+    try:
+        doc = json.loads(line)
+        kind, obj = str(doc["type"]), dict(doc["object"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise KubeApiError(
+            "WATCH", path, 0, "BadWatchEvent", line[:200].decode(errors="replace")
+        ) from err
+    if kind == "ERROR":
+        code = int(obj.get("code") or 0)
+        if code == GONE:
+            raise WatchExpired(
+                "WATCH", path, code, str(obj.get("reason") or ""), str(obj.get("message") or "")
+            )
+        raise KubeApiError(
+            "WATCH", path, code, str(obj.get("reason") or ""), str(obj.get("message") or "")
+        )
+    return kind, obj
+
+
+GONE = 410
+"""The answer to a watch from a resourceVersion the server no longer keeps."""
+
+
 def _error(method: str, path: str, status: int, text: str) -> KubeApiError:
     reason, message = "", text[:500]
     try:
@@ -188,5 +292,5 @@ def _error(method: str, path: str, status: int, text: str) -> KubeApiError:
     if isinstance(doc, dict):
         reason = str(doc.get("reason") or "")
         message = str(doc.get("message") or message)[:500]
-    cls = ObjectExists if status == 409 else KubeApiError
+    cls = ObjectExists if status == 409 else WatchExpired if status == GONE else KubeApiError
     return cls(method, path, status, reason, message)

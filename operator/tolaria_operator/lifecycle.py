@@ -26,7 +26,7 @@ from typing import Any, cast
 import kopf
 
 from leyline.v1.cluster_pb2 import IncidentAck, IncidentPhase
-from tolaria_operator import deadline, retention
+from tolaria_operator import deadline, reconciler, retention
 from tolaria_operator import status as run_status
 from tolaria_operator.config import from_env
 from tolaria_operator.context import OperatorContext, build_context
@@ -85,6 +85,20 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
     )
 
 
+def start_pod_watch(ctx: OperatorContext) -> None:
+    """Once per process, from the first handler (kopf has logged in by then): follow the
+    operator's pods, each change reconciling its run."""
+    informer = ctx.pods
+    if informer is None or ctx.pod_watch is not None:
+        return
+
+    async def changed(kind: str, body: dict[str, Any]) -> None:
+        await handle(ctx, "pod_event", reconciler.on_pod_event(ctx, kind, body))
+
+    informer.on_event = changed
+    ctx.pod_watch = asyncio.create_task(informer.run(), name="tolaria-pod-watch")
+
+
 async def count_open_incidents(ctx: OperatorContext) -> None:
     """Once per process, before the first handler's work: the incidents left Open by an
     earlier operator (the open-incidents gauge starts from them). Best effort."""
@@ -117,6 +131,12 @@ async def cleanup(memo: kopf.Memo) -> None:
     if isinstance(server, MetricsServer):
         await server.stop()
     ctx = memo.get(CONTEXT_KEY)
+    watch = getattr(ctx, "pod_watch", None)
+    if isinstance(watch, asyncio.Task):
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+        ctx.pod_watch = None  # type: ignore[union-attr]
     close = getattr(getattr(ctx, "kube", None), "close", None)
     if close is not None:
         await close()
@@ -144,6 +164,7 @@ async def handle(ctx: OperatorContext, handler: str, work: Awaitable[object]) ->
     )
     with timer:
         try:
+            start_pod_watch(ctx)
             await count_open_incidents(ctx)
             await work
         except SpecInvalid as err:

@@ -130,6 +130,11 @@ class OperatorMetrics:
             ["handler"],
             registry=registry,
         )
+        self.cached_resyncs = Counter(
+            "tolaria_operator_resyncs_from_cache_total",
+            "Periodic resyncs settled from the watch caches, without an API call.",
+            registry=registry,
+        )
         self.reconcile_duration = Histogram(
             "tolaria_operator_reconcile_duration_seconds",
             "Wall time of one handler call, by handler (the sidecar follower excluded).",

@@ -2,8 +2,9 @@
 the run's `SidecarView`, status patches and escalations, reconnecting with back-off.
 
 Started by kopf for every active run and cancelled by kopf when the run ends or is deleted.
-Progress, snapshot and checkpoint events are written at most once per
-`status.progress_patch_interval_seconds`; rollback, emergency and resolution events trigger
+Progress, snapshot and checkpoint events are written at most once per window (per run
+`status.progress_patch_interval_seconds`, widened so that all runs together stay within
+`status.progress_patches_per_second`); rollback, emergency and resolution events trigger
 a full reconcile at once. A stream that breaks resumes after the last sequence it saw; a
 new attempt (a new sidecar) starts a fresh view. Never raises out of the loop for a sidecar
 or API error (it backs off and retries), and never writes status of another attempt.
@@ -12,9 +13,11 @@ or API error (it backs off and retries), and never writes status of another atte
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
+from typing import Any
 
 from leyline import RollbackTier
 from tolaria_operator import escalation, reconciler
@@ -46,12 +49,17 @@ class Flusher:
         """A full reconcile has just written everything."""
         self._last = asyncio.get_running_loop().time()
 
+    def interval(self) -> float:
+        """This run's window: the per-run floor, or its share of the operator's budget."""
+        settings = self._ctx.settings.status
+        share = len(self._ctx.views) / settings.progress_patches_per_second
+        return max(settings.progress_patch_interval_seconds, share)
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        interval = self._ctx.settings.status.progress_patch_interval_seconds
         while True:
             await self._dirty.wait()
-            delay = self._last + interval - loop.time()
+            delay = self._last + self.interval() - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             self._dirty.clear()
@@ -62,8 +70,17 @@ class Flusher:
             self._last = loop.time()
 
 
-async def follow(ctx: OperatorContext, namespace: str, name: str, stopped: StopFlag) -> None:
-    """Follow the run's sidecar until the run ends, is deleted, or `stopped` is set."""
+async def follow(
+    ctx: OperatorContext,
+    namespace: str,
+    name: str,
+    stopped: StopFlag,
+    *,
+    live: Mapping[str, Any] | None = None,
+) -> None:
+    """Follow the run's sidecar until the run ends, is deleted, or `stopped` is set. `live`:
+    kopf's copy of the run, kept current from its watch, read instead of the API between
+    reconnects (a sidecar that stays away costs no reads)."""
     key = (namespace, name)
     view = ctx.view(key)
     flusher = Flusher(ctx, key)
@@ -72,7 +89,9 @@ async def follow(ctx: OperatorContext, namespace: str, name: str, stopped: StopF
     backoff = settings.reconnect_min_seconds
     try:
         while not stopped.is_set():
-            body = await _read(ctx, namespace, name)
+            body = copy.deepcopy(dict(live)) if live is not None else None
+            if body is None:
+                body = await _read(ctx, namespace, name)
             if body is None:
                 return
             run = parse_run(body)

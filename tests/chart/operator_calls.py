@@ -39,14 +39,27 @@ import kopf
 import tolaria_operator
 import tolaria_operator.handlers  # registers the handlers in kopf's default registry
 from tolaria_operator import protocols
+from tolaria_operator.kube import KubeApi
 from tolaria_operator.lifecycle import configure_kopf
 from tolaria_operator.resources import Resource
 
 PACKAGE_DIR = Path(tolaria_operator.__file__).parent
 RECEIVERS = {"kube", "_kube"}
 """The names a `Kube` is held under in the operator (`ctx.kube`, `self._kube`)."""
-VERBS = {"get": "get", "list": "list", "create": "create", "patch": "patch", "delete": "delete"}
-"""`protocols.Kube` method -> the RBAC verb of the request it sends."""
+VERBS = {
+    "get": "get",
+    "list": "list",
+    "create": "create",
+    "patch": "patch",
+    "delete": "delete",
+    "list_with_version": "list",
+    "watch": "watch",
+}
+"""`protocols.Kube` method (and `kube.KubeApi`'s list-then-watch pair) -> the RBAC verb of the
+request it sends."""
+INFORMER_RESOURCE = "_resource"
+"""What `informer.Informer` calls the resource it lists and watches: resolved to the Resource
+constants every `Informer(api, RESOURCE, ...)` in the package is built with."""
 
 
 @dataclass(frozen=True, order=True)
@@ -71,11 +84,13 @@ class Call:
 
 
 def kube_methods() -> set[str]:
-    """The methods of the `Kube` seam (what the scan maps to verbs)."""
+    """The methods of the `Kube` seam and of `KubeApi` that send requests (what the scan maps
+    to verbs)."""
     return {
         name
-        for name, member in inspect.getmembers(protocols.Kube)
-        if not name.startswith("_") and callable(member)
+        for cls in (protocols.Kube, KubeApi)
+        for name, member in inspect.getmembers(cls)
+        if not name.startswith("_") and callable(member) and name != "close"
     }
 
 
@@ -114,10 +129,27 @@ def _need(resource: Resource, verb: str, subresource: str) -> Need:
     return Need(resource.group, plural, verb, resource.namespaced, resource.home)
 
 
+def informer_resources() -> list[Resource]:
+    """The Resources given to `Informer(...)` as its second argument, anywhere in the package."""
+    found: list[Resource] = []
+    for path in sorted(PACKAGE_DIR.glob("*.py")):
+        module = importlib.import_module(f"tolaria_operator.{path.stem}")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "Informer"
+                and len(node.args) > 1
+                and isinstance(node.args[1], ast.Name)
+            ):
+                found += _resources_in(getattr(module, node.args[1].id, None))
+    return found
+
+
 def tolaria_calls() -> tuple[list[Call], list[str]]:
     """Tolaria's own calls, and the call sites that could not be resolved."""
     calls: list[Call] = []
     unresolved: list[str] = []
+    informed = informer_resources()
     for path in sorted(PACKAGE_DIR.glob("*.py")):
         module = importlib.import_module(f"tolaria_operator.{path.stem}")
         tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -139,6 +171,8 @@ def tolaria_calls() -> tuple[list[Call], list[str]]:
                     else []
                 )
                 candidates = direct if len(direct) == 1 else sorted(set(referenced), key=str)
+                if isinstance(first, ast.Attribute) and first.attr == INFORMER_RESOURCE:
+                    candidates = informed
                 if not candidates:
                     unresolved.append(f"{where}: {ast.unparse(node)}")
                     continue

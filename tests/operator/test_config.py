@@ -40,6 +40,7 @@ DEFAULTS = {
     },
     "status": {
         "progress_patch_interval_seconds": 2.0,
+        "progress_patches_per_second": 10.0,
         "deadline_check_interval_seconds": 1.0,
         "resync_interval_seconds": 15.0,
         "pod_gone_timeout_seconds": 30.0,

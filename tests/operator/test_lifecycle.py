@@ -75,7 +75,6 @@ def test_every_handler_is_registered_and_no_login_handler_replaces_kopfs() -> No
     for name in (
         "reconcile_run",
         "delete_run",
-        "pod_changed",
         "enforce_rollback_deadline",
         "resync_run",
         "follow_sidecar",

@@ -150,6 +150,17 @@ async def test_progress_is_written_at_most_once_per_interval() -> None:
     assert status["progress"]["step"] == 19
 
 
+def test_the_progress_window_widens_so_all_runs_together_stay_within_the_budget() -> None:
+    ctx = context(FakeKube())
+    flusher = Flusher(ctx, ("default", "r0"))
+    budget = ctx.settings.status.progress_patches_per_second
+    assert flusher.interval() == ctx.settings.status.progress_patch_interval_seconds
+    for i in range(1000):
+        ctx.view(("default", f"r{i}"))
+    assert flusher.interval() == pytest.approx(1000 / budget)
+    assert 1000 / flusher.interval() <= budget
+
+
 @pytest.mark.req("R10.4")
 @pytest.mark.asyncio
 async def test_an_incident_resolves_when_its_source_run_ends() -> None:
