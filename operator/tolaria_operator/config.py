@@ -239,6 +239,27 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True)
+class LeaderElectionSettings:
+    """Leader election among operator replicas (`leader.py`): one Lease in the operator's own
+    namespace (`network.operator_namespace`); only its holder handles runs, the others wait
+    as standbys. The timings are client-go's defaults."""
+
+    enabled: bool = False
+    """Elect a leader before handling anything. Off for a bare `tolaria-operator` (one
+    process); the Helm chart turns it on for its replicas. Needs a known namespace."""
+    lease_name: str = "tolaria-operator-leader"
+    """Name of the Lease (the chart: `<operator name>-leader`)."""
+    lease_duration_seconds: float = 15.0
+    """A standby takes the lease when its holder has not renewed it for this long: the
+    takeover time after a leader dies without releasing it."""
+    renew_deadline_seconds: float = 10.0
+    """A leader that could not renew within this long stops at once (before its lease can
+    expire for the others): less than the duration."""
+    retry_period_seconds: float = 2.0
+    """How often the leader renews and a standby tries: less than the renew deadline."""
+
+
+@dataclass(frozen=True)
 class TolariaSettings:
     """Every setting of the operator, one section per concern (cf. kopf's OperatorSettings)."""
 
@@ -252,6 +273,7 @@ class TolariaSettings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     tokens: TokenSettings = field(default_factory=TokenSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    leader_election: LeaderElectionSettings = field(default_factory=LeaderElectionSettings)
 
 
 def env_name(section: str, name: str) -> str:
@@ -282,7 +304,37 @@ def from_env(env: Mapping[str, str]) -> TolariaSettings:
     unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
     if unknown:
         raise SettingsInvalid(unknown[0], "names no setting (see tolaria_operator.config)")
-    return TolariaSettings(**sections)
+    settings = TolariaSettings(**sections)
+    check_leader_election(settings)
+    return settings
+
+
+def check_leader_election(settings: TolariaSettings) -> None:
+    """The election's rules across fields: a leader must give up before its lease can expire
+    for the others, and retry more than once within its deadline; the Lease lives in the
+    operator's own namespace, so that must be known."""
+    election = settings.leader_election
+    if not _DNS_NAME.fullmatch(election.lease_name):
+        raise SettingsInvalid(
+            env_name("leader_election", "lease_name"),
+            f"must be a Lease name (lowercase DNS name), got {election.lease_name!r}",
+        )
+    if not 0 < election.renew_deadline_seconds < election.lease_duration_seconds:
+        raise SettingsInvalid(
+            env_name("leader_election", "renew_deadline_seconds"),
+            "must be > 0 and less than leader_election.lease_duration_seconds",
+        )
+    if not 0 < election.retry_period_seconds < election.renew_deadline_seconds:
+        raise SettingsInvalid(
+            env_name("leader_election", "retry_period_seconds"),
+            "must be > 0 and less than leader_election.renew_deadline_seconds",
+        )
+    if election.enabled and not settings.network.operator_namespace:
+        raise SettingsInvalid(
+            env_name("leader_election", "enabled"),
+            "needs the operator's namespace (network.operator_namespace, POD_NAMESPACE or the "
+            "service account's) to keep the Lease in",
+        )
 
 
 def _check(section: str, name: str, var: str, value: Any) -> None:

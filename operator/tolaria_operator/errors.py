@@ -45,7 +45,8 @@ class KubeApiError(OperatorError):
 
 
 class ObjectExists(KubeApiError):
-    """409 on create: the object is already there; read it instead of creating it."""
+    """409 Conflict: on create, the object is already there (read it instead of creating it);
+    on a write with a precondition (`resourceVersion`, `uid`), the object changed since."""
 
 
 class WatchExpired(KubeApiError):

@@ -26,12 +26,13 @@ from typing import Any, cast
 import kopf
 
 from leyline.v1.cluster_pb2 import IncidentAck, IncidentPhase
-from tolaria_operator import deadline, reconciler, retention
+from tolaria_operator import deadline, leader, reconciler, retention
 from tolaria_operator import status as run_status
 from tolaria_operator.config import from_env
 from tolaria_operator.context import OperatorContext, build_context
 from tolaria_operator.errors import KubeApiError, OperatorError, SpecInvalid
 from tolaria_operator.incidents import parse_incident_status
+from tolaria_operator.kube import KubeApi
 from tolaria_operator.metrics import TIMED_HANDLERS, MetricsServer
 from tolaria_operator.resources import INCIDENTS
 
@@ -41,6 +42,9 @@ CONTEXT_KEY = "tolaria"
 """Key of the `OperatorContext` in kopf's memo; an embedding test may put its own there."""
 METRICS_KEY = "tolaria_metrics_server"
 SWEEP_KEY = "tolaria_retention_sweep"
+ELECTOR_KEY = "tolaria_leader_elector"
+"""Key of the `LeaderElector` in kopf's memo; an embedding test may put its own there."""
+RENEWAL_KEY = "tolaria_leader_renewal"
 FINALIZER = "tolaria.dev/finalizer"
 ANNOTATION_PREFIX = "tolaria.dev"
 
@@ -71,7 +75,9 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
     """Configure kopf, build the context (settings from the environment) unless one is given,
     start the metrics endpoint and the retention sweep (its first sweep comes one interval
-    later). Nothing here calls the API: kopf logs in after this."""
+    later). With leader election on, it first waits here until this replica holds the leader
+    Lease (kopf watches and handles nothing before its startup handlers return), then renews
+    it in a task; the election has its own credentials, since kopf logs in after this."""
     configure_kopf(settings)
     if not isinstance(memo.get(CONTEXT_KEY), OperatorContext):
         memo[CONTEXT_KEY] = build_context(from_env(os.environ), events=KopfEvents())
@@ -80,6 +86,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
         server = MetricsServer(ctx.metrics.registry)
         await server.start(ctx.settings.metrics.address, ctx.settings.metrics.port)
         memo[METRICS_KEY] = server
+    await lead(ctx, memo)
     memo[SWEEP_KEY] = asyncio.create_task(
         retention.sweep_forever(ctx), name="tolaria-retention-sweep"
     )
@@ -97,6 +104,33 @@ def start_pod_watch(ctx: OperatorContext) -> None:
 
     informer.on_event = changed
     ctx.pod_watch = asyncio.create_task(informer.run(), name="tolaria-pod-watch")
+
+
+async def lead(ctx: OperatorContext, memo: kopf.Memo) -> None:
+    """Returns once this replica may handle runs: at once without election, else when it
+    holds the leader Lease (renewed from then on by a task that `cleanup` stops)."""
+    election = ctx.settings.leader_election
+    if not election.enabled:
+        ctx.metrics.leader.set(1)
+        return
+    elector = memo.get(ELECTOR_KEY)
+    if not isinstance(elector, leader.LeaderElector):
+        elector = leader.LeaderElector(
+            KubeApi(leader.cluster_configuration()),
+            namespace=ctx.settings.network.operator_namespace,
+            name=election.lease_name,
+            identity=leader.default_identity(),
+            on_lost=leader.exit_now,
+            lease_duration_s=election.lease_duration_seconds,
+            renew_deadline_s=election.renew_deadline_seconds,
+            retry_period_s=election.retry_period_seconds,
+            clock=ctx.clock,
+            on_leading=lambda leading: ctx.metrics.leader.set(int(leading)),
+        )
+        memo[ELECTOR_KEY] = elector
+    ctx.metrics.leader.set(0)
+    await elector.acquire()
+    memo[RENEWAL_KEY] = asyncio.create_task(elector.renew_forever(), name="tolaria-leader-lease")
 
 
 async def count_open_incidents(ctx: OperatorContext) -> None:
@@ -127,9 +161,6 @@ async def cleanup(memo: kopf.Memo) -> None:
         sweep.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sweep
-    server = memo.get(METRICS_KEY)
-    if isinstance(server, MetricsServer):
-        await server.stop()
     ctx = memo.get(CONTEXT_KEY)
     watch = getattr(ctx, "pod_watch", None)
     if isinstance(watch, asyncio.Task):
@@ -137,6 +168,18 @@ async def cleanup(memo: kopf.Memo) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await watch
         ctx.pod_watch = None  # type: ignore[union-attr]
+    renewal = memo.get(RENEWAL_KEY)  # the Lease goes last: nothing of ours runs after it
+    if isinstance(renewal, asyncio.Task):
+        renewal.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewal
+    elector = memo.get(ELECTOR_KEY)
+    if isinstance(elector, leader.LeaderElector):
+        await elector.release()
+        await elector.close()
+    server = memo.get(METRICS_KEY)
+    if isinstance(server, MetricsServer):
+        await server.stop()
     close = getattr(getattr(ctx, "kube", None), "close", None)
     if close is not None:
         await close()

@@ -109,6 +109,11 @@ class OperatorMetrics:
             "Full rollbacks that missed their deadline (enforced by the operator).",
             registry=registry,
         )
+        self.leader = Gauge(
+            "tolaria_operator_leader",
+            "1 while this replica leads (holds the leader Lease, or runs without election).",
+            registry=registry,
+        )
         self.incidents_open = Gauge(
             "tolaria_operator_incidents_open", "Open TolariaIncidents.", registry=registry
         )
@@ -231,7 +236,7 @@ class OperatorMetrics:
 
 
 class MetricsServer:
-    """`GET /metrics` on aiohttp, inside the operator's event loop."""
+    """`GET /metrics` and `GET /healthz` on aiohttp, inside the operator's event loop."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._registry = registry
@@ -242,10 +247,17 @@ class MetricsServer:
         body = generate_latest(self._registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def _healthy(self, request: web.Request) -> web.Response:
+        """Liveness that a standby answers too: kopf's own endpoint starts only after the
+        startup handlers, and a standby waits for the leader lease in one."""
+        del request
+        return web.Response(text="ok")
+
     async def start(self, address: str, port: int) -> int:
         """Serve on `address:port` (0 picks a free port); returns the bound port."""
         app = web.Application()
         app.router.add_get("/metrics", self._serve)
+        app.router.add_get("/healthz", self._healthy)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         family = socket.AF_INET6 if ":" in address else socket.AF_INET

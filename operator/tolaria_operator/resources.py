@@ -68,6 +68,8 @@ KEY_SECRETS = Resource("", "v1", "secrets", home=True)
 """The Secret keeping the operator's token key, in the operator's own namespace."""
 CONFIGMAPS = Resource("", "v1", "configmaps")
 NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies")
+LEASES = Resource("coordination.k8s.io", "v1", "leases", home=True)
+"""The leader-election Lease (`leader.py`), in the operator's own namespace."""
 
 # Labels (R10.1): the app.kubernetes.io set, the run and attempt, Kueue's queue.
 NAME_LABEL = "app.kubernetes.io/name"

@@ -48,10 +48,22 @@ def kopf_args(objects: list[dict[str, Any]]) -> list[str]:
     return kopf_arguments(args, rest)
 
 
-def test_one_operator_replaced_by_recreate_never_two_at_once() -> None:
+def test_two_operators_by_default_rolled_one_at_a_time_since_a_lease_elects_the_leader() -> None:
     spec = one(render(), "Deployment")["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    assert one(render({"operator": {"replicas": 3}}), "Deployment")["spec"]["replicas"] == 3
+
+
+def test_the_operators_elect_a_leader_on_a_lease_named_for_the_release() -> None:
+    election = operator_settings(render()).leader_election
+    assert election.enabled is True
+    assert election.lease_name == "tolaria-operator-leader"
+    env = operator_container(render())["env"]
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in env
 
 
 @pytest.mark.req("R10.5")
@@ -75,11 +87,13 @@ def test_the_operator_has_requests_and_limits() -> None:
     )
 
 
-def test_the_operator_is_probed_on_kopfs_liveness_endpoint() -> None:
+def test_the_operator_is_probed_where_a_standby_answers_too() -> None:
+    """kopf's liveness endpoint starts only after the startup handlers, in which a standby waits
+    for the leader lease: the probe asks the metrics server's /healthz, served from the start."""
     container = operator_container(render())
     assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
-    assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert {"name": "metrics", "containerPort": 9403, "protocol": "TCP"} in container["ports"]
 
 
 def test_cluster_wide_the_operator_watches_all_namespaces() -> None:

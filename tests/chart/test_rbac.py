@@ -1,7 +1,8 @@
 """The chart's RBAC grants every API call the operator makes, and nothing more, in both modes:
 cluster-wide (ClusterRoles bound cluster-wide) and per namespace (a Role in each watched
 namespace, and a ClusterRole for the cluster-scoped kinds only); in both, a Role in the release
-namespace for the operator's run-token key, the only Secret it may read. The calls are derived
+namespace for the operator's run-token key, the only Secret it may read, and one for its
+leader-election Lease. The calls are derived
 from the operator's code (`operator_calls`), never listed here."""
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ SERVICE_ACCOUNT = {"kind": "ServiceAccount", "name": "tolaria-operator", "namesp
 CLUSTER_WIDE = VALUE_SETS["cluster-wide"]
 NAMESPACED = VALUE_SETS["namespaced"]
 KEY_ROLE = "tolaria-operator-token-key"
+LEASE_ROLE = "tolaria-operator-leader-election"
+HOME_ROLES = {KEY_ROLE, LEASE_ROLE}
+"""The Roles in the release namespace for what the operator uses there only (`Resource.home`)."""
 
 
 def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
@@ -42,14 +46,15 @@ def bound_rules(
     objects: list[dict[str, Any]], binding_kind: str, role_kind: str, *, key: bool = False
 ) -> dict[str | None, set[tuple[str, str, str]]]:
     """Namespace (None: cluster-wide) -> what the operator's ServiceAccount is granted there by
-    `binding_kind`s binding `role_kind`s (the token-key Role only with `key`, else the others)."""
+    `binding_kind`s binding `role_kind`s (the release-namespace Roles only with `key`, else the
+    others)."""
     roles = {
         (r["metadata"].get("namespace"), r["metadata"]["name"]): r
         for r in of_kind(objects, role_kind)
     }
     granted: dict[str | None, set[tuple[str, str, str]]] = {}
     for binding in of_kind(objects, binding_kind):
-        if (binding["metadata"]["name"] == KEY_ROLE) != key:
+        if (binding["metadata"]["name"] in HOME_ROLES) != key:
             continue
         assert binding["roleRef"]["kind"] == role_kind
         assert binding["subjects"] == [SERVICE_ACCOUNT]
@@ -90,6 +95,7 @@ def test_the_scan_resolves_every_call_the_operator_makes() -> None:
         "watcher.py",
         "lifecycle.py",
         "sidecar_client.py",
+        "leader.py",
     }
 
 
@@ -112,7 +118,7 @@ def test_the_chart_runs_kopf_standalone_so_no_peering_is_needed() -> None:
 @pytest.mark.req("R10.5")
 def test_cluster_wide_the_cluster_roles_grant_exactly_what_the_operator_needs() -> None:
     objects = render(CLUSTER_WIDE)
-    assert [r["metadata"]["name"] for r in of_kind(objects, "Role")] == [KEY_ROLE]
+    assert sorted(r["metadata"]["name"] for r in of_kind(objects, "Role")) == sorted(HOME_ROLES)
     granted = bound_rules(objects, "ClusterRoleBinding", "ClusterRole")[None]
     need = needed(all_namespaces=True, namespaced=True) | needed(
         all_namespaces=True, namespaced=False
@@ -148,12 +154,18 @@ def test_cluster_wide_kopf_does_not_follow_namespaces() -> None:
 
 @pytest.mark.req("R10.5")
 @pytest.mark.parametrize("values", [CLUSTER_WIDE, NAMESPACED], ids=["cluster-wide", "namespaced"])
-def test_each_mode_has_the_token_key_role_in_the_release_namespace_granting_what_it_needs(
+def test_each_mode_grants_the_token_key_and_the_lease_in_the_release_namespace_only(
     values: dict[str, Any],
 ) -> None:
     granted = bound_rules(render(values), "RoleBinding", "Role", key=True)
     assert granted == {NAMESPACE: needed(all_namespaces=False, namespaced=True, home=True)}
-    assert granted[NAMESPACE] == {("", "secrets", "get"), ("", "secrets", "create")}
+    assert granted[NAMESPACE] == {
+        ("", "secrets", "get"),
+        ("", "secrets", "create"),
+        ("coordination.k8s.io", "leases", "get"),
+        ("coordination.k8s.io", "leases", "create"),
+        ("coordination.k8s.io", "leases", "patch"),
+    }
 
 
 @pytest.mark.req("R10.5")

@@ -60,10 +60,13 @@ def test_the_monitoring_schemas_refuse_a_misspelt_field() -> None:
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_every_namespaced_object_of_the_release_is_in_the_release_namespace(name: str) -> None:
     """Roles are the exception: they live in the namespaces the operator watches, but for the
-    token-key Role, which is about a Secret of the release namespace."""
+    token-key and leader-election Roles, which are about a Secret and a Lease of the release
+    namespace."""
     for obj in render(VALUE_SETS[name]):
         kind, namespace = obj["kind"], obj["metadata"].get("namespace")
-        if kind in ("Role", "RoleBinding") and obj["metadata"]["name"].endswith("-token-key"):
+        if kind in ("Role", "RoleBinding") and obj["metadata"]["name"].endswith(
+            ("-token-key", "-leader-election")
+        ):
             assert namespace == "tolaria-system", _id(obj)
         elif kind in ("Role", "RoleBinding"):
             assert namespace in VALUE_SETS[name]["watch"]["namespaces"], _id(obj)

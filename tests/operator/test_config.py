@@ -67,6 +67,13 @@ DEFAULTS = {
     "metrics": {"port": 9403, "address": "0.0.0.0"},
     "tokens": {"key_secret": "tolaria-operator-token-key"},
     "retention": {"resolved_incident_ttl_seconds": 86_400.0, "sweep_interval_seconds": 30.0},
+    "leader_election": {
+        "enabled": False,
+        "lease_name": "tolaria-operator-leader",
+        "lease_duration_seconds": 15.0,
+        "renew_deadline_seconds": 10.0,
+        "retry_period_seconds": 2.0,
+    },
 }
 
 
@@ -171,3 +178,54 @@ def test_the_escalation_policy_comes_from_the_environment() -> None:
     )
     assert settings.escalation.max_scope == "run"
     assert settings.escalation.cluster_scope_namespaces == ("ml-platform", "sre")
+
+
+def test_leader_election_comes_from_the_environment() -> None:
+    election = from_env(
+        {
+            "TOLARIA_OPERATOR_LEADER_ELECTION_ENABLED": "true",
+            "TOLARIA_OPERATOR_LEADER_ELECTION_LEASE_NAME": "ops-leader",
+            "TOLARIA_OPERATOR_LEADER_ELECTION_LEASE_DURATION_SECONDS": "30",
+            "TOLARIA_OPERATOR_NETWORK_OPERATOR_NAMESPACE": "tolaria-system",
+        }
+    ).leader_election
+    assert (election.enabled, election.lease_name, election.lease_duration_seconds) == (
+        True,
+        "ops-leader",
+        30.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "name", "rule"),
+    [
+        (
+            {"RENEW_DEADLINE_SECONDS": "15"},
+            "TOLARIA_OPERATOR_LEADER_ELECTION_RENEW_DEADLINE_SECONDS",
+            "less than leader_election.lease_duration_seconds",
+        ),
+        (
+            {"RETRY_PERIOD_SECONDS": "10"},
+            "TOLARIA_OPERATOR_LEADER_ELECTION_RETRY_PERIOD_SECONDS",
+            "less than leader_election.renew_deadline_seconds",
+        ),
+        (
+            {"LEASE_NAME": "Not A Name"},
+            "TOLARIA_OPERATOR_LEADER_ELECTION_LEASE_NAME",
+            "must be a Lease name",
+        ),
+        (
+            {"ENABLED": "true"},
+            "TOLARIA_OPERATOR_LEADER_ELECTION_ENABLED",
+            "needs the operator's namespace",
+        ),
+    ],
+    ids=["renew-not-before-expiry", "retry-not-before-deadline", "bad-name", "no-namespace"],
+)
+def test_leader_election_refuses_timings_that_overlap_leaders_and_a_missing_namespace(
+    env: dict[str, str], name: str, rule: str
+) -> None:
+    with pytest.raises(SettingsInvalid) as refused:
+        from_env({f"TOLARIA_OPERATOR_LEADER_ELECTION_{k}": v for k, v in env.items()})
+    assert refused.value.name == name
+    assert rule in refused.value.rule

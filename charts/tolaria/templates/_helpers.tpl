@@ -37,6 +37,17 @@ the sidecars of runs started before.
 {{- printf "%s-token-key" (include "tolaria.operatorName" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{- define "tolaria.leaseName" -}}
+{{- printf "%s-leader" (include "tolaria.operatorName" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The leader-election Lease, in the release namespace: read, made once, renewed. */}}
+{{- define "tolaria.leaseRules" -}}
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "create", "patch"]
+{{- end -}}
+
 {{- define "tolaria.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "tolaria.operatorName" .) .Values.serviceAccount.name -}}
