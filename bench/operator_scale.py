@@ -7,7 +7,9 @@ every `--progress-every` seconds, and a kubelet that marks each new pod Running.
 *operator* runs in this process exactly as in production (kopf, the real handlers, the real
 API client) against the world's URL, so the memory measured is the operator's own.
 
-The world creates `--runs` TolariaRuns at once and reports when every run's pod exists and
+The world creates `--runs` TolariaRuns at once, spread over `--namespaces` tenant namespaces
+(the emulator ignores label selectors, so one namespace would make every list of a run's pods
+return all pods), and reports when every run's pod exists and
 when every run's status says Running. Then, with every run Running and its sidecar streaming,
 it counts every request the API server receives for `--window` seconds (watches included) and
 reports API calls per run per minute in that steady state. This process reports its resident
@@ -29,6 +31,8 @@ import datetime
 import json
 import logging
 import os
+import re
+import resource
 import secrets
 import subprocess
 import sys
@@ -44,10 +48,21 @@ for part in ("", "operator", "sidecar", "trainer_image"):
     if str(ROOT / part) not in sys.path:
         sys.path.insert(0, str(ROOT / part))
 
-NAMESPACE = "bench"
-RUNS_PATH = f"/apis/tolaria.dev/v1alpha1/namespaces/{NAMESPACE}/tolariaruns"
+RUNS_PATH = "/apis/tolaria.dev/v1alpha1/tolariaruns"
+
+
+def namespace_of(i: int, namespaces: int) -> str:
+    """Runs are spread over tenant namespaces, as on a shared cluster."""
+    return f"tenant-{i % namespaces:03d}"
+
+
 TARGET_CALLS_PER_RUN_MINUTE = 2.0
 TARGET_ALL_PODS_S = 60.0
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def rss_kib(field: str = "VmRSS") -> int:
@@ -61,7 +76,7 @@ def rss_kib(field: str = "VmRSS") -> int:
 # -- the world (child process) ------------------------------------------------------------------
 
 
-def _wildcard_cert(key: bytes) -> tuple[bytes, bytes]:
+def _wildcard_cert(key: bytes, namespaces: list[str]) -> tuple[bytes, bytes]:
     """A server certificate for every run's sidecar name in the bench namespace, signed by the
     control CA derived from the operator's token `key` (what a real attempt's certificate is
     signed by; real ones name one run each)."""
@@ -86,7 +101,8 @@ def _wildcard_cert(key: bytes) -> tuple[bytes, bytes]:
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(f"*.{NAMESPACE}.svc")]), critical=False
+            x509.SubjectAlternativeName([x509.DNSName(f"*.{ns}.svc") for ns in namespaces]),
+            critical=False,
         )
         .sign(ca._key, hashes.SHA256())  # the bench signs with the CA as the operator would
     )
@@ -100,7 +116,7 @@ def _wildcard_cert(key: bytes) -> tuple[bytes, bytes]:
     )
 
 
-async def _sidecar(key: bytes, progress_every: float) -> Any:
+async def _sidecar(key: bytes, progress_every: float, namespaces: list[str]) -> Any:
     """One gRPC server answering `GetStatus` and `StreamEvents` for every run."""
     import grpc
 
@@ -111,10 +127,12 @@ async def _sidecar(key: bytes, progress_every: float) -> Any:
     )
 
     class Everyone(SidecarControlServicer):
-        async def GetStatus(self, request: Any, context: Any) -> Any:
+        async def GetStatus(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC
             return pb.SidecarStatus(trainer_attached=True, fast_tier_feasible=True)
 
-        async def StreamEvents(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        async def StreamEvents(  # noqa: N802 - the gRPC method's name
+            self, request: Any, context: Any
+        ) -> AsyncIterator[Any]:
             sequence = max(int(request.after_sequence), 1000)
             step = 0
             while True:
@@ -137,21 +155,19 @@ async def _sidecar(key: bytes, progress_every: float) -> Any:
         ]
     )
     add_SidecarControlServicer_to_server(Everyone(), server)
-    cert, private = _wildcard_cert(key)
-    port = server.add_secure_port(
-        "127.0.0.1:0", grpc.ssl_server_credentials([(private, cert)])
-    )
+    cert, private = _wildcard_cert(key, namespaces)
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(private, cert)]))
     await server.start()
     return server, port
 
 
-def _run_body(i: int) -> dict[str, Any]:
+def _run_body(i: int, namespaces: int) -> dict[str, Any]:
     return {
         "apiVersion": "tolaria.dev/v1alpha1",
         "kind": "TolariaRun",
         "metadata": {  # what the API server would fill in (the emulator does not)
             "name": f"run-{i:04d}",
-            "namespace": NAMESPACE,
+            "namespace": namespace_of(i, namespaces),
             "uid": str(uuid.uuid4()),
             "resourceVersion": "1",
             "generation": 1,
@@ -193,8 +209,9 @@ async def world(args: argparse.Namespace) -> None:
                 subresources={"status"},
             )
         tally = Tally()
-        drain = asyncio.create_task(tally.drain(kmock))
-        server, port = await _sidecar(key, args.progress_every)
+        kmock._requests = tally
+        tenants = sorted({namespace_of(i, args.namespaces) for i in range(args.runs)})
+        server, port = await _sidecar(key, args.progress_every, tenants)
         url = str(kmock.url).rstrip("/")
         print(json.dumps({"url": url, "sidecar_port": port, "key": key.hex()}), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # go
@@ -209,22 +226,25 @@ async def world(args: argparse.Namespace) -> None:
                     return list((await r.json()).get("items") or [])
 
             async def create(i: int) -> None:
-                async with semaphore, session.post(url + RUNS_PATH, json=_run_body(i)) as r:
+                body = _run_body(i, args.namespaces)
+                ns = body["metadata"]["namespace"]
+                path = f"/apis/tolaria.dev/v1alpha1/namespaces/{ns}/tolariaruns"
+                async with semaphore, session.post(url + path, json=body) as r:
                     r.raise_for_status()
 
             await asyncio.gather(*(create(i) for i in range(args.runs)))
             created_s = time.monotonic() - start
-            marked: set[str] = set()
+            marked: set[tuple[str, str]] = set()
             all_pods_s = all_running_s = None
             deadline = start + args.settle_timeout
             while time.monotonic() < deadline:
-                pods = await objects(f"/api/v1/namespaces/{NAMESPACE}/pods")
+                pods = await objects("/api/v1/pods")
                 for pod in pods:
-                    name = pod["metadata"]["name"]
-                    if name not in marked:
-                        marked.add(name)
+                    name, ns = pod["metadata"]["name"], pod["metadata"]["namespace"]
+                    if (ns, name) not in marked:
+                        marked.add((ns, name))
                         async with session.patch(
-                            f"{url}/api/v1/namespaces/{NAMESPACE}/pods/{name}",
+                            f"{url}/api/v1/namespaces/{ns}/pods/{name}",
                             json={"status": _running_status(), "spec": {"nodeName": "node-a"}},
                             headers={"Content-Type": "application/merge-patch+json"},
                         ) as r:
@@ -250,39 +270,37 @@ async def world(args: argparse.Namespace) -> None:
                 json.dumps(
                     {
                         "runs": args.runs,
+                        "namespaces": args.namespaces,
                         "create_s": round(created_s, 2),
                         "all_pods_s": None if all_pods_s is None else round(all_pods_s, 2),
-                        "all_running_s": None
-                        if all_running_s is None
-                        else round(all_running_s, 2),
+                        "all_running_s": None if all_running_s is None else round(all_running_s, 2),
                         "window_s": args.window,
                         "requests_in_window": window,
                         "calls_per_run_per_minute": round(window / runs / (args.window / 60), 3),
                         "by_kind": dict(kinds.most_common()),
+                        "emulator_cpu_s": round(_cpu_s(), 1),
                     }
                 ),
                 flush=True,
             )
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # done
-        drain.cancel()
         await server.stop(grace=None)
 
 
-class Tally:
+class Tally(list):  # type: ignore[type-arg]
     """Every request the emulator served, by kind and time. kmock keeps every request and
-    matches each new one against all the earlier ones (quadratic: at 1,000 runs it, not the
-    operator, would be measured), so this drains kmock's log every 0.2 s into counts."""
+    matches each new one against all it kept (quadratic: at 1,000 runs kmock, not the
+    operator, would be measured). Put in place of kmock's log, this keeps only the request
+    being matched (kmock matches it in the same loop step it logs it) and counts the rest."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.seen: list[tuple[float, str]] = []
 
-    async def drain(self, kmock: Any) -> None:
-        while True:
-            await asyncio.sleep(0.2)
-            log = kmock._requests
-            now = time.monotonic()
-            self.seen += [(now, _kind(r)) for r in log]
-            log.clear()  # safe: a request is matched in the same loop step it is logged
+    def append(self, request: Any) -> None:
+        self.seen.append((time.monotonic(), _kind(request)))
+        self.clear()
+        super().append(request)
 
     def between(self, start: float, end: float) -> collections.Counter[str]:
         return collections.Counter(k for t, k in self.seen if start <= t < end)
@@ -291,7 +309,7 @@ class Tally:
 def _kind(request: Any) -> str:
     watch = str(request.params.get("watch", "")).lower() in ("true", "1")
     verb = "WATCH" if watch else str(request.method).split(".")[-1].upper()
-    path = request.url.path.replace(f"/namespaces/{NAMESPACE}", "")
+    path = re.sub(r"/namespaces/[^/]+", "", request.url.path)
     resource = next((p for p in path.strip("/").split("/") if p in _PLURALS), path)
     return f"{verb} {resource}{'/status' if path.endswith('/status') else ''}"
 
@@ -330,7 +348,8 @@ async def operate(args: argparse.Namespace) -> dict[str, Any]:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
-    assert child.stdout is not None and child.stdin is not None  # noqa: S101 - PIPE given
+    if child.stdout is None or child.stdin is None:
+        raise RuntimeError("the world process has no pipes")
     hello = json.loads(await child.stdout.readline())
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "kubeconfig"
@@ -348,7 +367,7 @@ async def operate(args: argparse.Namespace) -> dict[str, Any]:
             **{
                 **{f: getattr(base, f) for f in base.__dataclass_fields__},
                 "metrics": MetricsSettings(port=0),
-                "escalation": EscalationSettings(watch_namespaces=(NAMESPACE,)),
+                "escalation": EscalationSettings(watch_namespaces=()),
             }
         )
         port = hello["sidecar_port"]
@@ -364,12 +383,13 @@ async def operate(args: argparse.Namespace) -> dict[str, Any]:
         kopf_settings.watching.server_timeout = 300
         stop = asyncio.Event()
         before_kib = rss_kib()
+        cpu_before = _cpu_s()
         task = asyncio.create_task(
             kopf.operator(
                 registry=kopf.get_default_registry(),
                 settings=kopf_settings,
                 standalone=True,
-                namespaces=[NAMESPACE],
+                clusterwide=True,
                 memo=kopf.Memo({CONTEXT_KEY: ctx}),
                 stop_flag=stop,
             )
@@ -383,6 +403,7 @@ async def operate(args: argparse.Namespace) -> dict[str, Any]:
             "peak": round(rss_kib("VmHWM") / 1024, 1),
             "end": round(rss_kib() / 1024, 1),
         }
+        result["operator_cpu_s"] = round(_cpu_s() - cpu_before, 1)
         result["resyncs_from_cache"] = int(ctx.metrics.cached_resyncs._value.get())
         stop.set()
         with contextlib.suppress(asyncio.CancelledError, ConnectionError, TimeoutError):
@@ -400,7 +421,7 @@ def report(result: dict[str, Any]) -> str:
     pods = result.get("all_pods_s")
     rss = result.get("operator_rss_mib", {})
     lines = [
-        f"runs: {result.get('runs')}",
+        f"runs: {result.get('runs')} in {result.get('namespaces')} namespaces",
         f"all runs created in {result.get('create_s')} s; every pod created after {pods} s "
         f"(target <= {TARGET_ALL_PODS_S:.0f} s); every run Running after "
         f"{result.get('all_running_s')} s",
@@ -411,6 +432,8 @@ def report(result: dict[str, Any]) -> str:
         "  " + ", ".join(f"{k}: {v}" for k, v in (result.get("by_kind") or {}).items()),
         f"operator memory (RSS): {rss.get('before')} MiB before, {rss.get('end')} MiB at the "
         f"end, {rss.get('peak')} MiB peak",
+        f"CPU seconds: operator {result.get('operator_cpu_s')}, emulator and sidecar "
+        f"{result.get('emulator_cpu_s')}",
     ]
     return "\n".join(lines)
 
@@ -418,8 +441,9 @@ def report(result: dict[str, Any]) -> str:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=1000)
+    p.add_argument("--namespaces", type=int, default=50, help="tenant namespaces to spread over")
     p.add_argument("--window", type=float, default=120.0, help="steady-state seconds counted")
-    p.add_argument("--warmup", type=float, default=30.0, help="seconds after all are Running")
+    p.add_argument("--warmup", type=float, default=60.0, help="seconds after all are Running")
     p.add_argument("--progress-every", type=float, default=1.0, help="sidecar event period")
     p.add_argument("--settle-timeout", type=float, default=600.0)
     p.add_argument("--json", action="store_true")
@@ -435,6 +459,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if os.environ.get("BENCH_PROFILE"):
             import cProfile
             import pstats
+
             prof = cProfile.Profile()
             prof.enable()
             try:

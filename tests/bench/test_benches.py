@@ -21,3 +21,12 @@ def test_hook_latency_bench_reports_both_hooks() -> None:
     results = load("hook_latency").main(["--epochs", "4", "--steps", "1", "--json"])
     assert set(results) == {"hook", "empty hook"}
     assert all(r["p50"] <= r["p99"] <= r["max"] for r in results.values())
+
+
+def test_operator_scale_bench_counts_the_steady_state_and_the_operators_memory() -> None:
+    result = load("operator_scale").main(
+        ["--runs", "3", "--window", "3", "--warmup", "1", "--settle-timeout", "120", "--json"]
+    )
+    assert result["all_pods_s"] is not None and result["all_running_s"] is not None
+    assert result["requests_in_window"] == sum(result["by_kind"].values())
+    assert result["operator_rss_mib"]["peak"] >= result["operator_rss_mib"]["before"] > 0
