@@ -16,6 +16,7 @@ re-list hands over what changed meanwhile, a vanished object as DELETED with its
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -31,6 +32,8 @@ ObjectKey = tuple[str, str]
 OnEvent = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 ADDED, MODIFIED, DELETED, BOOKMARK = "ADDED", "MODIFIED", "DELETED", "BOOKMARK"
+GONE_KEPT = 4096
+"""Deleted objects whose last state is kept (see `Informer.last_state`)."""
 
 
 def _key(obj: Mapping[str, Any]) -> ObjectKey:
@@ -66,6 +69,7 @@ class Informer:
         self._retry = (retry_min_s, retry_max_s)
         self._objects: dict[str | None, dict[ObjectKey, dict[str, Any]]] = {}
         self._synced: set[str | None] = set()
+        self._gone: collections.OrderedDict[ObjectKey, dict[str, Any]] = collections.OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self.lists = 0
         """Lists made (the first per namespace and one after each broken watch)."""
@@ -85,6 +89,23 @@ class Informer:
             for (ns, _), obj in (self._objects.get(scope) or {}).items()
             if ns == namespace and matches(obj, labels)
         ]
+
+    def last_state(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The newest state seen of an object, also of one deleted lately (the last
+        `GONE_KEPT`): a reconcile that reads a pod gone before its DELETED event was handled
+        still learns how it ended (stopped by Kueue, evicted) instead of counting a loss."""
+        key = (namespace, name)
+        for objects in self._objects.values():
+            if key in objects:
+                return objects[key]
+        return self._gone.get(key)
+
+    def _forget(self, obj: dict[str, Any]) -> None:
+        key = _key(obj)
+        self._gone[key] = obj
+        self._gone.move_to_end(key)
+        while len(self._gone) > GONE_KEPT:
+            self._gone.popitem(last=False)
 
     # -- following -----------------------------------------------------------------------------
 
@@ -148,6 +169,7 @@ class Informer:
                 self._dispatch(ADDED if old is None else MODIFIED, obj)
         for key, old in before.items():
             if key not in now:
+                self._forget(old)
                 self._dispatch(DELETED, old)
 
     def _apply(self, scope: str | None, kind: str, obj: dict[str, Any]) -> None:
@@ -156,6 +178,7 @@ class Informer:
         objects = self._objects.setdefault(scope, {})
         if kind == DELETED:
             objects.pop(_key(obj), None)
+            self._forget(obj)
         else:
             objects[_key(obj)] = obj
         self._dispatch(kind, obj)

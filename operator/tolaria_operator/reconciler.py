@@ -133,6 +133,8 @@ async def _sync_once(
         await _spec_refused(ctx, namespace, name, body, err)
         return False
     pods = await run_pods(ctx, run)
+    if gone is None:
+        gone = _last_state_of_missing_pod(ctx, run, pods)
     now = ctx.clock.now()
 
     def planned(refused: str = "", blocked: str = "", conflict: str = "") -> Plan:
@@ -170,6 +172,18 @@ async def _sync_once(
         except ValueError as err:
             plan = planned(f"the operator cannot build it: {err}")
     return await _execute(ctx, run, plan, now, build, planned)
+
+
+def _last_state_of_missing_pod(
+    ctx: OperatorContext, run: RunObject, pods: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """The run's current pod is gone from a fresh read: its last state from the pod watch, if
+    the watch saw it (the read can come before the DELETED event is handled)."""
+    name = run.status.pod_name
+    if not name or ctx.pods is None or any(p["metadata"]["name"] == name for p in pods):
+        return None
+    last = ctx.pods.last_state(run.namespace, name)
+    return last if last is not None and owned_by(last, run) else None
 
 
 def _settled(ctx: OperatorContext, body: Mapping[str, Any]) -> bool:

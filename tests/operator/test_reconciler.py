@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import pytest
@@ -19,6 +20,7 @@ from tolaria_operator.clock import SystemClock
 from tolaria_operator.config import TolariaSettings
 from tolaria_operator.context import OperatorContext, build_context
 from tolaria_operator.errors import KubeApiError, PodNotGone
+from tolaria_operator.informer import Informer
 from tolaria_operator.reconciler import sync_run
 from tolaria_operator.resources import INCIDENTS, PODS, RUNS
 from tolaria_operator.watcher import Flusher
@@ -299,3 +301,36 @@ async def test_a_spec_an_older_crd_admitted_is_ready_false_in_one_reconcile_and_
     assert writes() == written  # nothing written again
     assert await kube.list(PODS, "default") == []
     assert reconcile_errors(ctx) == 1
+
+
+class WatchedPods:
+    """The pod watch's memory, as the reconciler reads it."""
+
+    def __init__(self, last: dict[str, Any]) -> None:
+        self.last = last
+        self.synced = True
+
+    def last_state(self, namespace: str, name: str) -> dict[str, Any] | None:
+        meta = self.last["metadata"]
+        return self.last if (meta["namespace"], meta["name"]) == (namespace, name) else None
+
+
+@pytest.mark.req("R10.2")
+@pytest.mark.asyncio
+async def test_a_pod_read_gone_before_its_deleted_event_is_judged_by_its_last_watched_state() -> (
+    None
+):
+    """Kueue marked the pod and deleted it; a resync reads it gone before the DELETED event is
+    handled. Its last state from the pod watch says StoppedByKueue: not a counted loss (with
+    `restarts.limit: 0` a counted one would fail the run)."""
+    kube = FakeKube()
+    await put(kube, b.run_body("r1", spec={"restarts": {"limit": 0}}))
+    ctx = context(kube)
+    await sync_run(ctx, "default", "r1")
+    last = b.stopped_by_kueue(copy.deepcopy(kube.objects[("pods", "default", "r1-a1")]))
+    del kube.objects[("pods", "default", "r1-a1")]
+    ctx.pods = cast(Informer, WatchedPods(last))
+    await sync_run(ctx, "default", "r1")
+    status = (await kube.get(RUNS, "default", "r1"))["status"]
+    assert (status["phase"], status["reason"]) == ("Restarting", "StoppedByKueue")
+    assert (status["restarts"], status["restartsCounted"]) == (1, 0)
