@@ -127,6 +127,8 @@ async def _sidecar(key: bytes, progress_every: float, namespaces: list[str]) -> 
     )
 
     class Everyone(SidecarControlServicer):
+        """Status and progress only: the bench raises no emergencies and asks no checkpoints."""
+
         async def GetStatus(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC
             return pb.SidecarStatus(trainer_attached=True, fast_tier_feasible=True)
 
@@ -154,7 +156,7 @@ async def _sidecar(key: bytes, progress_every: float, namespaces: list[str]) -> 
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ]
     )
-    add_SidecarControlServicer_to_server(Everyone(), server)
+    add_SidecarControlServicer_to_server(Everyone(), server)  # type: ignore[abstract]
     cert, private = _wildcard_cert(key, namespaces)
     port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(private, cert)]))
     await server.start()
@@ -236,6 +238,7 @@ async def world(args: argparse.Namespace) -> None:
             created_s = time.monotonic() - start
             marked: set[tuple[str, str]] = set()
             all_pods_s = all_running_s = None
+            next_note = start
             deadline = start + args.settle_timeout
             while time.monotonic() < deadline:
                 pods = await objects("/api/v1/pods")
@@ -256,6 +259,14 @@ async def world(args: argparse.Namespace) -> None:
                     for run in await objects(RUNS_PATH)
                     if (run.get("status") or {}).get("phase") == "Running"
                 )
+                if time.monotonic() >= next_note:
+                    next_note = time.monotonic() + 10
+                    print(
+                        f"[{time.monotonic() - start:6.1f} s] pods {len(pods)}/{args.runs}, "
+                        f"Running {running}/{args.runs}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 if running >= args.runs:
                     all_running_s = time.monotonic() - start
                     break
@@ -331,14 +342,9 @@ _PLURALS = {
 
 
 async def operate(args: argparse.Namespace) -> dict[str, Any]:
-    import kopf
     import kubernetes.config.kube_config
 
     import tolaria_operator.handlers  # noqa: F401 - registers the handlers
-    from tolaria_operator.config import EscalationSettings, MetricsSettings, TolariaSettings
-    from tolaria_operator.context import build_context
-    from tolaria_operator.kube import KubeApi
-    from tolaria_operator.lifecycle import CONTEXT_KEY
 
     child = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -360,59 +366,78 @@ async def operate(args: argparse.Namespace) -> dict[str, Any]:
             "contexts: [{name: w, context: {cluster: w, user: b}}]\ncurrent-context: w\n",
             encoding="utf-8",
         )
-        kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(config)
-        os.environ.pop("KUBERNETES_SERVICE_HOST", None)
-        base = TolariaSettings()
-        settings = TolariaSettings(
-            **{
-                **{f: getattr(base, f) for f in base.__dataclass_fields__},
-                "metrics": MetricsSettings(port=0),
-                "escalation": EscalationSettings(watch_namespaces=()),
-            }
-        )
-        port = hello["sidecar_port"]
-        ctx = build_context(
-            settings,
-            kube=KubeApi(),
-            resolve=lambda namespace, run, _port: f"127.0.0.1:{port}",
-            token_key=bytes.fromhex(hello["key"]),
-        )
-        kopf_settings = kopf.OperatorSettings()
-        kopf_settings.scanning.disabled = True  # the emulator cannot list namespaces
-        kopf_settings.posting.enabled = False
-        kopf_settings.watching.server_timeout = 300
-        stop = asyncio.Event()
-        before_kib = rss_kib()
-        cpu_before = _cpu_s()
-        task = asyncio.create_task(
-            kopf.operator(
-                registry=kopf.get_default_registry(),
-                settings=kopf_settings,
-                standalone=True,
-                clusterwide=True,
-                memo=kopf.Memo({CONTEXT_KEY: ctx}),
-                stop_flag=stop,
-            )
-        )
-        child.stdin.write(b"go\n")
-        await child.stdin.drain()
-        line = await child.stdout.readline()
-        result: dict[str, Any] = json.loads(line) if line else {"error": "the world ended"}
-        result["operator_rss_mib"] = {
-            "before": round(before_kib / 1024, 1),
-            "peak": round(rss_kib("VmHWM") / 1024, 1),
-            "end": round(rss_kib() / 1024, 1),
+        kube_config = kubernetes.config.kube_config
+        previous = kube_config.KUBE_CONFIG_DEFAULT_LOCATION
+        kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(config)  # restored below
+        in_cluster = os.environ.pop("KUBERNETES_SERVICE_HOST", None)
+        try:
+            return await _operate(args, child, hello)
+        finally:
+            kube_config.KUBE_CONFIG_DEFAULT_LOCATION = previous
+            if in_cluster is not None:
+                os.environ["KUBERNETES_SERVICE_HOST"] = in_cluster
+
+
+async def _operate(args: argparse.Namespace, child: Any, hello: dict[str, Any]) -> dict[str, Any]:
+    import kopf
+
+    from tolaria_operator.config import EscalationSettings, MetricsSettings, TolariaSettings
+    from tolaria_operator.context import build_context
+    from tolaria_operator.kube import KubeApi
+    from tolaria_operator.lifecycle import CONTEXT_KEY
+
+    base = TolariaSettings()
+    settings = TolariaSettings(
+        **{
+            **{f: getattr(base, f) for f in base.__dataclass_fields__},
+            "metrics": MetricsSettings(port=0),
+            "escalation": EscalationSettings(watch_namespaces=()),
         }
-        result["operator_cpu_s"] = round(_cpu_s() - cpu_before, 1)
-        result["resyncs_from_cache"] = int(ctx.metrics.cached_resyncs._value.get())
-        stop.set()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError, TimeoutError):
-            await asyncio.wait_for(task, timeout=60)
-        await ctx.kube.close()
-        child.stdin.write(b"done\n")
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            await child.stdin.drain()
-        await child.wait()
+    )
+    port = hello["sidecar_port"]
+    api = KubeApi()
+    ctx = build_context(
+        settings,
+        kube=api,
+        resolve=lambda namespace, run, _port: f"127.0.0.1:{port}",
+        token_key=bytes.fromhex(hello["key"]),
+    )
+    kopf_settings = kopf.OperatorSettings()
+    kopf_settings.scanning.disabled = True  # the emulator cannot list namespaces
+    kopf_settings.posting.enabled = False
+    kopf_settings.watching.server_timeout = 300
+    stop = asyncio.Event()
+    before_kib = rss_kib()
+    cpu_before = _cpu_s()
+    task = asyncio.create_task(
+        kopf.operator(
+            registry=kopf.get_default_registry(),
+            settings=kopf_settings,
+            standalone=True,
+            clusterwide=True,
+            memo=kopf.Memo({CONTEXT_KEY: ctx}),
+            stop_flag=stop,
+        )
+    )
+    child.stdin.write(b"go\n")
+    await child.stdin.drain()
+    line = await child.stdout.readline()
+    result: dict[str, Any] = json.loads(line) if line else {"error": "the world ended"}
+    result["operator_rss_mib"] = {
+        "before": round(before_kib / 1024, 1),
+        "peak": round(rss_kib("VmHWM") / 1024, 1),
+        "end": round(rss_kib() / 1024, 1),
+    }
+    result["operator_cpu_s"] = round(_cpu_s() - cpu_before, 1)
+    result["resyncs_from_cache"] = int(ctx.metrics.cached_resyncs._value.get())
+    stop.set()
+    with contextlib.suppress(asyncio.CancelledError, ConnectionError, TimeoutError):
+        await asyncio.wait_for(task, timeout=60)
+    await api.close()
+    child.stdin.write(b"done\n")
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        await child.stdin.drain()
+    await child.wait()
     return result
 
 
