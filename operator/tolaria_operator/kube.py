@@ -28,6 +28,9 @@ from tolaria_operator.errors import KubeApiError, ObjectExists, WatchExpired
 from tolaria_operator.resources import Resource
 
 MERGE_PATCH = "application/merge-patch+json"
+MAX_CONNECTIONS = 16
+"""Calls in flight at once; more wait for a kept-alive connection (client-go allows a burst
+of 10 requests)."""
 
 
 class KubeApi:
@@ -39,6 +42,7 @@ class KubeApi:
         self._configuration = configuration
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self._session: aiohttp.ClientSession | None = None
+        self._watches: aiohttp.ClientSession | None = None
         self._ssl_contexts: dict[tuple[object, ...], ssl.SSLContext] = {}
 
     def _config(self) -> Configuration:
@@ -112,11 +116,20 @@ class KubeApi:
             raise KubeApiError(method, path, 0, type(err).__name__, str(err)) from err
 
     def _open(self) -> aiohttp.ClientSession:
+        """The session for calls: at most `MAX_CONNECTIONS` at once, kept alive between calls
+        (a burst of reconciles queues here instead of opening a connection each)."""
         if self._session is None or self._session.closed:
-            # no cap on connections: each watch holds one for minutes; idle ones are kept alive
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+            connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, keepalive_timeout=60)
             self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector)
         return self._session
+
+    def _open_watches(self) -> aiohttp.ClientSession:
+        """The session for watches: one connection each, held for minutes, so not counted
+        against the calls' limit."""
+        if self._watches is None or self._watches.closed:
+            connector = aiohttp.TCPConnector(limit=0)
+            self._watches = aiohttp.ClientSession(connector=connector)
+        return self._watches
 
     async def watch(
         self,
@@ -143,7 +156,7 @@ class KubeApi:
         url = f"{str(config.host).rstrip('/')}{path}"
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout_s + 30)
         try:
-            async with self._open().get(
+            async with self._open_watches().get(
                 url,
                 params=params,
                 headers=self._headers(config),
@@ -242,9 +255,10 @@ class KubeApi:
         return answer is not None
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._watches):
+            if session is not None:
+                await session.close()
+        self._session = self._watches = None
 
 
 def selector(labels: Mapping[str, str]) -> str:
