@@ -376,8 +376,12 @@ async def write_status(
     ctx: OperatorContext, run: RunObject, prev: Mapping[str, Any], status: TolariaRunStatus
 ) -> dict[str, Any]:
     """Patch the run's status from `prev` to `status` (only what changed); returns the new
-    wire form."""
+    wire form. A change of the follower's own fields alone (progress, newest snapshot and
+    checkpoint) is left to its rate-limited writer, so a reconcile never adds a progress
+    write to the operator-wide budget."""
     patch = status_patch(prev, status)
+    if set(patch) <= RATE_LIMITED_FIELDS:
+        patch = {}
     if patch:
         await ctx.kube.patch(RUNS, run.namespace, run.name, {"status": patch}, subresource="status")
     return status_wire(status)

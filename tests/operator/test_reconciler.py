@@ -334,3 +334,20 @@ async def test_a_pod_read_gone_before_its_deleted_event_is_judged_by_its_last_wa
     status = (await kube.get(RUNS, "default", "r1"))["status"]
     assert (status["phase"], status["reason"]) == ("Restarting", "StoppedByKueue")
     assert (status["restarts"], status["restartsCounted"]) == (1, 0)
+
+
+@pytest.mark.req("R10.1")
+@pytest.mark.asyncio
+async def test_a_reconcile_leaves_progress_alone_to_the_rate_limited_writer() -> None:
+    """Progress is written within the operator-wide budget by the follower's flusher; a
+    reconcile with nothing else to change must not add a write per resync."""
+    kube = FakeKube()
+    await put(kube, b.run_body("r1"))
+    ctx = context(kube)
+    await sync_run(ctx, "default", "r1")
+    view = ctx.view(("default", "r1"))
+    view.attempt = 1
+    view.progress = ProgressStatus(epoch=3, step=300)
+    writes = len([c for c in kube.calls if c[0] == "patch"])
+    await sync_run(ctx, "default", "r1")
+    assert len([c for c in kube.calls if c[0] == "patch"]) == writes
