@@ -344,9 +344,10 @@ async def test_a_reconcile_leaves_progress_alone_to_the_rate_limited_writer() ->
     kube = FakeKube()
     await put(kube, b.run_body("r1"))
     ctx = context(kube)
-    await sync_run(ctx, "default", "r1")
     view = ctx.view(("default", "r1"))
     view.attempt = 1
+    await sync_run(ctx, "default", "r1")
+    await sync_run(ctx, "default", "r1")  # settled: nothing left to write
     view.progress = ProgressStatus(epoch=3, step=300)
     writes = len([c for c in kube.calls if c[0] == "patch"])
     await sync_run(ctx, "default", "r1")
