@@ -301,6 +301,19 @@ class Cluster:
             spec={"nodeName": node},
         )
 
+    async def attempt_running(self, run: str, attempt: int = 1) -> None:
+        """Wait for the attempt's pod and its name in the status, run its trainer, and wait
+        until the run says Running."""
+        pod = f"{run}-a{attempt}"
+        await self.eventually(f"pod {pod}", lambda: self.get("pods", "default", pod))
+        await self.eventually(
+            f"{run} records {pod}", lambda: self.run_status(run).get("podName") == pod
+        )
+        await self.trainer_running(pod)
+        await self.eventually(
+            f"{run} Running", lambda: self.run_status(run).get("phase") == "Running"
+        )
+
     # -- reading -----------------------------------------------------------------------------
 
     def _object(self, plural: str, namespace: str | None, name: str) -> Any:

@@ -31,18 +31,6 @@ def _is_watch(request: Any) -> bool:
     return str(request.params.get("watch", "")).lower() in ("true", "1")
 
 
-async def _running(cluster: Cluster, run: str) -> None:
-    pod = f"{run}-a1"
-    await cluster.eventually(f"pod {pod}", lambda: cluster.get("pods", "default", pod))
-    await cluster.eventually(
-        f"{run} records {pod}", lambda: cluster.run_status(run).get("podName") == pod
-    )
-    await cluster.trainer_running(pod)
-    await cluster.eventually(
-        f"{run} Running", lambda: cluster.run_status(run).get("phase") == "Running"
-    )
-
-
 @pytest.mark.slow
 @pytest.mark.asyncio
 @pytest.mark.looptime
@@ -52,7 +40,7 @@ async def test_every_pod_list_and_watch_asks_the_server_for_the_operators_pods_o
     await cluster.sidecar("r1")
     await cluster.start_operator()
     await cluster.create_run(run_body("r1", spec=LONG_START))
-    await _running(cluster, "r1")
+    await cluster.attempt_running("r1")
     pod_reads = [
         r
         for r in _requests(cluster)
@@ -72,7 +60,7 @@ async def test_a_running_run_with_nothing_new_costs_no_api_call_between_resyncs(
     await cluster.sidecar("r1")
     ctx = await cluster.start_operator()
     await cluster.create_run(run_body("r1", spec=LONG_START))
-    await _running(cluster, "r1")
+    await cluster.attempt_running("r1")
     await asyncio.sleep(20)  # the follower's first reconcile and any late write settle
     before = len(_requests(cluster))
     resyncs = ctx.metrics.cached_resyncs._value.get()

@@ -24,18 +24,6 @@ def _spec(**extra: object) -> dict[str, object]:
     return {**LONG_START, **extra}
 
 
-async def _running_attempt(cluster: Cluster, run: str, attempt: int = 1) -> None:
-    pod = f"{run}-a{attempt}"
-    await cluster.eventually(f"pod {pod}", lambda: cluster.get("pods", "default", pod))
-    await cluster.eventually(
-        f"{run} records {pod}", lambda: cluster.run_status(run).get("podName") == pod
-    )
-    await cluster.trainer_running(pod)
-    await cluster.eventually(
-        f"{run} Running", lambda: cluster.run_status(run).get("phase") == "Running"
-    )
-
-
 @pytest.mark.slow
 @pytest.mark.req("R10.1")
 @pytest.mark.asyncio
@@ -180,7 +168,7 @@ async def test_a_name_conflict_holds_the_run_and_its_deletion_leaves_the_object(
 async def test_an_evicted_pod_is_replaced_without_counting_the_restart(cluster: Cluster) -> None:
     await cluster.start_operator()
     await cluster.create_run(run_body("r1", spec=_spec()))
-    await _running_attempt(cluster, "r1")
+    await cluster.attempt_running("r1")
     await cluster.kubelet(
         "r1-a1", {"phase": "Failed", "reason": "Evicted", "message": "low on memory"}
     )
@@ -199,7 +187,7 @@ async def _rollback_in_progress(cluster: Cluster, run: str, deadline_s: float) -
     await cluster.create_run(
         run_body(run, spec=_spec(rollback={"fullDeadlineSeconds": deadline_s}))
     )
-    await _running_attempt(cluster, run)
+    await cluster.attempt_running(run)
     await cluster.eventually(
         "sidecar followed",
         lambda: (
@@ -296,7 +284,7 @@ async def test_a_group_incident_reaches_every_run_and_marks_the_unreachable_one(
             run_body(name, spec=_spec(escalation=escalation), labels={GROUP: "g1"})
         )
     for name in ("src", "peer", "dark"):
-        await _running_attempt(cluster, name)
+        await cluster.attempt_running(name)
 
     source.emergency()
     source.ack(latency_ns=3_000_000)
@@ -355,7 +343,7 @@ async def test_suspend_checkpoints_then_stops_and_resume_starts_a_new_attempt(
     fake = await cluster.sidecar("r1")
     await cluster.start_operator()
     await cluster.create_run(run_body("r1", spec=_spec()))
-    await _running_attempt(cluster, "r1")
+    await cluster.attempt_running("r1")
     await cluster.request(
         "PATCH",
         "/apis/tolaria.dev/v1alpha1/namespaces/default/tolariaruns/r1",
